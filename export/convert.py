@@ -1,0 +1,108 @@
+"""Step 2 of export: the model (pooling, Normalize, score activation included) to one ONNX graph,
+then the precision the user asked for."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shim.runtime import spec
+
+from .load import Source
+
+PRECISIONS = ("fp32", "fp16", "int8")
+OPSET = 17
+# Architectures whose attention onnxruntime.transformers knows how to fuse.
+_BERT_LIKE = {"bert", "roberta", "xlm-roberta", "electra", "distilbert"}
+
+
+class Graph(torch.nn.Module):
+    """Runs the sentence-transformers modules on padded tensors and returns one float32 tensor."""
+
+    def __init__(self, source: Source):
+        super().__init__()
+        self.model = source.model
+        self.input_names = source.encoder_inputs
+        self.output_key = source.output_key
+        self.activation = source.activation
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        features = dict(zip(self.input_names, tensors))
+        out = self.model(features)[self.output_key]
+        if self.activation is not None:
+            out = self.activation(out)
+        return out.float()
+
+
+def output_name(task: str) -> str:
+    return spec.EMBEDDING if task == "embed" else spec.SCORE
+
+
+def to_onnx(source: Source, path: Path) -> None:
+    # Two rows of different length, so the traced graph is the padded, masked one.
+    from shim.runtime.tokenization import Encoded, pad
+
+    sample = Encoded(input_ids=[[2, 10, 11, 12, 3], [2, 10, 3]], token_type_ids=[[0, 0, 0, 1, 1], [0, 1, 1]])
+    arrays = pad(sample, pad_token_id=source.tokenizer.pad_token_id or 0, inputs=source.encoder_inputs)
+    args = tuple(torch.from_numpy(arrays[name]) for name in source.encoder_inputs)
+    out = output_name(source.task)
+    axes = {name: {0: "batch", 1: "sequence"} for name in source.encoder_inputs}
+    axes[out] = {0: "batch"}
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
+        torch.onnx.export(
+            Graph(source).eval(),
+            args,
+            str(path),
+            input_names=list(source.encoder_inputs),
+            output_names=[out],
+            dynamic_axes=axes,
+            opset_version=OPSET,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+
+
+def optimize(source: Source, src: Path, dst: Path) -> bool:
+    """Fuse attention, LayerNorm and GELU for BERT-like models; returns whether it applied."""
+    model_type = getattr(source.hf_config, "model_type", "")
+    if model_type not in _BERT_LIKE:
+        return False
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = optimize_model(
+            str(src),
+            model_type="bert",
+            num_heads=int(source.hf_config.num_attention_heads),
+            hidden_size=int(source.hf_config.hidden_size),
+            opt_level=0,  # Python fusions only; the session applies its own graph optimisations
+        )
+    model.save_model_to_file(str(dst))
+    return True
+
+
+def to_precision(src: Path, dst: Path, precision: str) -> None:
+    if precision == "fp16":
+        import onnx
+        from onnxruntime.transformers.onnx_model import OnnxModel
+
+        model = OnnxModel(onnx.load(str(src)))
+        # Inputs and outputs stay int64 / float32: clients and the shim never see half floats.
+        model.convert_float_to_float16(keep_io_types=True)
+        model.save_model_to_file(str(dst))
+    elif precision == "int8":
+        import onnx
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        # Fused ops (com.microsoft) defeat ONNX shape inference; their tensors are float32.
+        quantize_dynamic(
+            str(src), str(dst), weight_type=QuantType.QInt8,
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
+    else:
+        raise ValueError(f"unknown precision {precision!r}; use one of {PRECISIONS}")

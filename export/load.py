@@ -1,0 +1,117 @@
+"""Step 1 of export: load the model exactly as sentence-transformers does, and describe it."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from shim.runtime import spec
+
+
+@dataclasses.dataclass
+class Source:
+    task: str
+    model_id: str
+    model: torch.nn.Module  # a SentenceTransformer or a CrossEncoder
+    tokenizer: object  # the HF tokenizer that model uses
+    max_length: int
+    encoder_inputs: tuple[str, ...]
+    output_key: str  # the key of the model's features dict the graph returns
+    activation: Callable | None  # rerank: the CrossEncoder's activation (sigmoid for one label)
+    dimension: int
+    model_normalizes: bool
+    hf_config: object
+    reference: Callable[..., np.ndarray]  # sentence-transformers' own answer, for parity
+
+
+def _fix_token_types(tokenizer, hf_config) -> None:
+    # transformers 5 dropped token_type_ids from BertJapaneseTokenizer's model_input_names, so a
+    # BERT cross-encoder would see its second segment as type 0, unlike in training. Ask for them
+    # back wherever the model has segment embeddings; export and reference then agree, and agree
+    # with what ruri was trained on.
+    if getattr(hf_config, "type_vocab_size", 1) > 1 and spec.TOKEN_TYPE_IDS not in tokenizer.model_input_names:
+        tokenizer.model_input_names = [spec.INPUT_IDS, spec.TOKEN_TYPE_IDS, spec.ATTENTION_MASK]
+
+
+def _encoder_inputs(tokenizer, pair: bool) -> tuple[str, ...]:
+    sample = tokenizer(["テスト"], ["テスト"] if pair else None)
+    return tuple(name for name in spec.ENCODER_INPUTS_ALL if name in sample)
+
+
+def load(model_id: str, task: str, max_length: int | None = None, trust_remote_code: bool = False) -> Source:
+    if task == "embed":
+        return _load_embed(model_id, max_length, trust_remote_code)
+    if task == "rerank":
+        return _load_rerank(model_id, max_length, trust_remote_code)
+    raise ValueError(f"unknown task {task!r}; use embed or rerank")
+
+
+def _load_embed(model_id: str, max_length: int | None, trust_remote_code: bool) -> Source:
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.base.modules.normalize import Normalize
+
+    model = SentenceTransformer(model_id, device="cpu", trust_remote_code=trust_remote_code)
+    model.eval()
+    if max_length is not None:
+        model.max_seq_length = max_length
+    tokenizer = model.tokenizer
+    hf_config = model[0].model.config
+    _fix_token_types(tokenizer, hf_config)
+    # sentence-transformers 6 renamed the method; keep working with the older name too.
+    dimension = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+    dimension = dimension()
+
+    def reference(texts: Sequence[str]) -> np.ndarray:
+        with torch.inference_mode():
+            return model.encode(list(texts), batch_size=8, convert_to_numpy=True, normalize_embeddings=False)
+
+    return Source(
+        task="embed",
+        model_id=model_id,
+        model=model,
+        tokenizer=tokenizer,
+        max_length=int(model.max_seq_length),
+        encoder_inputs=_encoder_inputs(tokenizer, pair=False),
+        output_key="sentence_embedding",
+        activation=None,
+        dimension=int(dimension),
+        model_normalizes=any(isinstance(m, Normalize) for m in model),
+        hf_config=hf_config,
+        reference=reference,
+    )
+
+
+def _load_rerank(model_id: str, max_length: int | None, trust_remote_code: bool) -> Source:
+    from sentence_transformers import CrossEncoder
+
+    model = CrossEncoder(model_id, device="cpu", trust_remote_code=trust_remote_code)
+    model.eval()
+    if model.num_labels != 1:
+        raise ValueError(f"{model_id} has {model.num_labels} labels; only one-logit rerankers can be served")
+    if max_length is not None:
+        model.max_seq_length = max_length
+    tokenizer = model.tokenizer
+    hf_config = model[0].model.config
+    _fix_token_types(tokenizer, hf_config)
+
+    def reference(pairs: Sequence[tuple[str, str]]) -> np.ndarray:
+        with torch.inference_mode():
+            return np.asarray(model.predict([tuple(p) for p in pairs], batch_size=8), dtype=np.float32)
+
+    return Source(
+        task="rerank",
+        model_id=model_id,
+        model=model,
+        tokenizer=tokenizer,
+        max_length=int(model.max_seq_length),
+        encoder_inputs=_encoder_inputs(tokenizer, pair=True),
+        output_key="scores",
+        activation=model.activation_fn,
+        dimension=0,
+        model_normalizes=False,
+        hf_config=hf_config,
+        reference=reference,
+    )

@@ -1,0 +1,141 @@
+"""``fos export``: Hugging Face model -> ONNX -> Triton model set, proven equal to sentence-transformers."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from shim.runtime import spec
+
+DEFAULT_REPOSITORY = Path("model_repository")
+
+
+@dataclasses.dataclass
+class ExportOptions:
+    model: str
+    task: str
+    name: str | None = None
+    repository: Path = DEFAULT_REPOSITORY
+    precision: str = "fp32"
+    max_length: int | None = None
+    encoder_backend: str = "onnxruntime"
+    device: str = "cpu"
+    normalize: bool = True
+    prefixes: dict[str, str] | None = None
+    trust_remote_code: bool = False
+
+
+class ParityError(RuntimeError):
+    pass
+
+
+def _step(log: Callable[[str], None], n: int, total: int, text: str):
+    log(f"[{n}/{total}] {text} ...")
+    return time.perf_counter()
+
+
+def export(opts: ExportOptions, log: Callable[[str], None] = print) -> spec.ModelSpec:
+    """Run every step; raises ParityError (after writing the report) if the check fails."""
+    from . import convert, load, parity, repository
+
+    if opts.precision not in convert.PRECISIONS:
+        raise ValueError(f"precision must be one of {convert.PRECISIONS}")
+    served = opts.name or opts.model
+    spec.triton_name(served)  # fail before the slow steps on a name Triton cannot hold
+    total = 5
+    t = _step(log, 1, total, f"loading {opts.model} ({opts.task}) with sentence-transformers")
+    source = load.load(opts.model, opts.task, opts.max_length, opts.trust_remote_code)
+    log(f"      done in {time.perf_counter() - t:.1f}s: max_length={source.max_length}, inputs={list(source.encoder_inputs)}"
+        + (f", dimension={source.dimension}" if opts.task == "embed" else ""))
+
+    s = spec.ModelSpec(
+        served_name=served,
+        task=opts.task,
+        source=opts.model,
+        max_length=source.max_length,
+        encoder_inputs=source.encoder_inputs,
+        pad_token_id=int(source.tokenizer.pad_token_id or 0),
+        vocab_size=len(source.tokenizer),
+        precision=opts.precision,
+        dimension=source.dimension,
+        normalize=opts.normalize,
+        model_normalizes=source.model_normalizes,
+        prefixes=opts.prefixes if opts.prefixes is not None else spec.known_prefixes(opts.model),
+    )
+
+    with tempfile.TemporaryDirectory(prefix="fos-export-") as tmp:
+        work = Path(tmp)
+        t = _step(log, 2, total, "converting to ONNX (pooling and activation inside the graph)")
+        convert.to_onnx(source, work / "raw.onnx")
+        fused = convert.optimize(source, work / "raw.onnx", work / "fp32.onnx")
+        fp32 = work / ("fp32.onnx" if fused else "raw.onnx")
+        log(f"      done in {time.perf_counter() - t:.1f}s" + (" (attention fused)" if fused else ""))
+
+        final = fp32
+        if opts.precision != "fp32":
+            t = _step(log, 3, total, f"converting to {opts.precision}")
+            final = work / f"{opts.precision}.onnx"
+            convert.to_precision(fp32, final, opts.precision)
+            log(f"      done in {time.perf_counter() - t:.1f}s")
+        else:
+            log(f"[3/{total}] precision fp32: nothing to convert")
+
+        t = _step(log, 4, total, f"writing the Triton models into {opts.repository}")
+        repository.write(s, Path(opts.repository), final, source.tokenizer, opts.encoder_backend, opts.device)
+        log(f"      {s.name} (ensemble), {spec.tokenizer_model(s.name)}, {spec.encoder_model(s.name)} [{opts.encoder_backend}]")
+
+    _step(log, 5, total, "checking parity with sentence-transformers")
+    report = parity.check(source, s, Path(opts.repository))
+    for line in report.lines():
+        log("      " + line)
+    if not report.ok:
+        raise ParityError(f"{served}: exported model differs from sentence-transformers beyond tolerance")
+    return s
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="Hugging Face id (e.g. cl-nagoya/ruri-large) or local directory")
+    p.add_argument("--task", required=True, choices=spec.TASKS)
+    p.add_argument("--name", help="served model name (default: --model)")
+    p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
+                   help="fp16 for GPU, int8 (dynamic quantization) for CPU")
+    p.add_argument("--max-length", type=int, help="tokens per input (default: the model's own)")
+    p.add_argument("--encoder-backend", choices=("onnxruntime", "python"), default="onnxruntime",
+                   help="onnxruntime: the tritonserver container; python: the pip tritonserver (nvidia-pytriton)")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="where Triton runs the encoder")
+    p.add_argument("--raw", action="store_true", help="serve raw vectors instead of L2-normalised ones")
+    p.add_argument("--prefix", action="append", default=None, metavar="INPUT_TYPE=TEXT",
+                   help="text put before inputs of that input_type (ruri's are known)")
+    p.add_argument("--trust-remote-code", action="store_true")
+
+
+def options_from_args(args: argparse.Namespace) -> ExportOptions:
+    prefixes = None
+    if args.prefix is not None:
+        prefixes = {}
+        for item in args.prefix:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise SystemExit(f"--prefix wants INPUT_TYPE=TEXT, got {item!r}")
+            prefixes[key] = value
+    return ExportOptions(
+        model=args.model, task=args.task, name=args.name, repository=args.repository, precision=args.precision,
+        max_length=args.max_length, encoder_backend=args.encoder_backend, device=args.device,
+        normalize=not args.raw, prefixes=prefixes, trust_remote_code=args.trust_remote_code,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        export(options_from_args(args), log=lambda line: print(line, flush=True))
+    except ParityError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print("export finished", flush=True)
+    return 0

@@ -1,0 +1,119 @@
+"""Step 4 of export: prove the exported model answers as sentence-transformers does.
+
+The exported files are read back from the repository and run through the same tokenization and
+onnxruntime code that serves requests, on built-in Japanese text, padded in one batch and one by
+one; tokens and outputs are compared with the sentence-transformers model export started from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from shim.runtime import spec, tokenization
+from shim.runtime.encoder import Encoder
+
+from .load import Source
+
+SENTENCES = [
+    "東京は日本の首都です。",
+    "今日はとても良い天気なので、公園を散歩しました。",
+    "ラーメンと餃子を食べに行きませんか？",
+    "機械学習モデルの推論サーバーをGPUで動かす方法を説明します。",
+    "ＡＢＣ１２３ の全角英数字と abc123 の半角英数字が混ざった文。",
+    "猫",
+    "  前後に空白がある文章  ",
+    "富士山は静岡県と山梨県にまたがる活火山で、標高は3776メートルあり、日本で最も高い山として知られています。"
+    "古くから信仰の対象とされ、多くの芸術作品にも描かれてきました。2013年には世界文化遺産に登録されました。" * 3,
+]
+QUERIES = ["日本で一番高い山は？", "おいしい料理", "首都はどこですか"]
+
+# Tolerances by precision and task; None: reported, not enforced.
+TOLERANCE = {
+    ("fp32", "embed"): ("max_abs_diff", 1e-4),
+    ("fp32", "rerank"): ("max_abs_diff", 1e-5),
+    ("fp16", "embed"): ("min_cosine", 0.999),
+    ("fp16", "rerank"): ("max_abs_diff", 5e-3),
+    ("int8", "embed"): ("min_cosine", None),
+    ("int8", "rerank"): ("max_abs_diff", None),
+}
+
+
+@dataclasses.dataclass
+class Report:
+    precision: str
+    task: str
+    inputs: int
+    tokens_equal: bool
+    max_abs_diff: float
+    min_cosine: float
+    metric: str
+    limit: float | None
+
+    @property
+    def ok(self) -> bool:
+        if not self.tokens_equal:
+            return False
+        if self.limit is None:
+            return True
+        value = getattr(self, self.metric)
+        return value <= self.limit if self.metric == "max_abs_diff" else value >= self.limit
+
+    def lines(self) -> list[str]:
+        enforced = "reported only" if self.limit is None else ("≤ " if self.metric == "max_abs_diff" else "≥ ") + f"{self.limit:g}"
+        return [
+            f"parity ({self.precision}, {self.task}, {self.inputs} inputs vs sentence-transformers):",
+            f"  tokens identical: {'yes' if self.tokens_equal else 'NO'}",
+            f"  max |diff|:       {self.max_abs_diff:.3e}",
+            f"  min cosine:       {self.min_cosine:.6f}",
+            f"  check: {self.metric} {enforced} -> {'PASS' if self.ok else 'FAIL'}",
+        ]
+
+
+def compare(reference: np.ndarray, ours: np.ndarray) -> tuple[float, float]:
+    """Max absolute difference and the smallest row cosine between two (n, d) or (n,) arrays."""
+    a = np.asarray(reference, dtype=np.float64).reshape(len(reference), -1)
+    b = np.asarray(ours, dtype=np.float64).reshape(len(ours), -1)
+    if a.shape != b.shape:
+        return float("inf"), -1.0
+    diff = float(np.max(np.abs(a - b))) if a.size else 0.0
+    if a.shape[1] == 1:  # scores: cosine of the score vectors
+        a, b = a.T, b.T
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    cos = np.sum(a * b, axis=1) / np.maximum(norms, 1e-12)
+    return diff, float(np.min(cos)) if cos.size else 1.0
+
+
+def _reference_ids(source: Source, texts, pairs) -> list[list[int]]:
+    inputs = list(zip(texts, pairs)) if pairs is not None else list(texts)
+    features = source.model.preprocess(inputs)
+    ids, mask = features[spec.INPUT_IDS].tolist(), features[spec.ATTENTION_MASK].tolist()
+    return [[t for t, m in zip(row, mrow) if m] for row, mrow in zip(ids, mask)]
+
+
+def check(source: Source, s: spec.ModelSpec, repository: Path) -> Report:
+    tokenizer = tokenization.Tokenizer(repository / spec.tokenizer_model(s.name) / "1" / "tokenizer", s.max_length)
+    encoder = Encoder(repository / spec.encoder_model(s.name) / "1" / "model.onnx", device="cpu")
+    if s.task == "embed":
+        texts, pairs = SENTENCES, None
+        reference = source.reference(texts)
+    else:
+        texts = [q for q in QUERIES for _ in SENTENCES]
+        pairs = [d for _ in QUERIES for d in SENTENCES]
+        reference = source.reference(list(zip(texts, pairs)))
+
+    encoded = tokenizer.encode(texts, pairs)
+    tokens_equal = encoded.input_ids == _reference_ids(source, texts, pairs)
+
+    batched = encoder.run(tokenization.pad(encoded, s.pad_token_id, s.encoder_inputs))
+    single = np.concatenate(
+        [encoder.run(tokenization.pad(encoded, s.pad_token_id, s.encoder_inputs, order=[i])) for i in range(len(texts))]
+    )
+    if s.task == "rerank":
+        batched, single = batched.reshape(-1), single.reshape(-1)
+    d1, c1 = compare(reference, batched)
+    d2, c2 = compare(reference, single)
+    metric, limit = TOLERANCE[(s.precision, s.task)]
+    return Report(s.precision, s.task, len(texts), tokens_equal, max(d1, d2), min(c1, c2), metric, limit)

@@ -1,0 +1,166 @@
+"""Step 3 of export: write the Triton model set (tokenizer, encoder, ensemble) for one model.
+
+Configs are built as ModelConfig protobufs and printed by protobuf itself, so names come from
+``shim.runtime.spec`` and the text is always valid ``config.pbtxt``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+import shim
+from shim.runtime import spec
+
+ENCODER_BACKENDS = ("onnxruntime", "python")
+DEVICES = ("cpu", "gpu")
+MAX_BATCH_SIZE = 64
+# Microseconds the encoder waits for more requests of the same shape to batch with.
+QUEUE_DELAY_US = {"cpu": 2_000, "gpu": 500}
+
+_RUNTIME_DIR = Path(spec.__file__).parent
+_SHIM_INIT = Path(shim.__file__)
+
+
+def _tensor(group, name: str, data_type: int, dims: list[int]) -> None:
+    group.add(name=name, data_type=data_type, dims=dims)
+
+
+def _output_dims(s: spec.ModelSpec) -> tuple[str, list[int]]:
+    return (spec.EMBEDDING, [s.dimension]) if s.task == "embed" else (spec.SCORE, [1])
+
+
+def _text_inputs(s: spec.ModelSpec) -> list[str]:
+    return [spec.TEXT, spec.TEXT_PAIR] if s.task == "rerank" else [spec.TEXT]
+
+
+def tokenizer_config(s: spec.ModelSpec) -> mc.ModelConfig:
+    c = mc.ModelConfig(name=spec.tokenizer_model(s.name), backend="python", max_batch_size=MAX_BATCH_SIZE)
+    for name in _text_inputs(s):
+        _tensor(c.input, name, mc.TYPE_STRING, [1])
+    for name in s.encoder_inputs:
+        _tensor(c.output, name, mc.TYPE_INT64, [-1])
+    _tensor(c.output, spec.NUM_TOKENS, mc.TYPE_INT64, [1])
+    c.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
+    c.dynamic_batching.max_queue_delay_microseconds = 0
+    c.parameters[spec.SPEC_PARAMETER].string_value = s.to_json()
+    return c
+
+
+def encoder_config(s: spec.ModelSpec, backend: str, device: str) -> mc.ModelConfig:
+    if backend not in ENCODER_BACKENDS:
+        raise ValueError(f"encoder backend must be one of {ENCODER_BACKENDS}")
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}")
+    c = mc.ModelConfig(name=spec.encoder_model(s.name), backend=backend, max_batch_size=MAX_BATCH_SIZE)
+    if backend == "onnxruntime":
+        c.default_model_filename = "model.onnx"
+    for name in s.encoder_inputs:
+        _tensor(c.input, name, mc.TYPE_INT64, [-1])
+    out, dims = _output_dims(s)
+    _tensor(c.output, out, mc.TYPE_FP32, dims)
+    kind = mc.ModelInstanceGroup.KIND_GPU if device == "gpu" else mc.ModelInstanceGroup.KIND_CPU
+    c.instance_group.add(kind=kind, count=1)
+    c.dynamic_batching.max_queue_delay_microseconds = QUEUE_DELAY_US[device]
+    return c
+
+
+def ensemble_config(s: spec.ModelSpec) -> mc.ModelConfig:
+    c = mc.ModelConfig(name=s.name, platform="ensemble", max_batch_size=MAX_BATCH_SIZE)
+    for name in _text_inputs(s):
+        _tensor(c.input, name, mc.TYPE_STRING, [1])
+    out, dims = _output_dims(s)
+    _tensor(c.output, out, mc.TYPE_FP32, dims)
+    _tensor(c.output, spec.NUM_TOKENS, mc.TYPE_INT64, [1])
+    tok = c.ensemble_scheduling.step.add(model_name=spec.tokenizer_model(s.name), model_version=-1)
+    for name in _text_inputs(s):
+        tok.input_map[name] = name
+    for name in s.encoder_inputs:
+        tok.output_map[name] = f"_{name}"
+    tok.output_map[spec.NUM_TOKENS] = spec.NUM_TOKENS
+    enc = c.ensemble_scheduling.step.add(model_name=spec.encoder_model(s.name), model_version=-1)
+    for name in s.encoder_inputs:
+        enc.input_map[name] = f"_{name}"
+    enc.output_map[out] = out
+    c.parameters[spec.SPEC_PARAMETER].string_value = s.to_json()
+    return c
+
+
+def render(config: mc.ModelConfig) -> str:
+    return text_format.MessageToString(config, as_utf8=True)
+
+
+def parse(text: str) -> mc.ModelConfig:
+    return text_format.Parse(text, mc.ModelConfig())
+
+
+def _copy_runtime(version_dir: Path, model_py: str) -> None:
+    """Place ``shim.runtime`` beside model.py: the Python backend puts that folder on sys.path."""
+    pkg = version_dir / "shim"
+    shutil.copytree(_RUNTIME_DIR, pkg / "runtime", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(_SHIM_INIT, pkg / "__init__.py")
+    shutil.copy(_RUNTIME_DIR / "triton" / model_py, version_dir / "model.py")
+
+
+def _save_tokenizer(tokenizer, folder: Path) -> None:
+    tokenizer.save_pretrained(str(folder))
+    # save_pretrained drops model_input_names changed on the instance (export asks BERT tokenizers
+    # for token_type_ids again); record them so the served tokenizer returns the same tensors.
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["model_input_names"] = list(tokenizer.model_input_names)
+    config_file.write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
+
+
+def write(
+    s: spec.ModelSpec,
+    repository: Path,
+    onnx_file: Path,
+    tokenizer,
+    encoder_backend: str = "onnxruntime",
+    device: str = "cpu",
+) -> Path:
+    """Write the three models, replacing any earlier export of the same name only once all is written."""
+    repository.mkdir(parents=True, exist_ok=True)
+    staging = repository.parent / f".{repository.name}.{s.name}.staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        tok_dir = staging / spec.tokenizer_model(s.name)
+        enc_dir = staging / spec.encoder_model(s.name)
+        ens_dir = staging / s.name
+        for d in (tok_dir, enc_dir, ens_dir):
+            (d / "1").mkdir(parents=True)
+
+        (tok_dir / "config.pbtxt").write_text(render(tokenizer_config(s)), encoding="utf-8")
+        _save_tokenizer(tokenizer, tok_dir / "1" / "tokenizer")
+        _copy_runtime(tok_dir / "1", "tokenizer_model.py")
+
+        (enc_dir / "config.pbtxt").write_text(render(encoder_config(s, encoder_backend, device)), encoding="utf-8")
+        shutil.copy(onnx_file, enc_dir / "1" / "model.onnx")
+        if encoder_backend == "python":
+            _copy_runtime(enc_dir / "1", "encoder_model.py")
+
+        (ens_dir / "config.pbtxt").write_text(render(ensemble_config(s)), encoding="utf-8")
+
+        for d in (tok_dir, enc_dir, ens_dir):
+            target = repository / d.name
+            shutil.rmtree(target, ignore_errors=True)
+            d.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return repository / s.name
+
+
+def read_specs(repository: Path) -> list[spec.ModelSpec]:
+    """Every exported model in a repository, read from the ensembles' configs."""
+    specs = []
+    for config_file in sorted(Path(repository).glob("*/config.pbtxt")):
+        config = parse(config_file.read_text(encoding="utf-8"))
+        if config.platform == "ensemble" and spec.SPEC_PARAMETER in config.parameters:
+            specs.append(spec.ModelSpec.from_json(config.parameters[spec.SPEC_PARAMETER].string_value))
+    return specs

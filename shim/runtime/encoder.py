@@ -1,0 +1,44 @@
+"""Run the exported ONNX encoder with onnxruntime: the embedded backend and Triton's Python-backend
+encoder both use this, so they behave the same."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+class Encoder:
+    """One onnxruntime session; ``run`` takes padded arrays and returns the graph's only output."""
+
+    def __init__(self, path: str | Path, threads: int | None = None, device: str = "auto"):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # One session per process, fed one batch at a time: give it every core, no spinning
+        # threads left burning CPU between requests.
+        options.intra_op_num_threads = threads or available_cores()
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        providers = ["CPUExecutionProvider"]
+        if device in ("auto", "gpu") and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        elif device == "gpu":
+            raise RuntimeError("device=gpu asked for, but this onnxruntime has no CUDAExecutionProvider")
+        self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        self.input_names = tuple(i.name for i in self.session.get_inputs())
+        self.output_name = self.session.get_outputs()[0].name
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        out = self.session.run([self.output_name], {name: feeds[name] for name in self.input_names})[0]
+        return np.asarray(out, dtype=np.float32)

@@ -1,0 +1,103 @@
+"""The one source of truth for tensor names, model names and the metadata of a served model.
+
+Export renders every ``config.pbtxt`` from these names, the Triton Python models read them, and the
+shim's Triton client uses them: nothing else spells a tensor name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from typing import Literal
+
+# Ensemble (client-facing) tensors.
+TEXT = "TEXT"
+TEXT_PAIR = "TEXT_PAIR"
+NUM_TOKENS = "NUM_TOKENS"
+EMBEDDING = "EMBEDDING"
+SCORE = "SCORE"
+
+# Encoder tensors. Their names are also the ONNX graph's input names and the HF tokenizer's keys.
+INPUT_IDS = "input_ids"
+ATTENTION_MASK = "attention_mask"
+TOKEN_TYPE_IDS = "token_type_ids"
+ENCODER_INPUTS_ALL = (INPUT_IDS, ATTENTION_MASK, TOKEN_TYPE_IDS)
+
+# The config.pbtxt parameter that carries ModelSpec as JSON (ensemble and tokenizer models).
+SPEC_PARAMETER = "fos_spec"
+
+TOKENIZER_SUFFIX = "__tokenizer"
+ENCODER_SUFFIX = "__encoder"
+
+Task = Literal["embed", "rerank"]
+TASKS: tuple[str, ...] = ("embed", "rerank")
+
+_TRITON_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+def triton_name(served_name: str) -> str:
+    """Map a served name such as ``cl-nagoya/ruri-large`` to a Triton model name.
+
+    Triton names are directory names, so ``/`` becomes ``--`` (the Hugging Face cache's convention).
+    """
+    name = served_name.strip().replace("/", "--")
+    if not _TRITON_NAME.match(name) or name.endswith((TOKENIZER_SUFFIX, ENCODER_SUFFIX)):
+        raise ValueError(f"cannot serve a model named {served_name!r}: use letters, digits, '/', '-', '_', '.'")
+    return name
+
+
+def tokenizer_model(name: str) -> str:
+    return name + TOKENIZER_SUFFIX
+
+
+def encoder_model(name: str) -> str:
+    return name + ENCODER_SUFFIX
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """What the shim needs to know about one exported model; written once by export."""
+
+    served_name: str
+    task: Task
+    source: str  # the HF id or directory it was exported from
+    max_length: int  # tokens, special tokens included; longer inputs are truncated
+    encoder_inputs: tuple[str, ...]  # which of ENCODER_INPUTS_ALL the ONNX graph takes
+    pad_token_id: int
+    vocab_size: int
+    precision: str = "fp32"
+    dimension: int = 0  # embed only
+    normalize: bool = True  # embed: the shim L2-normalises (OpenAI, TEI); False returns raw vectors
+    model_normalizes: bool = False  # the model itself ends with a Normalize module
+    prefixes: dict[str, str] = dataclasses.field(default_factory=dict)  # input_type -> text prefix
+
+    @property
+    def name(self) -> str:
+        return triton_name(self.served_name)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), ensure_ascii=False, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelSpec:
+        raw = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        raw = {k: v for k, v in raw.items() if k in known}
+        raw["encoder_inputs"] = tuple(raw["encoder_inputs"])
+        if raw["task"] not in TASKS:
+            raise ValueError(f"unknown task {raw['task']!r}")
+        return cls(**raw)
+
+
+# Prefixes of the ruri family, by the input_type a client may send. Export stores them in the spec
+# when it recognises the model; a user may pass others.
+RURI_V1_PREFIXES = {"query": "クエリ: ", "document": "文章: "}
+RURI_V3_PREFIXES = {"query": "検索クエリ: ", "document": "検索文書: ", "topic": "トピック: "}
+
+
+def known_prefixes(source: str) -> dict[str, str]:
+    low = source.lower()
+    if "ruri" not in low or "reranker" in low:
+        return {}
+    return dict(RURI_V3_PREFIXES if "ruri-v3" in low else RURI_V1_PREFIXES)

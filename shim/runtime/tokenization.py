@@ -1,0 +1,96 @@
+"""Tokenize, truncate, count and pad: the single implementation used by Triton's tokenizer model,
+the embedded backend and export's parity check.
+
+The tokenizer is called exactly as sentence-transformers calls it (``truncation="longest_first"``,
+``max_length``), one sequence per input, so token counts are real and padding is ours to choose.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from . import spec
+
+
+@dataclasses.dataclass
+class Encoded:
+    """Unpadded token sequences, one per input, in input order."""
+
+    input_ids: list[list[int]]
+    token_type_ids: list[list[int]] | None = None
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(ids) for ids in self.input_ids]
+
+
+class Tokenizer:
+    def __init__(self, path: str | Path, max_length: int):
+        from transformers import AutoTokenizer
+
+        self.hf = AutoTokenizer.from_pretrained(str(path))
+        self.max_length = max_length
+        self.returns_token_types = spec.TOKEN_TYPE_IDS in self.hf.model_input_names
+
+    def encode(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> Encoded:
+        if pairs is not None and len(pairs) != len(texts):
+            raise ValueError(f"{len(texts)} texts but {len(pairs)} pairs")
+        out = self.hf(
+            list(texts),
+            list(pairs) if pairs is not None else None,
+            truncation="longest_first",
+            max_length=self.max_length,
+            padding=False,
+        )
+        types = out.get(spec.TOKEN_TYPE_IDS)
+        return Encoded(input_ids=list(out[spec.INPUT_IDS]), token_type_ids=list(types) if types is not None else None)
+
+
+def truncate_ids(sequences: Sequence[Sequence[int]], max_length: int) -> Encoded:
+    """Token-id input (the OpenAI API's list of ints): taken as the full sequence, cut to max_length."""
+    return Encoded(input_ids=[list(s[:max_length]) for s in sequences])
+
+
+def pad(encoded: Encoded, pad_token_id: int, inputs: Sequence[str], order: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+    """Right-pad the sequences picked by ``order`` (default: all) into the encoder's input arrays.
+
+    ``inputs`` names the tensors the encoder takes; token types that the tokenizer did not produce
+    are zeros, which is what the Hugging Face model does when it gets none.
+    """
+    idx = list(range(len(encoded.input_ids))) if order is None else list(order)
+    width = max((len(encoded.input_ids[i]) for i in idx), default=0)
+    ids = np.full((len(idx), width), pad_token_id, dtype=np.int64)
+    mask = np.zeros((len(idx), width), dtype=np.int64)
+    types = np.zeros((len(idx), width), dtype=np.int64)
+    for row, i in enumerate(idx):
+        seq = encoded.input_ids[i]
+        ids[row, : len(seq)] = seq
+        mask[row, : len(seq)] = 1
+        if encoded.token_type_ids is not None:
+            types[row, : len(seq)] = encoded.token_type_ids[i]
+    arrays = {spec.INPUT_IDS: ids, spec.ATTENTION_MASK: mask, spec.TOKEN_TYPE_IDS: types}
+    return {name: arrays[name] for name in inputs}
+
+
+def length_batches(lengths: Sequence[int], max_batch: int, max_tokens: int) -> list[list[int]]:
+    """Group input indices into batches of similar length, so padding stays small.
+
+    Sorted by length, each batch holds at most ``max_batch`` inputs and at most ``max_tokens``
+    padded tokens (rows x longest row); a single over-long input still gets a batch of its own.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        width = max(lengths[i], 1)  # sorted ascending: the newest input is the widest
+        if current and (len(current) >= max_batch or (len(current) + 1) * width > max_tokens):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches

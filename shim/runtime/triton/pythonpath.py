@@ -1,0 +1,16 @@
+"""The Python backend stub runs its interpreter in isolated mode (``sys.flags.ignore_environment``),
+so PYTHONPATH never reaches ``sys.path``. The pip tritonserver relies on it to find the project's
+virtual environment; honour it here, before numpy is imported.
+"""
+
+import os
+import sys
+
+
+def honour_pythonpath() -> None:
+    entries = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
+    if not entries:
+        return
+    # Ahead of the system's dist-packages, whose older copies would otherwise win.
+    at = next((i for i, p in enumerate(sys.path) if p.endswith(("dist-packages", "site-packages"))), len(sys.path))
+    sys.path[at:at] = entries

@@ -1,0 +1,44 @@
+"""Triton Python model: text (and, for rerank, text pairs) -> padded token tensors + token counts."""
+
+import json
+from pathlib import Path
+
+from shim.runtime.triton.pythonpath import honour_pythonpath
+
+honour_pythonpath()
+
+import numpy as np  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+from shim.runtime import spec, tokenization  # noqa: E402
+
+
+def _strings(request, name):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return None
+    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in tensor.as_numpy().reshape(-1)]
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        self.spec = spec.ModelSpec.from_json(config["parameters"][spec.SPEC_PARAMETER]["string_value"])
+        folder = Path(args["model_repository"]) / args["model_version"] / "tokenizer"
+        self.tokenizer = tokenization.Tokenizer(folder, self.spec.max_length)
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                texts = _strings(request, spec.TEXT)
+                pairs = _strings(request, spec.TEXT_PAIR) if self.spec.task == "rerank" else None
+                encoded = self.tokenizer.encode(texts, pairs)
+                arrays = tokenization.pad(encoded, self.spec.pad_token_id, self.spec.encoder_inputs)
+                counts = np.asarray(encoded.lengths, dtype=np.int64).reshape(-1, 1)
+                outputs = [pb_utils.Tensor(name, value) for name, value in arrays.items()]
+                outputs.append(pb_utils.Tensor(spec.NUM_TOKENS, counts))
+                responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
+            except Exception as exc:  # one bad request must not fail the others in the batch
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"tokenizer: {exc}")))
+        return responses
