@@ -115,3 +115,19 @@ def _load_rerank(model_id: str, max_length: int | None, trust_remote_code: bool)
         hf_config=hf_config,
         reference=reference,
     )
+
+
+def detect_task(model_id: str) -> str:
+    """``rerank`` for sequence-classification models (cross-encoders), else ``embed``."""
+    import json
+    from pathlib import Path
+
+    local = Path(model_id)
+    if local.is_dir():
+        config_file = local / "config.json"
+    else:
+        from huggingface_hub import hf_hub_download
+
+        config_file = Path(hf_hub_download(model_id, "config.json"))
+    architectures = json.loads(config_file.read_text(encoding="utf-8")).get("architectures") or []
+    return "rerank" if any(a.endswith("ForSequenceClassification") for a in architectures) else "embed"

@@ -94,10 +94,6 @@ def render(config: mc.ModelConfig) -> str:
     return text_format.MessageToString(config, as_utf8=True)
 
 
-def parse(text: str) -> mc.ModelConfig:
-    return text_format.Parse(text, mc.ModelConfig())
-
-
 def _copy_runtime(version_dir: Path, model_py: str) -> None:
     """Place ``shim.runtime`` beside model.py: the Python backend puts that folder on sys.path."""
     pkg = version_dir / "shim"
@@ -154,13 +150,3 @@ def write(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return repository / s.name
-
-
-def read_specs(repository: Path) -> list[spec.ModelSpec]:
-    """Every exported model in a repository, read from the ensembles' configs."""
-    specs = []
-    for config_file in sorted(Path(repository).glob("*/config.pbtxt")):
-        config = parse(config_file.read_text(encoding="utf-8"))
-        if config.platform == "ensemble" and spec.SPEC_PARAMETER in config.parameters:
-            specs.append(spec.ModelSpec.from_json(config.parameters[spec.SPEC_PARAMETER].string_value))
-    return specs

@@ -61,7 +61,9 @@ def _bert_config(vocab_size: int, **extra):
 
 def build_embedder(folder: Path, seed: int = 0) -> Path:
     import torch
-    from sentence_transformers import SentenceTransformer, models
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.base.modules import Transformer
+    from sentence_transformers.sentence_transformer.modules import Pooling
     from transformers import BertModel
 
     torch.manual_seed(seed)
@@ -69,8 +71,8 @@ def build_embedder(folder: Path, seed: int = 0) -> Path:
     tok = build_tokenizer(hf_dir)
     BertModel(_bert_config(len(tok))).save_pretrained(str(hf_dir))
     tok.save_pretrained(str(hf_dir))
-    transformer = models.Transformer(str(hf_dir), max_seq_length=MAX_SEQ_LENGTH)
-    pooling = models.Pooling(transformer.get_embedding_dimension(), pooling_mode="mean")
+    transformer = Transformer(str(hf_dir), max_seq_length=MAX_SEQ_LENGTH)
+    pooling = Pooling(transformer.get_embedding_dimension(), pooling_mode="mean")
     st_dir = folder / "st"
     SentenceTransformer(modules=[transformer, pooling], device="cpu").save(str(st_dir))
     return st_dir

@@ -1,0 +1,178 @@
+"""The in-process backend: the repository's tokenizer files and ONNX encoder, run with onnxruntime.
+
+Concurrent requests are coalesced: while the encoder runs one batch, new requests queue up, and
+the next round takes them all (up to a token budget), regroups their inputs by length and runs
+them. There is no waiting for a batch to fill, so a lone request is never delayed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BackendUnavailable
+from ..repository import read_specs
+from ..runtime import spec as specs
+from ..runtime.encoder import Encoder
+from ..runtime.spec import ModelSpec
+from ..runtime.tokenization import Encoded, Tokenizer, length_batches, pad
+
+log = logging.getLogger("fos.embedded")
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchLimits:
+    max_batch: int = 32  # rows per encoder run
+    max_batch_tokens: int = 8192  # padded tokens per encoder run
+    max_round_tokens: int = 32768  # real tokens gathered from the queue per round
+
+
+@dataclasses.dataclass
+class _Job:
+    encoded: Encoded
+    future: asyncio.Future
+
+
+@dataclasses.dataclass
+class Stats:
+    runs: int = 0
+    rows: int = 0
+    real_tokens: int = 0
+    computed_tokens: int = 0
+
+    @property
+    def padding_efficiency(self) -> float:
+        return self.real_tokens / self.computed_tokens if self.computed_tokens else 1.0
+
+
+class _Model:
+    def __init__(self, s: ModelSpec, repository: Path, executor, limits: BatchLimits, threads: int | None):
+        self.spec = s
+        self.tokenizer = Tokenizer(repository / specs.tokenizer_model(s.name) / "1" / "tokenizer", s.max_length)
+        self.encoder = Encoder(repository / specs.encoder_model(s.name) / "1" / "model.onnx", threads=threads)
+        self.executor = executor
+        self.limits = limits
+        self.stats = Stats()
+        self.queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self.worker: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.worker = asyncio.create_task(self._serve(), name=f"batcher:{self.spec.served_name}")
+
+    async def submit(self, encoded: Encoded) -> np.ndarray:
+        if not encoded.input_ids:
+            width = self.spec.dimension if self.spec.task == "embed" else 1
+            return np.zeros((0, width), dtype=np.float32)
+        job = _Job(encoded, asyncio.get_running_loop().create_future())
+        await self.queue.put(job)
+        return await job.future
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            jobs = [await self.queue.get()]
+            budget = sum(jobs[0].encoded.lengths)
+            while not self.queue.empty() and budget < self.limits.max_round_tokens:
+                job = self.queue.get_nowait()
+                jobs.append(job)
+                budget += sum(job.encoded.lengths)
+            jobs = [j for j in jobs if not j.future.done()]  # clients that went away
+            if not jobs:
+                continue
+            try:
+                outputs = await loop.run_in_executor(self.executor, self._run, [j.encoded for j in jobs])
+            except Exception as exc:  # the encoder failed: fail these requests, keep serving
+                log.exception("encoder run failed")
+                for j in jobs:
+                    if not j.future.done():
+                        j.future.set_exception(exc)
+                continue
+            for j, out in zip(jobs, outputs):
+                if not j.future.done():
+                    j.future.set_result(out)
+
+    def _run(self, encodeds: list[Encoded]) -> list[np.ndarray]:
+        """All jobs' rows, regrouped by length into encoder runs, then split back per job."""
+        merged = Encoded(input_ids=[], token_type_ids=[] if encodeds[0].token_type_ids is not None else None)
+        for e in encodeds:
+            merged.input_ids.extend(e.input_ids)
+            if merged.token_type_ids is not None:
+                merged.token_type_ids.extend(e.token_type_ids or [[0] * len(ids) for ids in e.input_ids])
+        lengths = merged.lengths
+        result: np.ndarray | None = None
+        for batch in length_batches(lengths, self.limits.max_batch, self.limits.max_batch_tokens):
+            feeds = pad(merged, self.spec.pad_token_id, self.spec.encoder_inputs, order=batch)
+            out = self.encoder.run(feeds)
+            if result is None:
+                result = np.empty((len(lengths), out.shape[1]), dtype=np.float32)
+            result[batch] = out
+            self.stats.runs += 1
+            self.stats.rows += len(batch)
+            self.stats.real_tokens += sum(lengths[i] for i in batch)
+            self.stats.computed_tokens += feeds[specs.INPUT_IDS].size
+        bounds = np.cumsum([0] + [len(e.input_ids) for e in encodeds])
+        return [result[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+class EmbeddedBackend:
+    def __init__(self, repository: Path, limits: BatchLimits | None = None, threads: int | None = None):
+        self.repository = Path(repository)
+        self.limits = limits or BatchLimits()
+        self.threads = threads
+        self.models: dict[str, _Model] = {}
+        # One inference thread: onnxruntime already spreads one run over every core, and two runs
+        # at once would only fight over them.
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fos-infer")
+        self._ready = False
+
+    async def start(self) -> None:
+        found = read_specs(self.repository)
+        if not found:
+            log.warning("no exported models in %s", self.repository)
+        for s in found:
+            log.info("loading %s (%s, %s) from %s", s.served_name, s.task, s.precision, self.repository)
+            model = await asyncio.to_thread(_Model, s, self.repository, self.executor, self.limits, self.threads)
+            model.start()
+            self.models[s.served_name] = model
+        self._ready = True
+
+    async def close(self) -> None:
+        for model in self.models.values():
+            if model.worker is not None:
+                model.worker.cancel()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def ready(self) -> bool:
+        return self._ready and bool(self.models)
+
+    def specs(self) -> list[ModelSpec]:
+        return [m.spec for m in self.models.values()]
+
+    def stats(self) -> dict[str, Stats]:
+        return {name: m.stats for name, m in self.models.items()}
+
+    def _model(self, s: ModelSpec) -> _Model:
+        model = self.models.get(s.served_name)
+        if model is None:
+            raise BackendUnavailable(f"model {s.served_name} is not loaded")
+        return model
+
+    async def embed(
+        self, s: ModelSpec, texts: Sequence[str] | None = None, encoded: Encoded | None = None
+    ) -> tuple[np.ndarray, list[int]]:
+        model = self._model(s)
+        if encoded is None:
+            encoded = await asyncio.to_thread(model.tokenizer.encode, list(texts or []))
+        return await model.submit(encoded), encoded.lengths
+
+    async def rerank(self, s: ModelSpec, query: str, documents: Sequence[str]) -> tuple[np.ndarray, list[int]]:
+        model = self._model(s)
+        encoded = await asyncio.to_thread(model.tokenizer.encode, [query] * len(documents), list(documents))
+        scores = await model.submit(encoded)
+        return scores.reshape(-1), encoded.lengths

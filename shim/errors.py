@@ -1,0 +1,97 @@
+"""Errors, typed once, each with its HTTP status, rendered in OpenAI's envelope by one function."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("fos.errors")
+
+
+class APIError(Exception):
+    status = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+
+class InvalidRequest(APIError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class ModelNotFound(APIError):
+    # What OpenAI answers for an unknown model.
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class BackendUnavailable(APIError):
+    status = 503
+    type = "server_error"
+    code = "backend_unavailable"
+
+
+class BackendFailed(APIError):
+    status = 502
+    type = "server_error"
+    code = "backend_error"
+
+
+def envelope(status: int, message: str, type_: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return JSONResponse(status_code=status, content=body)
+
+
+def _validation_param(loc: tuple) -> str | None:
+    """The top-level field at fault: 'documents', not 'documents.0.RerankDocument.text'."""
+    fields = [str(p) for p in loc if p != "body"]
+    return fields[0] if fields else None
+
+
+# Where pydantic would name one member of a union, say what the field accepts.
+_FIELD_MESSAGES = {
+    "input": "input must be a string, a list of strings, a list of token ids or a list of lists of token ids",
+    "documents": "documents must be a list of strings or of objects with a 'text' string",
+}
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError):
+        return envelope(exc.status, exc.message, exc.type, exc.param, exc.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        # FastAPI's default is a 422 with its own body; OpenAI clients expect 400 and the envelope.
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        if first.get("type") == "json_invalid":
+            return envelope(400, "the request body is not valid JSON", "invalid_request_error", None, "invalid_json")
+        loc = tuple(first.get("loc", ()))
+        if loc == ("body",) and "json" not in request.headers.get("content-type", ""):
+            return envelope(400, "send the body as JSON, with Content-Type: application/json", "invalid_request_error", None, "invalid_json")
+        param = _validation_param(loc)
+        message = _FIELD_MESSAGES.get(param) or (f"{param}: {first.get('msg')}" if param else str(first.get("msg")))
+        return envelope(400, message, "invalid_request_error", param, "invalid_value")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException):
+        type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return envelope(exc.status_code, str(exc.detail), type_)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception):
+        log.exception("unhandled error")
+        return envelope(500, "internal error", "server_error", None, "internal_error")

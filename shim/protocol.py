@@ -1,0 +1,99 @@
+"""Wire types: OpenAI embeddings, Cohere/Jina-style rerank, model list, and the error envelope."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+
+class _Request(BaseModel):
+    # Clients send fields we do not use (user, truncate, ...): ignore them, as OpenAI does.
+    model_config = ConfigDict(extra="ignore")
+
+
+class EmbeddingRequest(_Request):
+    model: StrictStr | None = Field(None, description="Served model name; may be left out when one embedding model is served")
+    input: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]] = Field(
+        ..., description="Text, texts, token ids, or lists of token ids (the model's own vocabulary, special tokens included)"
+    )
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: StrictInt | None = Field(None, description="Must equal the model's dimension if given")
+    input_type: StrictStr | None = Field(
+        None, description="Extension: picks the model's prefix, e.g. 'query' or 'document' for ruri ('クエリ: ' / '文章: ')"
+    )
+    user: StrictStr | None = None
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    embedding: list[float] | str
+    index: int
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
+class RerankDocument(_Request):
+    text: StrictStr
+
+
+class RerankRequest(_Request):
+    model: StrictStr | None = Field(None, description="Served model name; may be left out when one reranker is served")
+    query: StrictStr
+    documents: list[StrictStr | RerankDocument]
+    top_n: StrictInt | None = Field(None, ge=1, description="Return only the best n results")
+    return_documents: bool = False
+
+
+class RerankResult(BaseModel):
+    index: int
+    relevance_score: float
+    document: RerankDocument | None = None
+
+
+class RerankUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class RerankResponse(BaseModel):
+    id: str
+    model: str
+    results: list[RerankResult]
+    usage: RerankUsage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "fake-openai-server"
+    task: Literal["embed", "rerank"]
+    max_length: int
+    dimension: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody

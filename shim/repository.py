@@ -1,0 +1,33 @@
+"""Read what export wrote: the served models of a Triton model repository.
+
+The metadata lives in each ensemble's ``config.pbtxt`` (parameter ``fos_spec``), the file Triton
+itself reads, so the embedded backend and Triton always agree on what is served.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from .runtime import spec
+
+
+def parse(text: str) -> mc.ModelConfig:
+    return text_format.Parse(text, mc.ModelConfig())
+
+
+def spec_of(config: mc.ModelConfig) -> spec.ModelSpec | None:
+    if config.platform != "ensemble" or spec.SPEC_PARAMETER not in config.parameters:
+        return None
+    return spec.ModelSpec.from_json(config.parameters[spec.SPEC_PARAMETER].string_value)
+
+
+def read_specs(repository: Path) -> list[spec.ModelSpec]:
+    found = []
+    for config_file in sorted(Path(repository).glob("*/config.pbtxt")):
+        s = spec_of(parse(config_file.read_text(encoding="utf-8")))
+        if s is not None:
+            found.append(s)
+    return found

@@ -1,0 +1,58 @@
+"""``fos serve``: export what the repository lacks, then serve the API."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from .runtime import spec
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--repository", type=Path, default=Path("model_repository"), help="the Triton model repository")
+    p.add_argument("--triton", metavar="HOST:PORT", help="Triton's gRPC address; without it, the embedded backend serves")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8081)
+    p.add_argument("--model", action="append", default=[], metavar="HF_ID_OR_DIR",
+                   help="export this model into the repository first if it is not there (embed or rerank is detected)")
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32", help="for models exported by --model")
+    p.add_argument("--threads", type=int, help="onnxruntime threads (default: all cores)")
+    p.add_argument("--log-level", default="info")
+
+
+def ensure_exported(models: list[str], repository: Path, precision: str) -> None:
+    for model in models:
+        name = spec.triton_name(model)
+        if (repository / name / "config.pbtxt").exists():
+            print(f"{model}: already in {repository}", flush=True)
+            continue
+        from export.load import detect_task
+        from export.main import ExportOptions, export
+
+        task = detect_task(model)
+        print(f"{model}: not in {repository}; exporting it as a {task} model ({precision})", flush=True)
+        export(ExportOptions(model=model, task=task, repository=repository, precision=precision),
+               log=lambda line: print(line, flush=True))
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import create_app
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.model:
+        if args.triton:
+            raise SystemExit("--model exports for the embedded backend; with --triton, run `fos export` for Triton's repository")
+        ensure_exported(args.model, args.repository, args.precision)
+    if args.triton:
+        from .backends.triton import TritonBackend
+
+        backend = TritonBackend(args.triton)
+    else:
+        from .backends.embedded import EmbeddedBackend
+
+        backend = EmbeddedBackend(args.repository, threads=args.threads)
+    uvicorn.run(create_app(backend), host=args.host, port=args.port, log_level=args.log_level.lower())
+    return 0

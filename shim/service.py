@@ -1,0 +1,131 @@
+"""The wire-agnostic service: validates requests against the served model, calls the backend and
+shapes the answers. Routes call this, never a backend."""
+
+from __future__ import annotations
+
+import base64
+import uuid
+
+import numpy as np
+
+from .backends.base import Backend
+from .errors import InvalidRequest, ModelNotFound
+from .protocol import EmbeddingRequest, RerankDocument, RerankRequest
+from .runtime.spec import ModelSpec
+from .runtime.tokenization import truncate_ids
+
+
+class Service:
+    def __init__(self, backend: Backend):
+        self.backend = backend
+
+    def resolve(self, name: str | None, task: str) -> ModelSpec:
+        served = {s.served_name: s for s in self.backend.specs()}
+        if name is None:
+            of_task = [s for s in served.values() if s.task == task]
+            if len(of_task) == 1:
+                return of_task[0]
+            raise InvalidRequest(
+                f"'model' is required: this server has {len(of_task)} {task} models ({', '.join(sorted(s.served_name for s in of_task))})",
+                param="model",
+            )
+        s = served.get(name)
+        if s is None:
+            raise ModelNotFound(f"The model `{name}` does not exist. Served: {', '.join(sorted(served)) or 'none'}", param="model")
+        if s.task != task:
+            other = "/v1/rerank" if s.task == "rerank" else "/v1/embeddings"
+            raise InvalidRequest(f"The model `{name}` is a {s.task} model; use {other}", param="model", code="wrong_task")
+        return s
+
+    async def embeddings(self, req: EmbeddingRequest) -> dict:
+        s = self.resolve(req.model, "embed")
+        if req.dimensions is not None and req.dimensions != s.dimension:
+            raise InvalidRequest(f"`{s.served_name}` returns {s.dimension} dimensions; dimensions={req.dimensions} is not supported", param="dimensions")
+
+        raw = req.input
+        if isinstance(raw, str):
+            raw = [raw]
+        if len(raw) == 0:
+            raise InvalidRequest("'input' must not be empty", param="input")
+        if isinstance(raw[0], str):
+            texts = list(raw)
+            for i, t in enumerate(texts):
+                if not t.strip():
+                    raise InvalidRequest(f"input[{i}] is an empty string", param="input")
+            prefix = self._prefix(s, req.input_type)
+            vectors, counts = await self.backend.embed(s, texts=[prefix + t for t in texts])
+        else:
+            seqs = [raw] if isinstance(raw[0], int) else raw
+            self._check_ids(s, seqs)
+            if req.input_type is not None:
+                raise InvalidRequest("input_type applies to text input, not token ids", param="input_type")
+            encoded = truncate_ids(seqs, s.max_length)
+            vectors, counts = await self.backend.embed(s, encoded=encoded)
+
+        if s.normalize and not s.model_normalizes:
+            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+            vectors = vectors / np.maximum(norms, 1e-12)
+        if req.encoding_format == "base64":
+            data = [base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") for v in vectors]
+        else:
+            data = vectors.tolist()
+        total = int(sum(counts))
+        return {
+            "object": "list",
+            "data": [{"object": "embedding", "embedding": e, "index": i} for i, e in enumerate(data)],
+            "model": s.served_name,
+            "usage": {"prompt_tokens": total, "total_tokens": total},
+        }
+
+    @staticmethod
+    def _prefix(s: ModelSpec, input_type: str | None) -> str:
+        if input_type is None:
+            return ""
+        if input_type not in s.prefixes:
+            known = ", ".join(sorted(s.prefixes)) or "none"
+            raise InvalidRequest(f"input_type {input_type!r} is not known for `{s.served_name}` (known: {known})", param="input_type")
+        return s.prefixes[input_type]
+
+    @staticmethod
+    def _check_ids(s: ModelSpec, seqs: list[list[int]]) -> None:
+        for i, seq in enumerate(seqs):
+            if not seq:
+                raise InvalidRequest(f"input[{i}] is an empty list of tokens", param="input")
+            bad = next((t for t in seq if t < 0 or t >= s.vocab_size), None)
+            if bad is not None:
+                raise InvalidRequest(f"input[{i}] has token id {bad}, outside the vocabulary (0..{s.vocab_size - 1})", param="input")
+
+    async def rerank(self, req: RerankRequest) -> dict:
+        s = self.resolve(req.model, "rerank")
+        if not req.query.strip():
+            raise InvalidRequest("'query' must not be empty", param="query")
+        if not req.documents:
+            raise InvalidRequest("'documents' must not be empty", param="documents")
+        docs = [d.text if isinstance(d, RerankDocument) else d for d in req.documents]
+        scores, counts = await self.backend.rerank(s, req.query, docs)
+        order = sorted(range(len(docs)), key=lambda i: (-float(scores[i]), i))
+        if req.top_n is not None:
+            order = order[: req.top_n]
+        results = []
+        for i in order:
+            item = {"index": i, "relevance_score": float(scores[i])}
+            if req.return_documents:
+                item["document"] = {"text": docs[i]}
+            results.append(item)
+        total = int(sum(counts))
+        return {
+            "id": uuid.uuid4().hex,
+            "model": s.served_name,
+            "results": results,
+            "usage": {"prompt_tokens": total, "total_tokens": total},
+        }
+
+    def models(self) -> dict:
+        data = []
+        for s in sorted(self.backend.specs(), key=lambda s: s.served_name):
+            card = {"id": s.served_name, "object": "model", "created": 0, "owned_by": "fake-openai-server",
+                    "task": s.task, "max_length": s.max_length}
+            if s.task == "embed":
+                card["dimension"] = s.dimension
+            data.append(card)
+        return {"object": "list", "data": data}

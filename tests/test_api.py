@@ -1,0 +1,224 @@
+"""The API through both backends (embedded and a real tritonserver), with the real clients users have."""
+
+from __future__ import annotations
+
+import base64
+
+import httpx
+import numpy as np
+import pytest
+from openai import BadRequestError, NotFoundError, OpenAI
+
+import tiny_models
+from conftest import EMBED, RERANK
+
+TEXTS = [
+    "東京は日本の首都です。",
+    "猫が窓のそばで寝ている。",
+    "検索システムでは、質問に関係する文章を上位に並べることが大切です。" * 4,  # longer than max_length
+    "ＡＢＣ１２３とabc123",
+]
+DOCS = [
+    "富士山は日本で一番高い山です。",
+    "ラーメンがおいしい店",
+    "新幹線を使えば東京から大阪まで約二時間半で行けます。",
+    "春には桜が咲きます。",
+]
+
+
+def normalized(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def hf_token_counts(reference, texts, pairs=None) -> list[int]:
+    tok = reference.tokenizer
+    enc = tok(texts, pairs, truncation="longest_first", max_length=tiny_models.MAX_SEQ_LENGTH)
+    return [len(ids) for ids in enc["input_ids"]]
+
+
+@pytest.fixture
+def client(server) -> OpenAI:
+    return OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def test_openai_client_default_base64_equals_sentence_transformers(client, references):
+    result = client.embeddings.create(model=EMBED, input=TEXTS)  # the client asks for base64
+    got = np.array([d.embedding for d in result.data])
+    want = normalized(references["embed"].encode(TEXTS, convert_to_numpy=True))
+    assert [d.index for d in result.data] == list(range(len(TEXTS)))
+    assert np.max(np.abs(got - want)) <= 1e-4
+    assert result.usage.prompt_tokens == sum(hf_token_counts(references["embed"], TEXTS))
+    assert result.usage.total_tokens == result.usage.prompt_tokens
+
+
+def test_openai_client_float(client, references):
+    result = client.embeddings.create(model=EMBED, input=TEXTS[0], encoding_format="float")
+    want = normalized(references["embed"].encode([TEXTS[0]], convert_to_numpy=True))[0]
+    assert np.max(np.abs(np.array(result.data[0].embedding) - want)) <= 1e-4
+    assert result.model == EMBED
+
+
+def test_base64_is_little_endian_float32(server):
+    body = {"model": EMBED, "input": ["猫"], "encoding_format": "base64"}
+    raw = httpx.post(server.url + "/v1/embeddings", json=body).json()["data"][0]["embedding"]
+    floats = httpx.post(server.url + "/v1/embeddings", json={**body, "encoding_format": "float"}).json()
+    decoded = np.frombuffer(base64.b64decode(raw), dtype="<f4")
+    assert np.allclose(decoded, floats["data"][0]["embedding"], atol=1e-7)
+
+
+def test_dify_one_input_per_request_empty_authorization(server, references):
+    # Dify's OpenAI-compatible plugin: one input per request, "Authorization:" empty when no key.
+    for text in TEXTS:
+        r = httpx.post(server.url + "/v1/embeddings", headers={"Authorization": ""},
+                       json={"model": EMBED, "input": [text], "encoding_format": "float"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        want = normalized(references["embed"].encode([text], convert_to_numpy=True))[0]
+        assert np.max(np.abs(np.array(body["data"][0]["embedding"]) - want)) <= 1e-4
+        assert body["usage"]["prompt_tokens"] == hf_token_counts(references["embed"], [text])[0]
+
+
+def test_long_input_is_truncated_to_max_length(server):
+    r = httpx.post(server.url + "/v1/embeddings", json={"model": EMBED, "input": TEXTS[2] * 10})
+    assert r.status_code == 200
+    assert r.json()["usage"]["prompt_tokens"] == tiny_models.MAX_SEQ_LENGTH
+
+
+def test_token_id_input_matches_text_input(server, references):
+    ids = references["embed"].tokenizer([TEXTS[0], TEXTS[1]])["input_ids"]
+    by_ids = httpx.post(server.url + "/v1/embeddings", json={"model": EMBED, "input": ids}).json()
+    by_text = httpx.post(server.url + "/v1/embeddings", json={"model": EMBED, "input": TEXTS[:2]}).json()
+    a = np.array([d["embedding"] for d in by_ids["data"]])
+    b = np.array([d["embedding"] for d in by_text["data"]])
+    assert np.max(np.abs(a - b)) <= 1e-5
+    assert by_ids["usage"]["prompt_tokens"] == sum(len(x) for x in ids)
+    single = httpx.post(server.url + "/v1/embeddings", json={"model": EMBED, "input": ids[0]}).json()
+    assert np.max(np.abs(np.array(single["data"][0]["embedding"]) - a[0])) <= 1e-5
+
+
+def test_many_inputs_keep_their_order(server, references):
+    texts = [f"{i}番目の文章です。" + "猫" * (i % 7) for i in range(70)]  # more than one sub-batch
+    body = httpx.post(server.url + "/v1/embeddings", json={"model": EMBED, "input": texts}, timeout=60).json()
+    got = np.array([d["embedding"] for d in body["data"]])
+    want = normalized(references["embed"].encode(texts, convert_to_numpy=True))
+    assert [d["index"] for d in body["data"]] == list(range(70))
+    assert np.max(np.abs(got - want)) <= 1e-4
+
+
+def test_rerank_equals_cross_encoder(server, references):
+    query = "日本で一番高い山は？"
+    r = httpx.post(server.url + "/v1/rerank", json={"model": RERANK, "query": query, "documents": DOCS})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    want = references["rerank"].predict([(query, d) for d in DOCS])
+    got = {res["index"]: res["relevance_score"] for res in body["results"]}
+    assert sorted(got) == list(range(len(DOCS)))
+    assert max(abs(got[i] - float(want[i])) for i in got) <= 1e-5
+    scores = [res["relevance_score"] for res in body["results"]]
+    assert scores == sorted(scores, reverse=True)
+    assert all(0.0 <= s <= 1.0 for s in scores)
+    assert body["usage"]["total_tokens"] == sum(hf_token_counts(references["rerank"], [query] * len(DOCS), DOCS))
+
+
+def test_rerank_dify_shape_top_n_and_documents(server, references):
+    # Dify POSTs {endpoint}/rerank with top_n and reads results[].index and results[].relevance_score.
+    query = "おいしい料理"
+    r = httpx.post(server.url + "/v1/rerank", headers={"Authorization": ""},
+                   json={"model": RERANK, "query": query, "documents": DOCS, "top_n": 2, "return_documents": True})
+    body = r.json()
+    want = references["rerank"].predict([(query, d) for d in DOCS])
+    best = list(np.argsort(-want, kind="stable")[:2])
+    assert [res["index"] for res in body["results"]] == best
+    assert [res["document"]["text"] for res in body["results"]] == [DOCS[i] for i in best]
+    # /rerank without /v1 and {"text": ...} documents, as Cohere and Jina clients send them.
+    r2 = httpx.post(server.url + "/rerank", json={"model": RERANK, "query": query, "documents": [{"text": d} for d in DOCS]})
+    assert [x["index"] for x in r2.json()["results"]][:2] == best
+    assert "document" not in r2.json()["results"][0]
+
+
+def test_model_may_be_left_out_when_one_of_its_task_is_served(server):
+    assert httpx.post(server.url + "/v1/embeddings", json={"input": "猫"}).json()["model"] == EMBED
+    assert httpx.post(server.url + "/v1/rerank", json={"query": "猫", "documents": ["犬"]}).json()["model"] == RERANK
+
+
+def test_models_and_health(server):
+    assert httpx.get(server.url + "/health").status_code == 200
+    models = {m["id"]: m for m in httpx.get(server.url + "/v1/models").json()["data"]}
+    assert models[EMBED]["task"] == "embed" and models[EMBED]["dimension"] == 32
+    assert models[RERANK]["task"] == "rerank"
+    assert models[EMBED]["max_length"] == tiny_models.MAX_SEQ_LENGTH
+
+
+BAD_EMBEDDINGS = [
+    ({"model": EMBED, "input": ""}, 400, "input"),
+    ({"model": EMBED, "input": []}, 400, "input"),
+    ({"model": EMBED, "input": ["ok", "  "]}, 400, "input"),
+    ({"model": EMBED, "input": [1.5]}, 400, "input"),
+    ({"model": EMBED, "input": [["a"]]}, 400, "input"),
+    ({"model": EMBED, "input": [[]]}, 400, "input"),
+    ({"model": EMBED, "input": [[1, 2, 10**9]]}, 400, "input"),
+    ({"model": EMBED, "input": [-1]}, 400, "input"),
+    ({"model": EMBED, "input": "x", "encoding_format": "hex"}, 400, "encoding_format"),
+    ({"model": EMBED, "input": "x", "dimensions": 7}, 400, "dimensions"),
+    ({"model": EMBED, "input": "x", "input_type": "nonsense"}, 400, "input_type"),
+    ({"model": RERANK, "input": "x"}, 400, "model"),
+    ({"model": "nope/nothing", "input": "x"}, 404, "model"),
+    ({"model": 5, "input": "x"}, 400, "model"),
+    ({"model": EMBED}, 400, "input"),
+]
+
+BAD_RERANKS = [
+    ({"model": RERANK, "query": "q", "documents": []}, 400, "documents"),
+    ({"model": RERANK, "query": "q", "documents": ["a"], "top_n": 0}, 400, "top_n"),
+    ({"model": RERANK, "query": "", "documents": ["a"]}, 400, "query"),
+    ({"model": RERANK, "query": "q", "documents": [{"txt": "a"}]}, 400, "documents"),
+    ({"model": RERANK, "query": "q", "documents": "a"}, 400, "documents"),
+    ({"model": EMBED, "query": "q", "documents": ["a"]}, 400, "model"),
+    ({"model": "nope", "query": "q", "documents": ["a"]}, 404, "model"),
+]
+
+
+def _assert_envelope(r: httpx.Response, status: int, param: str | None):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["message"]
+    assert err["param"] == param
+    assert err["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(("body", "status", "param"), BAD_EMBEDDINGS)
+def test_bad_embedding_requests(server, body, status, param):
+    _assert_envelope(httpx.post(server.url + "/v1/embeddings", json=body), status, param)
+
+
+@pytest.mark.parametrize(("body", "status", "param"), BAD_RERANKS)
+def test_bad_rerank_requests(server, body, status, param):
+    _assert_envelope(httpx.post(server.url + "/v1/rerank", json=body), status, param)
+
+
+def test_malformed_bodies_get_the_envelope_not_422(server):
+    for content, headers in [(b"{bad", {"content-type": "application/json"}), (b"[1, 2]", {"content-type": "application/json"}),
+                             (b'{"input": "x"}', {"content-type": "text/plain"})]:
+        r = httpx.post(server.url + "/v1/embeddings", content=content, headers=headers)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.get(server.url + "/v1/nothing-here")
+    assert r.status_code == 404 and "error" in r.json()
+    r = httpx.get(server.url + "/v1/embeddings")
+    assert r.status_code == 405 and "error" in r.json()
+
+
+def test_openai_client_raises_typed_errors(client):
+    with pytest.raises(NotFoundError):
+        client.embeddings.create(model="nope", input="x")
+    with pytest.raises(BadRequestError):
+        client.embeddings.create(model=EMBED, input="")
+
+
+def test_still_serving_after_bad_requests(server):
+    for body, _, _ in BAD_EMBEDDINGS:
+        httpx.post(server.url + "/v1/embeddings", json=body)
+    r = httpx.post(server.url + "/v1/embeddings", json={"model": EMBED, "input": "まだ動いていますか"})
+    assert r.status_code == 200
+    assert httpx.get(server.url + "/health").status_code == 200
