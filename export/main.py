@@ -45,7 +45,7 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> spec.Mode
 
     if opts.precision not in convert.PRECISIONS:
         raise ValueError(f"precision must be one of {convert.PRECISIONS}")
-    served = opts.name or opts.model
+    served = opts.name or spec.default_served_name(opts.model)
     spec.triton_name(served)  # fail before the slow steps on a name Triton cannot hold
     total = 5
     t = _step(log, 1, total, f"loading {opts.model} ({opts.task}) with sentence-transformers")
@@ -134,7 +134,7 @@ def options_from_args(args: argparse.Namespace) -> ExportOptions:
 def run(args: argparse.Namespace) -> int:
     try:
         export(options_from_args(args), log=lambda line: print(line, flush=True))
-    except ParityError as exc:
+    except (ParityError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print("export finished", flush=True)

@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def ensure_exported(models: list[str], repository: Path, precision: str) -> None:
     for model in models:
-        name = spec.triton_name(model)
+        name = spec.triton_name(spec.default_served_name(model))
         if (repository / name / "config.pbtxt").exists():
             print(f"{model}: already in {repository}", flush=True)
             continue

@@ -17,6 +17,9 @@ import tempfile
 from pathlib import Path
 
 
+SYSTEM_BIN_DIRS = ("/usr/bin", "/usr/local/bin")
+
+
 def _dist() -> Path:
     try:
         import pytriton
@@ -62,6 +65,14 @@ def command(repository: Path, backends: Path, http_port: int, grpc_port: int, me
 def environment() -> dict[str, str]:
     """The stub runs on the system libpython: let it import this environment's packages."""
     env = dict(os.environ)
+    # The stub's embedded interpreter finds its standard library through the first `python3` on
+    # PATH. It links the system libpython, so that must be the system's Python, not a pyenv or
+    # virtual-environment build of another patch release (whose C modules then fail to import).
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    system_python = shutil.which(version, path=os.pathsep.join(SYSTEM_BIN_DIRS))
+    if system_python:
+        env["PATH"] = os.pathsep.join([str(Path(system_python).parent), env.get("PATH", "")])
+    env.pop("VIRTUAL_ENV", None)
     site = sysconfig.get_paths()["purelib"]
     env["PYTHONPATH"] = os.pathsep.join(p for p in (site, env.get("PYTHONPATH", "")) if p)
     # The copied stub no longer finds the wheel's bundled libraries through its relative RPATH.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from pathlib import Path
 from typing import Literal
 
 # Ensemble (client-facing) tensors.
@@ -45,6 +46,12 @@ def triton_name(served_name: str) -> str:
     if not _TRITON_NAME.match(name) or name.endswith((TOKENIZER_SUFFIX, ENCODER_SUFFIX)):
         raise ValueError(f"cannot serve a model named {served_name!r}: use letters, digits, '/', '-', '_', '.'")
     return name
+
+
+def default_served_name(model: str) -> str:
+    """The HF id as it is (so Dify's model name is the seed's); a local directory's own name."""
+    path = Path(model)
+    return path.resolve().name if path.is_dir() else model
 
 
 def tokenizer_model(name: str) -> str:

@@ -1,0 +1,126 @@
+"""``fos export``: parity with sentence-transformers, the written repository, and failure paths."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import numpy as np
+import pytest
+
+import export.load
+from conftest import EMBED, RERANK
+from export.main import ExportOptions, ParityError, export as run_export
+from export.parity import Report, compare
+from shim.cli import main
+from shim.repository import parse, read_specs
+from shim.runtime import spec
+from shim.runtime.tokenization import Tokenizer
+
+
+@pytest.mark.parametrize("task", ["embed", "rerank"])
+def test_cli_export_prints_passing_parity(exported, task):
+    printed = exported["printed"][task]
+    assert "tokens identical: yes" in printed
+    assert "-> PASS" in printed and "FAIL" not in printed
+    assert "export finished" in printed
+
+
+def test_specs_in_the_repository(exported):
+    specs = {s.served_name: s for s in read_specs(exported["repository"])}
+    assert set(specs) == {EMBED, RERANK}
+    e, r = specs[EMBED], specs[RERANK]
+    assert (e.task, e.dimension, e.max_length, e.normalize, e.model_normalizes) == ("embed", 32, 32, True, False)
+    assert r.task == "rerank" and r.max_length == 32
+    # Token types reach the cross-encoder (transformers 5 would drop them for BertJapaneseTokenizer).
+    assert spec.TOKEN_TYPE_IDS in r.encoder_inputs
+    assert e.name == "test--ruri-tiny"
+
+
+def test_configs_chain_tokenizer_to_encoder(exported):
+    repo = exported["repository"]
+    for s in read_specs(repo):
+        ens = parse((repo / s.name / "config.pbtxt").read_text())
+        tok = parse((repo / spec.tokenizer_model(s.name) / "config.pbtxt").read_text())
+        enc = parse((repo / spec.encoder_model(s.name) / "config.pbtxt").read_text())
+        steps = ens.ensemble_scheduling.step
+        assert [st.model_name for st in steps] == [tok.name, enc.name]
+        assert set(steps[0].input_map) == {i.name for i in tok.input} == {i.name for i in ens.input}
+        assert {i.name for i in enc.input} == set(s.encoder_inputs) == set(steps[1].input_map)
+        assert set(steps[0].output_map) == {o.name for o in tok.output}
+        assert set(steps[1].input_map.values()) <= set(steps[0].output_map.values())
+        assert {o.name for o in ens.output} == {*steps[1].output_map.values(), spec.NUM_TOKENS}
+        assert enc.backend == "python" and (repo / enc.name / "1" / "model.py").exists()
+        assert (repo / enc.name / "1" / "model.onnx").exists()
+        assert (repo / tok.name / "1" / "shim" / "runtime" / "tokenization.py").exists()
+
+
+def test_exported_tokenizer_gives_segment_ids(exported):
+    r = next(s for s in read_specs(exported["repository"]) if s.task == "rerank")
+    tok = Tokenizer(exported["repository"] / spec.tokenizer_model(r.name) / "1" / "tokenizer", r.max_length)
+    enc = tok.encode(["東京"], ["京都"])
+    types = enc.token_type_ids[0]
+    assert types[0] == 0 and types[-1] == 1
+
+
+def test_detect_task(tiny_dirs):
+    assert export.load.detect_task(str(tiny_dirs["embed"])) == "embed"
+    assert export.load.detect_task(str(tiny_dirs["rerank"])) == "rerank"
+
+
+@pytest.mark.parametrize(("task", "precision"), [("embed", "fp16"), ("rerank", "fp16"), ("embed", "int8"), ("rerank", "int8")])
+def test_other_precisions(tiny_dirs, tmp_path, task, precision):
+    lines: list[str] = []
+    s = run_export(ExportOptions(model=str(tiny_dirs[task]), task=task, name=f"p/{task}", repository=tmp_path / "repo",
+                                 precision=precision), log=lines.append)
+    assert s.precision == precision
+    text = "\n".join(lines)
+    assert "PASS" in text, text
+    if precision == "int8":
+        assert "reported only" in text
+    enc = parse((tmp_path / "repo" / spec.encoder_model(s.name) / "config.pbtxt").read_text())
+    assert enc.backend == "onnxruntime" and enc.default_model_filename == "model.onnx"
+    assert not (tmp_path / "repo" / enc.name / "1" / "model.py").exists()
+
+
+def test_parity_failure_exits_non_zero(tiny_dirs, tmp_path, monkeypatch):
+    real_load = export.load.load
+
+    def skewed(*args, **kwargs):
+        source = real_load(*args, **kwargs)
+        reference = source.reference
+        source.reference = lambda items: reference(items) + 1e-3  # a model that is off by 1e-3
+        return source
+
+    monkeypatch.setattr(export.load, "load", skewed)
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        code = main(["export", "--model", str(tiny_dirs["embed"]), "--task", "embed", "--repository", str(tmp_path)])
+    assert code == 1
+    assert "beyond tolerance" in err.getvalue()
+    with pytest.raises(ParityError):
+        run_export(ExportOptions(model=str(tiny_dirs["embed"]), task="embed", repository=tmp_path), log=lambda _: None)
+
+
+def test_parity_report_logic():
+    ref = np.array([[1.0, 0.0], [0.0, 1.0]])
+    assert compare(ref, ref) == (0.0, 1.0)
+    diff, cos = compare(ref, ref + np.array([[0.0, 1.0], [0.0, 0.0]]))
+    assert diff == 1.0 and cos == pytest.approx(np.sqrt(0.5))
+    assert compare(ref, ref[:1])[0] == float("inf")
+    ok = Report("fp32", "embed", 2, True, 5e-5, 1.0, "max_abs_diff", 1e-4)
+    assert ok.ok and not Report("fp32", "embed", 2, False, 0.0, 1.0, "max_abs_diff", 1e-4).ok
+    assert not Report("fp16", "embed", 2, True, 0.1, 0.99, "min_cosine", 0.999).ok
+
+
+def test_bad_served_name_fails_before_loading(tmp_path):
+    with pytest.raises(ValueError, match="cannot serve"):
+        run_export(ExportOptions(model="/nonexistent", task="embed", name="a b", repository=tmp_path), log=lambda _: None)
+
+
+def test_reexport_replaces_in_place(tiny_dirs, tmp_path):
+    repo = tmp_path / "repo"
+    for _ in range(2):
+        run_export(ExportOptions(model=str(tiny_dirs["rerank"]), task="rerank", name="again", repository=repo), log=lambda _: None)
+    assert sorted(p.name for p in repo.iterdir()) == ["again", "again__encoder", "again__tokenizer"]
+    assert not list(tmp_path.glob(".*staging*"))

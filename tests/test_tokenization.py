@@ -1,0 +1,68 @@
+"""The shared tokenize / pad / batch code."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from shim.runtime import spec
+from shim.runtime.spec import ModelSpec, known_prefixes, triton_name
+from shim.runtime.tokenization import Encoded, length_batches, pad, truncate_ids
+
+ALL = spec.ENCODER_INPUTS_ALL
+
+
+def test_pad_right_with_mask_and_zero_types():
+    arrays = pad(Encoded([[5, 6, 7], [8]]), pad_token_id=0, inputs=ALL)
+    assert arrays["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert arrays["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert arrays["token_type_ids"].tolist() == [[0, 0, 0], [0, 0, 0]]
+    assert all(a.dtype.name == "int64" for a in arrays.values())
+
+
+def test_pad_order_and_types():
+    enc = Encoded([[1, 2], [3, 4, 5]], token_type_ids=[[0, 1], [0, 0, 1]])
+    arrays = pad(enc, pad_token_id=9, inputs=("input_ids", "token_type_ids"), order=[1])
+    assert set(arrays) == {"input_ids", "token_type_ids"}
+    assert arrays["input_ids"].tolist() == [[3, 4, 5]]
+    assert arrays["token_type_ids"].tolist() == [[0, 0, 1]]
+
+
+def test_truncate_ids():
+    assert truncate_ids([[1, 2, 3, 4], [5]], 2).input_ids == [[1, 2], [5]]
+
+
+@given(st.lists(st.integers(1, 600), max_size=200), st.integers(1, 40), st.integers(1, 5000))
+def test_length_batches_cover_every_input_once_within_limits(lengths, max_batch, max_tokens):
+    batches = length_batches(lengths, max_batch, max_tokens)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(len(lengths)))
+    for b in batches:
+        assert 1 <= len(b) <= max_batch
+        widest = max(lengths[i] for i in b)
+        assert len(b) == 1 or len(b) * widest <= max_tokens
+
+
+def test_length_batches_group_similar_lengths():
+    lengths = [100, 3, 100, 3, 100, 3]
+    assert length_batches(lengths, max_batch=3, max_tokens=10_000) == [[1, 3, 5], [0, 2, 4]]
+
+
+def test_triton_names_and_prefixes():
+    assert triton_name("cl-nagoya/ruri-large") == "cl-nagoya--ruri-large"
+    for bad in ("a b", "../x", "x__encoder", ""):
+        try:
+            triton_name(bad)
+        except ValueError:
+            continue
+        raise AssertionError(bad)
+    assert known_prefixes("cl-nagoya/ruri-large") == {"query": "クエリ: ", "document": "文章: "}
+    assert known_prefixes("cl-nagoya/ruri-v3-310m")["query"] == "検索クエリ: "
+    assert known_prefixes("cl-nagoya/ruri-reranker-large") == {}
+
+
+def test_spec_round_trip():
+    s = ModelSpec(served_name="cl-nagoya/ruri-large", task="embed", source="cl-nagoya/ruri-large", max_length=512,
+                  encoder_inputs=("input_ids", "attention_mask"), pad_token_id=0, vocab_size=32768, dimension=1024,
+                  prefixes=known_prefixes("cl-nagoya/ruri-large"))
+    assert ModelSpec.from_json(s.to_json()) == s
