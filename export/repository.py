@@ -60,9 +60,13 @@ def encoder_config(s: spec.ModelSpec, backend: str, device: str) -> mc.ModelConf
     if backend == "onnxruntime":
         c.default_model_filename = "model.onnx"
     for name in s.encoder_inputs:
-        _tensor(c.input, name, mc.TYPE_INT64, [-1])
+        # The Python encoder pads requests of different lengths together itself (ragged); the
+        # ONNX Runtime backend can batch only requests of equal shape.
+        c.input.add(name=name, data_type=mc.TYPE_INT64, dims=[-1], allow_ragged_batch=backend == "python")
     out, dims = _output_dims(s)
     _tensor(c.output, out, mc.TYPE_FP32, dims)
+    if backend == "python":
+        c.parameters[spec.SPEC_PARAMETER].string_value = s.to_json()
     kind = mc.ModelInstanceGroup.KIND_GPU if device == "gpu" else mc.ModelInstanceGroup.KIND_CPU
     c.instance_group.add(kind=kind, count=1)
     c.dynamic_batching.max_queue_delay_microseconds = QUEUE_DELAY_US[device]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 
 import httpx
@@ -222,3 +223,19 @@ def test_still_serving_after_bad_requests(server):
     r = httpx.post(server.url + "/v1/embeddings", json={"model": EMBED, "input": "まだ動いていますか"})
     assert r.status_code == 200
     assert httpx.get(server.url + "/health").status_code == 200
+
+
+async def test_concurrent_requests_each_get_their_own_answer(server, references):
+    # Coalesced into shared batches (embedded batcher, Triton's ragged dynamic batching): every
+    # request must still get exactly its own vectors, in its own order.
+    texts = [("猫" * (1 + i % 9)) + f"の文{i}" for i in range(40)]
+    async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
+
+        responses = await asyncio.gather(
+            *(http.post("/v1/embeddings", json={"model": EMBED, "input": [t, t + "です"]}) for t in texts)
+        )
+    want = normalized(references["embed"].encode([x for t in texts for x in (t, t + "です")], convert_to_numpy=True))
+    for n, r in enumerate(responses):
+        assert r.status_code == 200
+        got = np.array([d["embedding"] for d in r.json()["data"]])
+        assert np.max(np.abs(got - want[2 * n: 2 * n + 2])) <= 1e-4

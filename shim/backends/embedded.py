@@ -18,18 +18,18 @@ import numpy as np
 
 from ..errors import BackendUnavailable
 from ..repository import read_specs
+from ..runtime import batching
 from ..runtime import spec as specs
+from ..runtime.batching import BatchLimits, Stats
 from ..runtime.encoder import Encoder
 from ..runtime.spec import ModelSpec
-from ..runtime.tokenization import Encoded, Tokenizer, length_batches, pad
+from ..runtime.tokenization import Encoded, Tokenizer
 
 log = logging.getLogger("fos.embedded")
 
 
 @dataclasses.dataclass(frozen=True)
-class BatchLimits:
-    max_batch: int = 32  # rows per encoder run
-    max_batch_tokens: int = 8192  # padded tokens per encoder run
+class QueueLimits:
     max_round_tokens: int = 32768  # real tokens gathered from the queue per round
 
 
@@ -39,25 +39,14 @@ class _Job:
     future: asyncio.Future
 
 
-@dataclasses.dataclass
-class Stats:
-    runs: int = 0
-    rows: int = 0
-    real_tokens: int = 0
-    computed_tokens: int = 0
-
-    @property
-    def padding_efficiency(self) -> float:
-        return self.real_tokens / self.computed_tokens if self.computed_tokens else 1.0
-
-
 class _Model:
-    def __init__(self, s: ModelSpec, repository: Path, executor, limits: BatchLimits, threads: int | None):
+    def __init__(self, s: ModelSpec, repository: Path, executor, limits: BatchLimits, queue: QueueLimits, threads: int | None):
         self.spec = s
         self.tokenizer = Tokenizer(repository / specs.tokenizer_model(s.name) / "1" / "tokenizer", s.max_length)
         self.encoder = Encoder(repository / specs.encoder_model(s.name) / "1" / "model.onnx", threads=threads)
         self.executor = executor
         self.limits = limits
+        self.queue_limits = queue
         self.stats = Stats()
         self.queue: asyncio.Queue[_Job] = asyncio.Queue()
         self.worker: asyncio.Task | None = None
@@ -78,7 +67,7 @@ class _Model:
         while True:
             jobs = [await self.queue.get()]
             budget = sum(jobs[0].encoded.lengths)
-            while not self.queue.empty() and budget < self.limits.max_round_tokens:
+            while not self.queue.empty() and budget < self.queue_limits.max_round_tokens:
                 job = self.queue.get_nowait()
                 jobs.append(job)
                 budget += sum(job.encoded.lengths)
@@ -98,32 +87,15 @@ class _Model:
                     j.future.set_result(out)
 
     def _run(self, encodeds: list[Encoded]) -> list[np.ndarray]:
-        """All jobs' rows, regrouped by length into encoder runs, then split back per job."""
-        merged = Encoded(input_ids=[], token_type_ids=[] if encodeds[0].token_type_ids is not None else None)
-        for e in encodeds:
-            merged.input_ids.extend(e.input_ids)
-            if merged.token_type_ids is not None:
-                merged.token_type_ids.extend(e.token_type_ids or [[0] * len(ids) for ids in e.input_ids])
-        lengths = merged.lengths
-        result: np.ndarray | None = None
-        for batch in length_batches(lengths, self.limits.max_batch, self.limits.max_batch_tokens):
-            feeds = pad(merged, self.spec.pad_token_id, self.spec.encoder_inputs, order=batch)
-            out = self.encoder.run(feeds)
-            if result is None:
-                result = np.empty((len(lengths), out.shape[1]), dtype=np.float32)
-            result[batch] = out
-            self.stats.runs += 1
-            self.stats.rows += len(batch)
-            self.stats.real_tokens += sum(lengths[i] for i in batch)
-            self.stats.computed_tokens += feeds[specs.INPUT_IDS].size
-        bounds = np.cumsum([0] + [len(e.input_ids) for e in encodeds])
-        return [result[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        return batching.run(self.encoder, encodeds, self.spec.pad_token_id, self.spec.encoder_inputs, self.limits, self.stats)
 
 
 class EmbeddedBackend:
-    def __init__(self, repository: Path, limits: BatchLimits | None = None, threads: int | None = None):
+    def __init__(self, repository: Path, limits: BatchLimits | None = None, threads: int | None = None,
+                 queue: QueueLimits | None = None):
         self.repository = Path(repository)
         self.limits = limits or BatchLimits()
+        self.queue_limits = queue or QueueLimits()
         self.threads = threads
         self.models: dict[str, _Model] = {}
         # One inference thread: onnxruntime already spreads one run over every core, and two runs
@@ -137,7 +109,7 @@ class EmbeddedBackend:
             log.warning("no exported models in %s", self.repository)
         for s in found:
             log.info("loading %s (%s, %s) from %s", s.served_name, s.task, s.precision, self.repository)
-            model = await asyncio.to_thread(_Model, s, self.repository, self.executor, self.limits, self.threads)
+            model = await asyncio.to_thread(_Model, s, self.repository, self.executor, self.limits, self.queue_limits, self.threads)
             model.start()
             self.models[s.served_name] = model
         self._ready = True

@@ -94,3 +94,11 @@ def length_batches(lengths: Sequence[int], max_batch: int, max_tokens: int) -> l
     if current:
         batches.append(current)
     return batches
+
+
+def unpad(arrays: dict[str, np.ndarray]) -> Encoded:
+    """The inverse of ``pad``: sequences back from padded arrays and their attention mask."""
+    lengths = arrays[spec.ATTENTION_MASK].sum(axis=1).tolist()
+    ids = [row[:n].tolist() for row, n in zip(arrays[spec.INPUT_IDS], lengths)]
+    types = arrays.get(spec.TOKEN_TYPE_IDS)
+    return Encoded(input_ids=ids, token_type_ids=[row[:n].tolist() for row, n in zip(types, lengths)] if types is not None else None)
