@@ -1,4 +1,4 @@
-"""The ``fos`` command: ``export``, ``serve`` and ``triton``."""
+"""The ``fos`` command: ``export``, ``serve``, ``triton`` and ``bench``."""
 
 from __future__ import annotations
 
@@ -21,6 +21,10 @@ def _parser() -> argparse.ArgumentParser:
     from .triton_server import add_arguments as triton_arguments
 
     triton_arguments(sub.add_parser("triton", help="run the tritonserver from the nvidia-pytriton wheel"))
+
+    from bench.loadgen import add_arguments as bench_arguments
+
+    bench_arguments(sub.add_parser("bench", help="load-test a server on loopback (dify-embed, batch-embed, rerank)"))
     return p
 
 
@@ -32,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         return run(args)
     if args.command == "serve":
         from .serve import run
+
+        return run(args)
+    if args.command == "bench":
+        from bench.loadgen import run
 
         return run(args)
     from .triton_server import run

@@ -1,0 +1,42 @@
+"""``fos bench`` runs against a live server and writes its report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import corpus as corpora
+from bench.report import markdown
+from conftest import EMBED, RERANK
+from shim.cli import main
+from shim.runtime import spec
+
+
+def test_bench_runs_every_workload(embedded_server, exported, tmp_path):
+    tokenizer = exported["repository"] / spec.tokenizer_model(spec.triton_name(EMBED)) / "1" / "tokenizer"
+    code = main(["bench", "--url", embedded_server.url, "--label", "embedded", "--model", EMBED, "--rerank-model", RERANK,
+                 "--workload", "dify-embed,batch-embed,rerank", "--concurrency", "1,2", "--duration", "1",
+                 "--max-requests", "20", "--tokenizer", str(tokenizer), "--max-length", "32",
+                 "--corpus", str(tmp_path / "absent"), "--out", str(tmp_path)])
+    assert code == 0
+    report = json.loads((tmp_path / "embedded.json").read_text())
+    assert report["corpus"] == "generated"
+    levels = report["levels"]
+    assert {(r["workload"], r["concurrency"]) for r in levels} == {
+        (w, c) for w in ("dify-embed", "batch-embed", "rerank") for c in (1, 2)}
+    for r in levels:
+        assert r["requests"] > 0 and not r["errors"]
+        assert r["tokens_per_s"] > 0 and r["p50_ms"] <= r["p99_ms"]
+    assert "| dify-embed | 1 | embedded |" in markdown(levels, baseline="embedded")
+
+
+def test_bench_refuses_non_loopback(tmp_path):
+    with pytest.raises(SystemExit, match="loopback"):
+        main(["bench", "--url", "http://10.0.0.1:8081", "--label", "x", "--tokenizer", str(tmp_path)])
+
+
+def test_generated_corpus_is_japanese():
+    c = corpora.generated()
+    assert len(c.short) > 100 and len(c.long) > 10
+    assert all(0 <= i < len(c.long) for _, i in c.questions)
