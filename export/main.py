@@ -86,7 +86,8 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> spec.Mode
             log(f"[3/{total}] precision fp32: nothing to convert")
 
         t = _step(log, 4, total, f"writing the Triton models into {opts.repository}")
-        repository.write(s, Path(opts.repository), final, source.tokenizer, opts.encoder_backend, opts.device)
+        repository.write(s, Path(opts.repository), final, source.tokenizer, opts.encoder_backend, opts.device,
+                         sample_texts=parity.SENTENCES)
         log(f"      {s.name} (ensemble), {spec.tokenizer_model(s.name)}, {spec.encoder_model(s.name)} [{opts.encoder_backend}]")
 
     _step(log, 5, total, "checking parity with sentence-transformers")

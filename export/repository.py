@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 from google.protobuf import text_format
@@ -19,6 +20,7 @@ from shim.runtime import spec
 ENCODER_BACKENDS = ("onnxruntime", "python")
 DEVICES = ("cpu", "gpu")
 MAX_BATCH_SIZE = 64
+PERF_INPUT = "perf_analyzer_input.json"  # beside the ensemble's config.pbtxt
 # Microseconds the encoder waits for more requests of the same shape to batch with.
 QUEUE_DELAY_US = {"cpu": 2_000, "gpu": 500}
 
@@ -98,6 +100,18 @@ def render(config: mc.ModelConfig) -> str:
     return text_format.MessageToString(config, as_utf8=True)
 
 
+def perf_input(s: spec.ModelSpec, texts: Sequence[str]) -> str:
+    """perf_analyzer's --input-data file: one request per text (rerank: the text against the others)."""
+    rows = []
+    for i, text in enumerate(texts):
+        row = {spec.TEXT: {"content": [text], "shape": [1]}}
+        if s.task == "rerank":
+            row = {spec.TEXT: {"content": [texts[(i + 1) % len(texts)]], "shape": [1]},
+                   spec.TEXT_PAIR: {"content": [text], "shape": [1]}}
+        rows.append(row)
+    return json.dumps({"data": rows}, ensure_ascii=False, indent=1)
+
+
 def _copy_runtime(version_dir: Path, model_py: str) -> None:
     """Place ``shim.runtime`` beside model.py: the Python backend puts that folder on sys.path."""
     pkg = version_dir / "shim"
@@ -123,6 +137,7 @@ def write(
     tokenizer,
     encoder_backend: str = "onnxruntime",
     device: str = "cpu",
+    sample_texts: Sequence[str] = ("東京は日本の首都です。",),
 ) -> Path:
     """Write the three models, replacing any earlier export of the same name only once all is written."""
     repository.mkdir(parents=True, exist_ok=True)
@@ -146,6 +161,7 @@ def write(
             _copy_runtime(enc_dir / "1", "encoder_model.py")
 
         (ens_dir / "config.pbtxt").write_text(render(ensemble_config(s)), encoding="utf-8")
+        (ens_dir / PERF_INPUT).write_text(perf_input(s, sample_texts), encoding="utf-8")
 
         for d in (tok_dir, enc_dir, ens_dir):
             target = repository / d.name

@@ -10,16 +10,16 @@ from fastapi.responses import JSONResponse
 from . import __version__, errors
 from .backends.base import Backend
 from .protocol import EmbeddingRequest, EmbeddingResponse, ErrorResponse, ModelList, RerankRequest, RerankResponse
-from .service import Service
+from .service import Limits, Service
 
 _ERRORS = {400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
 
 
-def create_app(backend: Backend) -> FastAPI:
+def create_app(backend: Backend, limits: Limits | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         await backend.start()
-        app.state.service = Service(backend)
+        app.state.service = Service(backend, limits)
         try:
             yield
         finally:

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from .runtime import spec
+from .service import Limits
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -18,6 +19,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="export this model into the repository first if it is not there (embed or rerank is detected)")
     p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32", help="for models exported by --model")
     p.add_argument("--threads", type=int, help="onnxruntime threads (default: all cores)")
+    defaults = Limits()
+    p.add_argument("--max-inputs", type=int, default=defaults.max_inputs, help="inputs per embeddings request")
+    p.add_argument("--max-input-chars", type=int, default=defaults.max_input_chars, help="characters per input")
+    p.add_argument("--max-documents", type=int, default=defaults.max_documents, help="documents per rerank request")
     p.add_argument("--log-level", default="info")
 
 
@@ -54,5 +59,6 @@ def run(args: argparse.Namespace) -> int:
         from .backends.embedded import EmbeddedBackend
 
         backend = EmbeddedBackend(args.repository, threads=args.threads)
-    uvicorn.run(create_app(backend), host=args.host, port=args.port, log_level=args.log_level.lower())
+    limits = Limits(args.max_inputs, args.max_input_chars, args.max_documents)
+    uvicorn.run(create_app(backend, limits), host=args.host, port=args.port, log_level=args.log_level.lower())
     return 0

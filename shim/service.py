@@ -4,6 +4,7 @@ shapes the answers. Routes call this, never a backend."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import uuid
 
 import numpy as np
@@ -15,9 +16,19 @@ from .runtime.spec import ModelSpec
 from .runtime.tokenization import truncate_ids
 
 
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """Per-request bounds; each breach is a 400 naming the parameter."""
+
+    max_inputs: int = 2048  # inputs per embeddings request (OpenAI's limit)
+    max_input_chars: int = 50_000  # characters per input, before truncation to the model's tokens
+    max_documents: int = 1000  # documents per rerank request
+
+
 class Service:
-    def __init__(self, backend: Backend):
+    def __init__(self, backend: Backend, limits: Limits | None = None):
         self.backend = backend
+        self.limits = limits or Limits()
 
     def resolve(self, name: str | None, task: str) -> ModelSpec:
         served = {s.served_name: s for s in self.backend.specs()}
@@ -47,11 +58,12 @@ class Service:
             raw = [raw]
         if len(raw) == 0:
             raise InvalidRequest("'input' must not be empty", param="input")
+        if len(raw) > self.limits.max_inputs and not isinstance(raw[0], int):
+            raise InvalidRequest(f"'input' has {len(raw)} items; at most {self.limits.max_inputs} per request", param="input")
         if isinstance(raw[0], str):
             texts = list(raw)
             for i, t in enumerate(texts):
-                if not t.strip():
-                    raise InvalidRequest(f"input[{i}] is an empty string", param="input")
+                self._check_text(t, f"input[{i}]", "input")
             prefix = self._prefix(s, req.input_type)
             vectors, counts = await self.backend.embed(s, texts=[prefix + t for t in texts])
         else:
@@ -77,6 +89,12 @@ class Service:
             "usage": {"prompt_tokens": total, "total_tokens": total},
         }
 
+    def _check_text(self, text: str, what: str, param: str) -> None:
+        if not text.strip():
+            raise InvalidRequest(f"{what} is empty", param=param)
+        if len(text) > self.limits.max_input_chars:
+            raise InvalidRequest(f"{what} has {len(text)} characters; at most {self.limits.max_input_chars}", param=param)
+
     @staticmethod
     def _prefix(s: ModelSpec, input_type: str | None) -> str:
         if input_type is None:
@@ -86,22 +104,27 @@ class Service:
             raise InvalidRequest(f"input_type {input_type!r} is not known for `{s.served_name}` (known: {known})", param="input_type")
         return s.prefixes[input_type]
 
-    @staticmethod
-    def _check_ids(s: ModelSpec, seqs: list[list[int]]) -> None:
+    def _check_ids(self, s: ModelSpec, seqs: list[list[int]]) -> None:
         for i, seq in enumerate(seqs):
             if not seq:
                 raise InvalidRequest(f"input[{i}] is an empty list of tokens", param="input")
+            if len(seq) > self.limits.max_input_chars:
+                raise InvalidRequest(f"input[{i}] has {len(seq)} tokens; at most {self.limits.max_input_chars}", param="input")
             bad = next((t for t in seq if t < 0 or t >= s.vocab_size), None)
             if bad is not None:
                 raise InvalidRequest(f"input[{i}] has token id {bad}, outside the vocabulary (0..{s.vocab_size - 1})", param="input")
 
     async def rerank(self, req: RerankRequest) -> dict:
         s = self.resolve(req.model, "rerank")
-        if not req.query.strip():
-            raise InvalidRequest("'query' must not be empty", param="query")
+        self._check_text(req.query, "'query'", "query")
         if not req.documents:
             raise InvalidRequest("'documents' must not be empty", param="documents")
+        if len(req.documents) > self.limits.max_documents:
+            raise InvalidRequest(f"'documents' has {len(req.documents)} items; at most {self.limits.max_documents} per request",
+                                 param="documents")
         docs = [d.text if isinstance(d, RerankDocument) else d for d in req.documents]
+        for i, d in enumerate(docs):
+            self._check_text(d, f"documents[{i}]", "documents")
         scores, counts = await self.backend.rerank(s, req.query, docs)
         order = sorted(range(len(docs)), key=lambda i: (-float(scores[i]), i))
         if req.top_n is not None:

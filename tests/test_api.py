@@ -165,6 +165,9 @@ BAD_EMBEDDINGS = [
     ({"model": RERANK, "input": "x"}, 400, "model"),
     ({"model": "nope/nothing", "input": "x"}, 404, "model"),
     ({"model": 5, "input": "x"}, 400, "model"),
+    ({"model": EMBED, "input": ["猫"] * 2049}, 400, "input"),
+    ({"model": EMBED, "input": "猫" * 50_001}, 400, "input"),
+    ({"model": EMBED, "input": [[5] * 50_001]}, 400, "input"),
     ({"model": EMBED}, 400, "input"),
 ]
 
@@ -176,6 +179,9 @@ BAD_RERANKS = [
     ({"model": RERANK, "query": "q", "documents": "a"}, 400, "documents"),
     ({"model": EMBED, "query": "q", "documents": ["a"]}, 400, "model"),
     ({"model": "nope", "query": "q", "documents": ["a"]}, 404, "model"),
+    ({"model": RERANK, "query": "q", "documents": ["a", " "]}, 400, "documents"),
+    ({"model": RERANK, "query": "q", "documents": ["a"] * 1001}, 400, "documents"),
+    ({"model": RERANK, "query": "猫" * 50_001, "documents": ["a"]}, 400, "query"),
 ]
 
 

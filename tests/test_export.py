@@ -124,3 +124,16 @@ def test_reexport_replaces_in_place(tiny_dirs, tmp_path):
         run_export(ExportOptions(model=str(tiny_dirs["rerank"]), task="rerank", name="again", repository=repo), log=lambda _: None)
     assert sorted(p.name for p in repo.iterdir()) == ["again", "again__encoder", "again__tokenizer"]
     assert not list(tmp_path.glob(".*staging*"))
+
+
+def test_serve_exports_what_the_repository_lacks(tiny_dirs, tmp_path, capsys):
+    from shim.serve import ensure_exported
+
+    repo = tmp_path / "repo"
+    ensure_exported([str(tiny_dirs["rerank"])], repo, "fp32")
+    first = capsys.readouterr().out
+    assert "exporting it as a rerank model" in first and "PASS" in first
+    specs = read_specs(repo)
+    assert [s.served_name for s in specs] == [tiny_dirs["rerank"].name]  # a local directory serves under its name
+    ensure_exported([str(tiny_dirs["rerank"])], repo, "fp32")
+    assert "already in" in capsys.readouterr().out

@@ -1,0 +1,106 @@
+"""Run the whole comparison, one server at a time on this machine: the naive sentence-transformers
+server, the embedded backend (fp32, int8) and the pip tritonserver behind the shim.
+
+    uv run python -m bench.compare --embed-dir DIR --rerank-dir DIR --repo-fp32 DIR --repo-int8 DIR
+
+The repositories come from ``fos export --encoder-backend python`` (the same files serve both the
+embedded backend and the pip tritonserver).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+EMBED = "cl-nagoya/ruri-large"
+RERANK = "cl-nagoya/ruri-reranker-large"
+PLAN = [("dify-embed", "1,4,16"), ("batch-embed", "2"), ("rerank", "2")]
+
+
+def _wait(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        with contextlib.suppress(Exception), urllib.request.urlopen(url, timeout=2) as r:
+            if r.status == 200:
+                return
+        time.sleep(1)
+    raise TimeoutError(url)
+
+
+@contextlib.contextmanager
+def _server(cmd: list[str], health: str, log: Path):
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            _wait(health, proc)
+            yield proc
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _bench(label: str, url: str, tokenizer: Path, args) -> None:
+    for workload, levels in PLAN:
+        if workload not in args.workloads:
+            continue
+        subprocess.run([sys.executable, "-m", "shim.cli", "bench", "--url", url, "--label", label, "--model", EMBED,
+                        "--rerank-model", RERANK, "--workload", workload, "--concurrency", levels,
+                        "--duration", str(args.duration), "--tokenizer", str(tokenizer), "--out", str(args.out)]
+                       + (["--corpus", str(args.corpus)] if args.corpus else []), check=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--embed-dir", type=Path, required=True, help="sentence-transformers directory")
+    p.add_argument("--rerank-dir", type=Path, required=True, help="cross-encoder directory")
+    p.add_argument("--repo-fp32", type=Path, required=True)
+    p.add_argument("--repo-int8", type=Path)
+    p.add_argument("--servers", default="naive,embedded-fp32,embedded-int8,triton-fp32")
+    p.add_argument("--workloads", default="dify-embed,batch-embed,rerank")
+    p.add_argument("--duration", type=float, default=40)
+    p.add_argument("--corpus", type=Path)
+    p.add_argument("--out", type=Path, default=Path("bench-results"))
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = args.out / "servers.log"
+    port = 8091
+    url = f"http://127.0.0.1:{port}"
+    tokenizer = args.repo_fp32 / "cl-nagoya--ruri-large__tokenizer" / "1" / "tokenizer"
+    fos = [sys.executable, "-m", "shim.cli"]
+    for server in args.servers.split(","):
+        print(f"== {server}", flush=True)
+        if server == "naive":
+            cmd = [sys.executable, "-m", "bench.naive_server", "--embed", str(args.embed_dir), "--rerank", str(args.rerank_dir),
+                   "--port", str(port)]
+            with _server(cmd, url + "/health", log):
+                _bench(server, url, tokenizer, args)
+        elif server.startswith("embedded-"):
+            repo = args.repo_fp32 if server.endswith("fp32") else args.repo_int8
+            with _server([*fos, "serve", "--repository", str(repo), "--port", str(port), "--log-level", "warning"],
+                         url + "/health", log):
+                _bench(server, url, tokenizer, args)
+        elif server == "triton-fp32":
+            triton = [*fos, "triton", "--repository", str(args.repo_fp32), "--http-port", "18000", "--grpc-port", "18001",
+                      "--metrics-port", "18002"]
+            shim = [*fos, "serve", "--triton", "127.0.0.1:18001", "--port", str(port), "--log-level", "warning"]
+            with _server(triton, "http://127.0.0.1:18000/v2/health/ready", log), _server(shim, url + "/health", log):
+                _bench(server, url, tokenizer, args)
+        else:
+            raise SystemExit(f"unknown server {server!r}")
+
+
+if __name__ == "__main__":
+    main()
