@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from . import __version__, errors
+from .auth import APIKeyMiddleware
 from .backends.base import Backend
 from .protocol import EmbeddingRequest, EmbeddingResponse, ErrorResponse, ModelList, RerankRequest, RerankResponse
 from .service import Limits, Service
@@ -15,7 +16,7 @@ from .service import Limits, Service
 _ERRORS = {400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
 
 
-def create_app(backend: Backend, limits: Limits | None = None) -> FastAPI:
+def create_app(backend: Backend, limits: Limits | None = None, api_keys: list[str] | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         await backend.start()
@@ -27,12 +28,11 @@ def create_app(backend: Backend, limits: Limits | None = None) -> FastAPI:
 
     app = FastAPI(title="fake-openai-server", version=__version__, lifespan=lifespan)
     errors.install(app)
+    if api_keys:
+        app.add_middleware(APIKeyMiddleware, keys=api_keys)
 
     def service(request: Request) -> Service:
         return request.app.state.service
-
-    # Authorization is not checked: any, an empty or no bearer token is accepted (Dify sends an
-    # empty header when no key is set).
 
     @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=_ERRORS)
     @app.post("/embeddings", response_model=EmbeddingResponse, responses=_ERRORS, include_in_schema=False)

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from .runtime import spec
+from .auth import load_keys
 from .service import Limits
 
 
@@ -23,6 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-inputs", type=int, default=defaults.max_inputs, help="inputs per embeddings request")
     p.add_argument("--max-input-chars", type=int, default=defaults.max_input_chars, help="characters per input")
     p.add_argument("--max-documents", type=int, default=defaults.max_documents, help="documents per rerank request")
+    p.add_argument("--api-key", action="append", default=[], help="require this bearer key (repeatable; also FOS_API_KEYS)")
+    p.add_argument("--api-key-file", type=Path, help="file with one key per line")
     p.add_argument("--log-level", default="info")
 
 
@@ -60,5 +63,6 @@ def run(args: argparse.Namespace) -> int:
 
         backend = EmbeddedBackend(args.repository, threads=args.threads)
     limits = Limits(args.max_inputs, args.max_input_chars, args.max_documents)
-    uvicorn.run(create_app(backend, limits), host=args.host, port=args.port, log_level=args.log_level.lower())
+    keys = load_keys(args.api_key, args.api_key_file)
+    uvicorn.run(create_app(backend, limits, keys), host=args.host, port=args.port, log_level=args.log_level.lower())
     return 0

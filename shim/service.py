@@ -10,7 +10,7 @@ import uuid
 import numpy as np
 
 from .backends.base import Backend
-from .errors import InvalidRequest, ModelNotFound
+from .errors import BackendUnavailable, InvalidRequest, ModelNotFound
 from .protocol import EmbeddingRequest, RerankDocument, RerankRequest
 from .runtime.spec import ModelSpec
 from .runtime.tokenization import truncate_ids
@@ -30,8 +30,11 @@ class Service:
         self.backend = backend
         self.limits = limits or Limits()
 
-    def resolve(self, name: str | None, task: str) -> ModelSpec:
+    async def resolve(self, name: str | None, task: str) -> ModelSpec:
         served = {s.served_name: s for s in self.backend.specs()}
+        if not served and not await self.backend.ready():  # ready() also rediscovers Triton's models
+            raise BackendUnavailable("no model is ready: the models are loading or the inference server is unreachable")
+        served = served or {s.served_name: s for s in self.backend.specs()}
         if name is None:
             of_task = [s for s in served.values() if s.task == task]
             if len(of_task) == 1:
@@ -49,7 +52,7 @@ class Service:
         return s
 
     async def embeddings(self, req: EmbeddingRequest) -> dict:
-        s = self.resolve(req.model, "embed")
+        s = await self.resolve(req.model, "embed")
         if req.dimensions is not None and req.dimensions != s.dimension:
             raise InvalidRequest(f"`{s.served_name}` returns {s.dimension} dimensions; dimensions={req.dimensions} is not supported", param="dimensions")
 
@@ -115,7 +118,7 @@ class Service:
                 raise InvalidRequest(f"input[{i}] has token id {bad}, outside the vocabulary (0..{s.vocab_size - 1})", param="input")
 
     async def rerank(self, req: RerankRequest) -> dict:
-        s = self.resolve(req.model, "rerank")
+        s = await self.resolve(req.model, "rerank")
         self._check_text(req.query, "'query'", "query")
         if not req.documents:
             raise InvalidRequest("'documents' must not be empty", param="documents")

@@ -1,0 +1,43 @@
+"""A backend without a model, for tests of the HTTP layer alone."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+from shim.runtime.spec import ModelSpec
+
+EMBED_SPEC = ModelSpec(served_name="fake/embed", task="embed", source="fake", max_length=16,
+                       encoder_inputs=("input_ids", "attention_mask"), pad_token_id=0, vocab_size=100, dimension=4)
+RERANK_SPEC = ModelSpec(served_name="fake/rerank", task="rerank", source="fake", max_length=16,
+                        encoder_inputs=("input_ids", "attention_mask"), pad_token_id=0, vocab_size=100)
+
+
+class FakeBackend:
+    def __init__(self, delay: float = 0.0, ready: bool = True):
+        self.delay = delay
+        self._ready = ready
+        self.calls = 0
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def ready(self) -> bool:
+        return self._ready
+
+    def specs(self) -> list[ModelSpec]:
+        return [EMBED_SPEC, RERANK_SPEC] if self._ready else []
+
+    async def embed(self, s, texts=None, encoded=None):
+        self.calls += 1
+        await asyncio.sleep(self.delay)
+        n = len(texts) if texts is not None else len(encoded.input_ids)
+        lengths = [len(t) for t in texts] if texts is not None else encoded.lengths
+        return np.array([[float(x), 1.0, 0.0, 0.0] for x in lengths], dtype=np.float32).reshape(n, 4), lengths
+
+    async def rerank(self, s, query, documents):
+        self.calls += 1
+        await asyncio.sleep(self.delay)
+        return np.array([1.0 / (1 + len(d)) for d in documents], dtype=np.float32), [len(query) + len(d) for d in documents]
