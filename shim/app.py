@@ -5,22 +5,27 @@ from __future__ import annotations
 import contextlib
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import __version__, errors
 from .auth import APIKeyMiddleware
+from .observability import Metrics, RequestContextMiddleware
 from .backends.base import Backend
 from .protocol import EmbeddingRequest, EmbeddingResponse, ErrorResponse, ModelList, RerankRequest, RerankResponse
 from .service import Limits, Service
 
-_ERRORS = {400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 429, 502, 503)}
 
 
 def create_app(backend: Backend, limits: Limits | None = None, api_keys: list[str] | None = None) -> FastAPI:
+    metrics = Metrics()
+    metrics.watch_backend(backend)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         await backend.start()
-        app.state.service = Service(backend, limits)
+        app.state.service = Service(backend, limits, metrics)
         try:
             yield
         finally:
@@ -30,6 +35,7 @@ def create_app(backend: Backend, limits: Limits | None = None, api_keys: list[st
     errors.install(app)
     if api_keys:
         app.add_middleware(APIKeyMiddleware, keys=api_keys)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)  # outermost: sees every answer, 401s too
 
     def service(request: Request) -> Service:
         return request.app.state.service
@@ -47,6 +53,10 @@ def create_app(backend: Backend, limits: Limits | None = None, api_keys: list[st
     @app.get("/v1/models", response_model=ModelList)
     async def models(request: Request):
         return JSONResponse(service(request).models())
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health", responses={503: {"model": ErrorResponse}})
     async def health():

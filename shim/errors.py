@@ -16,6 +16,7 @@ class APIError(Exception):
     status = 500
     type = "server_error"
     code: str | None = None
+    headers: dict[str, str] | None = None
 
     def __init__(self, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -37,6 +38,14 @@ class ModelNotFound(APIError):
     code = "model_not_found"
 
 
+class Overloaded(APIError):
+    # The openai client retries a 429 after Retry-After seconds.
+    status = 429
+    type = "rate_limit_error"
+    code = "overloaded"
+    headers = {"Retry-After": "1"}
+
+
 class BackendUnavailable(APIError):
     status = 503
     type = "server_error"
@@ -49,9 +58,10 @@ class BackendFailed(APIError):
     code = "backend_error"
 
 
-def envelope(status: int, message: str, type_: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+def envelope(status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
+             headers: dict[str, str] | None = None) -> JSONResponse:
     body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return JSONResponse(status_code=status, content=body)
+    return JSONResponse(status_code=status, content=body, headers=headers)
 
 
 def _validation_param(loc: tuple) -> str | None:
@@ -70,7 +80,7 @@ _FIELD_MESSAGES = {
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError):
-        return envelope(exc.status, exc.message, exc.type, exc.param, exc.code)
+        return envelope(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):

@@ -4,13 +4,15 @@ shapes the answers. Routes call this, never a backend."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import uuid
 
 import numpy as np
 
 from .backends.base import Backend
-from .errors import BackendUnavailable, InvalidRequest, ModelNotFound
+from .errors import BackendUnavailable, InvalidRequest, ModelNotFound, Overloaded
+from .observability import Metrics
 from .protocol import EmbeddingRequest, RerankDocument, RerankRequest
 from .runtime.spec import ModelSpec
 from .runtime.tokenization import truncate_ids
@@ -23,12 +25,47 @@ class Limits:
     max_inputs: int = 2048  # inputs per embeddings request (OpenAI's limit)
     max_input_chars: int = 50_000  # characters per input, before truncation to the model's tokens
     max_documents: int = 1000  # documents per rerank request
+    # Inputs (texts, documents) admitted and not yet answered, over all requests. Past it: 429 with
+    # Retry-After, never an unbounded queue; memory stays flat under any load.
+    max_inputs_in_flight: int = 8192
+
+
+class Admission:
+    """Counts admitted work; the event loop is single-threaded, so no lock is needed."""
+
+    def __init__(self, capacity: int, metrics: Metrics | None = None):
+        self.capacity = capacity
+        self.in_flight = 0
+        self.metrics = metrics
+
+    @contextlib.contextmanager
+    def admit(self, n: int):
+        if self.in_flight + n > self.capacity:
+            if self.metrics:
+                self.metrics.rejected.inc()
+            raise Overloaded(f"the server is busy ({self.in_flight} inputs in flight); retry shortly")
+        self.in_flight += n
+        if self.metrics:
+            self.metrics.in_flight.set(self.in_flight)
+        try:
+            yield
+        finally:
+            self.in_flight -= n
+            if self.metrics:
+                self.metrics.in_flight.set(self.in_flight)
 
 
 class Service:
-    def __init__(self, backend: Backend, limits: Limits | None = None):
+    def __init__(self, backend: Backend, limits: Limits | None = None, metrics: Metrics | None = None):
         self.backend = backend
         self.limits = limits or Limits()
+        self.metrics = metrics
+        self.admission = Admission(self.limits.max_inputs_in_flight, metrics)
+
+    def _count(self, s: ModelSpec, counts: list[int]) -> None:
+        if self.metrics:
+            self.metrics.inputs.labels(s.served_name).inc(len(counts))
+            self.metrics.tokens.labels(s.served_name).inc(int(sum(counts)))
 
     async def resolve(self, name: str | None, task: str) -> ModelSpec:
         served = {s.served_name: s for s in self.backend.specs()}
@@ -68,14 +105,17 @@ class Service:
             for i, t in enumerate(texts):
                 self._check_text(t, f"input[{i}]", "input")
             prefix = self._prefix(s, req.input_type)
-            vectors, counts = await self.backend.embed(s, texts=[prefix + t for t in texts])
+            with self.admission.admit(len(texts)):
+                vectors, counts = await self.backend.embed(s, texts=[prefix + t for t in texts])
         else:
             seqs = [raw] if isinstance(raw[0], int) else raw
             self._check_ids(s, seqs)
             if req.input_type is not None:
                 raise InvalidRequest("input_type applies to text input, not token ids", param="input_type")
             encoded = truncate_ids(seqs, s.max_length)
-            vectors, counts = await self.backend.embed(s, encoded=encoded)
+            with self.admission.admit(len(seqs)):
+                vectors, counts = await self.backend.embed(s, encoded=encoded)
+        self._count(s, counts)
 
         if s.normalize and not s.model_normalizes:
             norms = np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -128,7 +168,9 @@ class Service:
         docs = [d.text if isinstance(d, RerankDocument) else d for d in req.documents]
         for i, d in enumerate(docs):
             self._check_text(d, f"documents[{i}]", "documents")
-        scores, counts = await self.backend.rerank(s, req.query, docs)
+        with self.admission.admit(len(docs)):
+            scores, counts = await self.backend.rerank(s, req.query, docs)
+        self._count(s, counts)
         order = sorted(range(len(docs)), key=lambda i: (-float(scores[i]), i))
         if req.top_n is not None:
             order = order[: req.top_n]

@@ -245,3 +245,12 @@ async def test_concurrent_requests_each_get_their_own_answer(server, references)
         assert r.status_code == 200
         got = np.array([d["embedding"] for d in r.json()["data"]])
         assert np.max(np.abs(got - want[2 * n: 2 * n + 2])) <= 1e-4
+
+
+def test_metrics_endpoint(server, request):
+    httpx.post(server.url + "/v1/embeddings", json={"model": EMBED, "input": "猫"})
+    text = httpx.get(server.url + "/metrics").text
+    assert 'fos_requests_total{route="/v1/embeddings",status="200"}' in text
+    assert f'fos_tokens_total{{model="{EMBED}"}}' in text
+    if "embedded" in request.node.name:
+        assert f'fos_padding_efficiency{{model="{EMBED}"}}' in text

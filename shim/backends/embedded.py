@@ -126,8 +126,9 @@ class EmbeddedBackend:
     def specs(self) -> list[ModelSpec]:
         return [m.spec for m in self.models.values()]
 
-    def stats(self) -> dict[str, Stats]:
-        return {name: m.stats for name, m in self.models.items()}
+    def stats(self) -> dict[str, tuple[Stats, int]]:
+        """Per model: batching counters and the number of requests waiting."""
+        return {name: (m.stats, m.queue.qsize()) for name, m in self.models.items()}
 
     def _model(self, s: ModelSpec) -> _Model:
         model = self.models.get(s.served_name)
