@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+from collections.abc import Coroutine
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -16,6 +18,31 @@ from .protocol import EmbeddingRequest, EmbeddingResponse, ErrorResponse, ModelL
 from .service import Limits, Service
 
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 429, 502, 503)}
+
+
+async def until_disconnected(request: Request, work: Coroutine):
+    """Run ``work``, cancelling it if the client goes away: its queued inputs are then dropped and
+    its Triton calls cancelled instead of computed for nobody."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise errors.ClientDisconnected("the client closed the connection")  # nobody reads this
+    return task.result()
+
+
+async def _disconnect(request: Request) -> None:
+    # The body has been read, so the next ASGI message is the disconnect, whenever it comes.
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
 
 
 def create_app(backend: Backend, limits: Limits | None = None, api_keys: list[str] | None = None) -> FastAPI:
@@ -43,12 +70,12 @@ def create_app(backend: Backend, limits: Limits | None = None, api_keys: list[st
     @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=_ERRORS)
     @app.post("/embeddings", response_model=EmbeddingResponse, responses=_ERRORS, include_in_schema=False)
     async def embeddings(body: EmbeddingRequest, request: Request):
-        return JSONResponse(await service(request).embeddings(body))
+        return JSONResponse(await until_disconnected(request, service(request).embeddings(body)))
 
     @app.post("/v1/rerank", response_model=RerankResponse, responses=_ERRORS)
     @app.post("/rerank", response_model=RerankResponse, responses=_ERRORS, include_in_schema=False)
     async def rerank(body: RerankRequest, request: Request):
-        return JSONResponse(await service(request).rerank(body))
+        return JSONResponse(await until_disconnected(request, service(request).rerank(body)))
 
     @app.get("/v1/models", response_model=ModelList)
     async def models(request: Request):

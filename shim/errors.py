@@ -38,6 +38,12 @@ class ModelNotFound(APIError):
     code = "model_not_found"
 
 
+class ClientDisconnected(APIError):
+    status = 499  # nginx's "client closed request"; logged and counted, never read
+    type = "invalid_request_error"
+    code = "client_disconnected"
+
+
 class Overloaded(APIError):
     # The openai client retries a 429 after Retry-After seconds.
     status = 429

@@ -28,6 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="inputs admitted at once over all requests; past it, 429 with Retry-After")
     p.add_argument("--api-key", action="append", default=[], help="require this bearer key (repeatable; also FOS_API_KEYS)")
     p.add_argument("--api-key-file", type=Path, help="file with one key per line")
+    p.add_argument("--graceful-timeout", type=float, default=30.0,
+                   help="seconds SIGTERM waits for requests in flight to finish")
     p.add_argument("--log-level", default="info")
 
 
@@ -66,5 +68,6 @@ def run(args: argparse.Namespace) -> int:
         backend = EmbeddedBackend(args.repository, threads=args.threads)
     limits = Limits(args.max_inputs, args.max_input_chars, args.max_documents, args.max_inputs_in_flight)
     keys = load_keys(args.api_key, args.api_key_file)
-    uvicorn.run(create_app(backend, limits, keys), host=args.host, port=args.port, log_level=args.log_level.lower())
+    uvicorn.run(create_app(backend, limits, keys), host=args.host, port=args.port, log_level=args.log_level.lower(),
+                timeout_graceful_shutdown=args.graceful_timeout)
     return 0

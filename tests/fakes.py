@@ -41,3 +41,21 @@ class FakeBackend:
         self.calls += 1
         await asyncio.sleep(self.delay)
         return np.array([1.0 / (1 + len(d)) for d in documents], dtype=np.float32), [len(query) + len(d) for d in documents]
+
+
+class SlowBackend(FakeBackend):
+    """Records how its calls ended, to see cancellation reach the backend."""
+
+    def __init__(self, delay: float):
+        super().__init__(delay=delay)
+        self.finished = 0
+        self.cancelled = 0
+
+    async def embed(self, s, texts=None, encoded=None):
+        try:
+            result = await super().embed(s, texts, encoded)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        self.finished += 1
+        return result

@@ -79,3 +79,59 @@ def test_request_id_is_echoed_and_metrics_count_requests():
         assert 'fos_requests_total{route="/v1/embeddings",status="200"} 1.0' in text
         assert 'fos_requests_total{route="/v1/embeddings",status="400"} 1.0' in text
         assert 'fos_tokens_total{model="fake/embed"} 1.0' in text
+
+
+def test_client_disconnect_cancels_the_work():
+    import time
+
+    import httpx
+
+    from conftest import ServerThread
+    from fakes import SlowBackend
+
+    backend = SlowBackend(delay=3.0)
+    with ServerThread(create_app(backend)) as server:
+        try:
+            httpx.post(server.url + "/v1/embeddings", json=BODY, timeout=0.5)
+        except httpx.TimeoutException:
+            pass
+        deadline = time.monotonic() + 5
+        while backend.cancelled == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert backend.cancelled == 1 and backend.finished == 0
+        assert httpx.post(server.url + "/v1/embeddings", json={"model": "fake/embed", "input": "x"}, timeout=10).status_code == 200
+
+
+def test_sigterm_finishes_requests_in_flight(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    import httpx
+
+    from conftest import free_port, wait_for
+
+    port = free_port()
+    script = tmp_path / "serve_fake.py"
+    script.write_text(
+        "import sys, uvicorn\n"
+        f"sys.path.insert(0, {str(__import__('pathlib').Path(__file__).parent)!r})\n"
+        "from fakes import FakeBackend\nfrom shim.app import create_app\n"
+        f"uvicorn.run(create_app(FakeBackend(delay=2.0)), host='127.0.0.1', port={port}, timeout_graceful_shutdown=10)\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/health", 30, proc)
+        result = {}
+        t = threading.Thread(target=lambda: result.update(r=httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json=BODY, timeout=20)))
+        t.start()
+        time.sleep(0.5)  # the request is in the backend now
+        proc.send_signal(signal.SIGTERM)
+        t.join(timeout=20)
+        assert result["r"].status_code == 200
+        # uvicorn re-raises SIGTERM once it has shut down cleanly, so the exit looks like the signal's.
+        assert proc.wait(timeout=20) in (0, -signal.SIGTERM)
+    finally:
+        proc.kill()
