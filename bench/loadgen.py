@@ -142,6 +142,8 @@ async def run_level(url: str, label: str, workload: str, items: list[Item], conc
                     done_tokens += item.tokens
                 else:
                     errors[str(status)] += 1
+                    if not latencies and sum(errors.values()) >= 20:
+                        return  # a server that refuses everything: stop, the report shows why
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         seconds = time.perf_counter() - start

@@ -3,7 +3,6 @@
 fp32, one worker, ``encode`` / ``predict`` per request, no batching across requests.
 """
 
-from __future__ import annotations
 
 import argparse
 

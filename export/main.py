@@ -25,6 +25,7 @@ class ExportOptions:
     max_length: int | None = None
     encoder_backend: str = "onnxruntime"
     device: str = "cpu"
+    tensorrt: bool = False
     normalize: bool = True
     prefixes: dict[str, str] | None = None
     trust_remote_code: bool = False
@@ -47,6 +48,8 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> spec.Mode
         raise ValueError(f"precision must be one of {convert.PRECISIONS}")
     served = opts.name or spec.default_served_name(opts.model)
     spec.triton_name(served)  # fail before the slow steps on a name Triton cannot hold
+    if opts.tensorrt and (opts.encoder_backend, opts.device) != ("onnxruntime", "gpu"):
+        raise ValueError("--tensorrt needs --encoder-backend onnxruntime --device gpu")
     total = 5
     t = _step(log, 1, total, f"loading {opts.model} ({opts.task}) with sentence-transformers")
     source = load.load(opts.model, opts.task, opts.max_length, opts.trust_remote_code)
@@ -86,7 +89,7 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> spec.Mode
             log(f"[3/{total}] precision fp32: nothing to convert")
 
         t = _step(log, 4, total, f"writing the Triton models into {opts.repository}")
-        repository.write(s, Path(opts.repository), final, source.tokenizer, opts.encoder_backend, opts.device,
+        repository.write(s, Path(opts.repository), final, source.tokenizer, opts.encoder_backend, opts.device, opts.tensorrt,
                          sample_texts=parity.SENTENCES)
         log(f"      {s.name} (ensemble), {spec.tokenizer_model(s.name)}, {spec.encoder_model(s.name)} [{opts.encoder_backend}]")
 
@@ -110,6 +113,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--encoder-backend", choices=("onnxruntime", "python"), default="onnxruntime",
                    help="onnxruntime: the tritonserver container; python: the pip tritonserver (nvidia-pytriton)")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="where Triton runs the encoder")
+    p.add_argument("--tensorrt", action="store_true",
+                   help="container on GPU: let ONNX Runtime run the encoder through TensorRT (fp16 engines)")
     p.add_argument("--raw", action="store_true", help="serve raw vectors instead of L2-normalised ones")
     p.add_argument("--prefix", action="append", default=None, metavar="INPUT_TYPE=TEXT",
                    help="text put before inputs of that input_type (ruri's are known)")
@@ -127,7 +132,7 @@ def options_from_args(args: argparse.Namespace) -> ExportOptions:
             prefixes[key] = value
     return ExportOptions(
         model=args.model, task=args.task, name=args.name, repository=args.repository, precision=args.precision,
-        max_length=args.max_length, encoder_backend=args.encoder_backend, device=args.device,
+        max_length=args.max_length, encoder_backend=args.encoder_backend, device=args.device, tensorrt=args.tensorrt,
         normalize=not args.raw, prefixes=prefixes, trust_remote_code=args.trust_remote_code,
     )
 

@@ -91,4 +91,23 @@ def create_app(backend: Backend, limits: Limits | None = None, api_keys: list[st
             return {"status": "ok"}
         return errors.envelope(503, "not ready: models are loading or the inference server is down", "server_error", None, "not_ready")
 
+    _document_errors_not_422(app)
     return app
+
+
+def _document_errors_not_422(app: FastAPI) -> None:
+    """Validation failures answer 400 in OpenAI's envelope: don't advertise FastAPI's 422."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            for path in schema.get("paths", {}).values():
+                for operation in path.values():
+                    operation.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi

@@ -105,7 +105,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException):
         type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return envelope(exc.status_code, str(exc.detail), type_)
+        return envelope(exc.status_code, str(exc.detail), type_, headers=getattr(exc, "headers", None))  # 405 keeps Allow
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception):

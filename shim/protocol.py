@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, StringConstraints
+
+# Constraints in the types, so the OpenAPI document says what the server accepts.
+Text = Annotated[str, StringConstraints(strict=True, min_length=1, pattern=r"\S")]  # not empty, not only spaces
+TokenId = Annotated[StrictInt, Field(ge=0)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 
 
 class _Request(BaseModel):
@@ -14,7 +19,7 @@ class _Request(BaseModel):
 
 class EmbeddingRequest(_Request):
     model: StrictStr | None = Field(None, description="Served model name; may be left out when one embedding model is served")
-    input: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]] = Field(
+    input: Text | Annotated[list[Text], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)] = Field(
         ..., description="Text, texts, token ids, or lists of token ids (the model's own vocabulary, special tokens included)"
     )
     encoding_format: Literal["float", "base64"] = "float"
@@ -44,15 +49,15 @@ class EmbeddingResponse(BaseModel):
 
 
 class RerankDocument(_Request):
-    text: StrictStr
+    text: Text
 
 
 class RerankRequest(_Request):
     model: StrictStr | None = Field(None, description="Served model name; may be left out when one reranker is served")
-    query: StrictStr
-    documents: list[StrictStr | RerankDocument]
+    query: Text
+    documents: Annotated[list[Text | RerankDocument], Field(min_length=1)]
     top_n: StrictInt | None = Field(None, ge=1, description="Return only the best n results")
-    return_documents: bool = False
+    return_documents: StrictBool = False
 
 
 class RerankResult(BaseModel):

@@ -13,7 +13,9 @@ from .service import Limits
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repository", type=Path, default=Path("model_repository"), help="the Triton model repository")
-    p.add_argument("--triton", metavar="HOST:PORT", help="Triton's gRPC address; without it, the embedded backend serves")
+    p.add_argument("--triton", metavar="HOST:PORT[,HOST:PORT...]", action="append", default=[],
+                   help="Triton gRPC address(es), repeatable or comma-separated; requests spread over the healthy ones. "
+                        "Without it, the embedded backend serves")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8081)
     p.add_argument("--model", action="append", default=[], metavar="HF_ID_OR_DIR",
@@ -61,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     if args.triton:
         from .backends.triton import TritonBackend
 
-        backend = TritonBackend(args.triton)
+        backend = TritonBackend([u.strip() for item in args.triton for u in item.split(",") if u.strip()])
     else:
         from .backends.embedded import EmbeddedBackend
 

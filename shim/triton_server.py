@@ -45,7 +45,9 @@ def prepare_backends(workdir: Path) -> Path:
         target = python_dir / item.name
         if not target.exists():
             target.symlink_to(item)
-    shutil.copy(stub, python_dir / "triton_python_backend_stub")
+    target = python_dir / "triton_python_backend_stub"
+    if not (target.exists() and target.stat().st_size == stub.stat().st_size):  # a running server may hold it
+        shutil.copy(stub, target)
     return workdir / "backends"
 
 

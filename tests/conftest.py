@@ -73,9 +73,10 @@ def exported(tiny_dirs, tmp_path_factory) -> dict:
 class ServerThread:
     """uvicorn serving an app in a background thread of the test process."""
 
-    def __init__(self, app):
+    def __init__(self, app, wait_healthy: bool = True):
         import uvicorn
 
+        self.wait_healthy = wait_healthy
         self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -84,9 +85,19 @@ class ServerThread:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @classmethod
+    def unready(cls, app) -> ServerThread:
+        """For apps whose /health is meant to say 503: wait for the server, not for readiness."""
+        return cls(app, wait_healthy=False)
+
     def __enter__(self):
         self.thread.start()
-        wait_for(self.url + "/health", timeout=120)
+        if self.wait_healthy:
+            wait_for(self.url + "/health", timeout=120)
+        else:
+            deadline = time.monotonic() + 60
+            while not self.server.started and time.monotonic() < deadline:
+                time.sleep(0.05)
         return self
 
     def __exit__(self, *exc):
@@ -94,25 +105,29 @@ class ServerThread:
         self.thread.join(timeout=30)
 
 
-@pytest.fixture(scope="session")
-def triton(exported, tmp_path_factory):
-    """A real tritonserver (from the nvidia-pytriton wheel) on the exported repository."""
+@contextlib.contextmanager
+def run_tritonserver(repository: Path, work: Path, ports: tuple[int, int, int] | None = None):
+    """A real tritonserver (from the nvidia-pytriton wheel), ready; killed on exit."""
     from shim import triton_server
 
-    work = tmp_path_factory.mktemp("triton")
-    http, grpc, metrics = free_port(), free_port(), free_port()
-    log = open(work / "tritonserver.log", "wb")
-    proc = triton_server.start(exported["repository"], work, http, grpc, metrics, stdout=log, stderr=subprocess.STDOUT)
+    http, grpc, metrics = ports or (free_port(), free_port(), free_port())
+    work = work / f"triton-{grpc}"
+    work.mkdir(exist_ok=True)
+    log = open(work / f"tritonserver-{time.monotonic_ns()}.log", "wb")
+    proc = triton_server.start(repository, work, http, grpc, metrics, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_for(f"http://127.0.0.1:{http}/v2/health/ready", timeout=180, proc=proc)
-        yield {"grpc": f"127.0.0.1:{grpc}", "http": f"127.0.0.1:{http}", "proc": proc, "log": work / "tritonserver.log"}
+        yield {"grpc": f"127.0.0.1:{grpc}", "http": f"127.0.0.1:{http}", "proc": proc, "ports": (http, grpc, metrics)}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        proc.kill()
+        proc.wait()
         log.close()
+
+
+@pytest.fixture(scope="session")
+def triton(exported, tmp_path_factory):
+    with run_tritonserver(exported["repository"], tmp_path_factory.mktemp("triton")) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -40,12 +40,17 @@ def test_length_batches_cover_every_input_once_within_limits(lengths, max_batch,
     for b in batches:
         assert 1 <= len(b) <= max_batch
         widest = max(lengths[i] for i in b)
-        assert len(b) == 1 or len(b) * widest <= max_tokens
+        padded = len(b) * widest
+        assert len(b) == 1 or padded <= max_tokens
+        waste = padded - sum(lengths[i] for i in b)
+        assert waste <= max(0.15 * padded, 4 * len(b))
 
 
 def test_length_batches_group_similar_lengths():
     lengths = [100, 3, 100, 3, 100, 3]
     assert length_batches(lengths, max_batch=3, max_tokens=10_000) == [[1, 3, 5], [0, 2, 4]]
+    # One batch would fit the token budget, but 80% of it would be padding.
+    assert length_batches([12, 14, 15, 193], max_batch=32, max_tokens=8192) == [[0, 1, 2], [3]]
 
 
 def test_triton_names_and_prefixes():

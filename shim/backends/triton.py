@@ -3,12 +3,18 @@
 Text goes to the ensemble (tokenized inside Triton); token-id input goes straight to the encoder.
 A large client batch is split into sub-requests of similar length, sent concurrently and put back
 in input order.
+
+Several Triton endpoints may be given (one per GPU node): requests go round-robin to the healthy
+ones; an endpoint that fails is dropped, its request retried on another (inference is idempotent),
+and a background probe takes it back once it answers ready again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -25,6 +31,8 @@ log = logging.getLogger("fos.triton")
 
 SUB_BATCH = 32  # inputs per sub-request; below the models' max_batch_size
 TIMEOUT_S = 60.0  # deadline of every Triton call
+PROBE_S = 1.0  # how often a dropped endpoint is asked whether it is ready again
+_UNAVAILABLE = ("UNAVAILABLE", "DEADLINE", "NOT_FOUND", "CANCELLED")  # the endpoint, not the request, is at fault
 
 
 def _strings(name: str, values: Sequence[str]) -> grpcclient.InferInput:
@@ -40,69 +48,125 @@ def _ints(name: str, arr: np.ndarray) -> grpcclient.InferInput:
     return tensor
 
 
-class TritonBackend:
-    def __init__(self, url: str, timeout_s: float = TIMEOUT_S):
+# gRPC backs off up to minutes between reconnects to a server that went away; a restarted Triton
+# should be back in rotation within a second or two of being ready.
+CHANNEL_ARGS = [
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.max_receive_message_length", 256 << 20),
+]
+
+
+class _Endpoint:
+    def __init__(self, url: str):
         self.url = url
+        self.client = grpcclient.InferenceServerClient(url, channel_args=CHANNEL_ARGS)
+        self.healthy = False
+        self.down_since = time.monotonic()
+
+
+class TritonBackend:
+    def __init__(self, urls: str | Sequence[str], timeout_s: float = TIMEOUT_S, probe_s: float = PROBE_S):
+        self.urls = [urls] if isinstance(urls, str) else list(urls)
+        if not self.urls:
+            raise ValueError("at least one Triton endpoint is needed")
         self.timeout_s = timeout_s
-        self.client: grpcclient.InferenceServerClient | None = None  # made in start(): grpc.aio binds to the loop
+        self.probe_s = probe_s
+        self.endpoints: list[_Endpoint] = []  # made in start(): grpc.aio binds to the running loop
         self._specs: dict[str, ModelSpec] = {}
-        self._lock = asyncio.Lock()
+        self._next = 0
+        self._prober: asyncio.Task | None = None
 
     async def start(self) -> None:
-        self.client = grpcclient.InferenceServerClient(self.url)
-        try:
-            await self._discover()
-        except Exception as exc:  # Triton may come up later: /health says so meanwhile
-            log.warning("Triton at %s not usable yet: %s", self.url, exc)
-
-    async def _discover(self) -> None:
-        async with self._lock:
-            index = await self.client.get_model_repository_index(as_json=True, client_timeout=self.timeout_s)
-            found: dict[str, ModelSpec] = {}
-            for entry in index.get("models", []):
-                if entry.get("state") != "READY":
-                    continue
-                response = await self.client.get_model_config(entry["name"], client_timeout=self.timeout_s)
-                s = spec_of(response.config)
-                if s is not None:
-                    found[s.served_name] = s
-            self._specs = found
-            log.info("Triton at %s serves %s", self.url, sorted(found) or "no exported models")
+        self.endpoints = [_Endpoint(u) for u in self.urls]
+        await asyncio.gather(*(self._probe(e) for e in self.endpoints))
+        self._prober = asyncio.create_task(self._probe_forever(), name="triton-probe")
 
     async def close(self) -> None:
-        if self.client is not None:
-            await self.client.close()
+        if self._prober is not None:
+            self._prober.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._prober
+        await asyncio.gather(*(e.client.close() for e in self.endpoints), return_exceptions=True)
+
+    async def _probe(self, e: _Endpoint) -> bool:
+        """Is the endpoint serving every exported model? Learns the models on the way."""
+        try:
+            if not await e.client.is_server_ready(client_timeout=5.0):
+                return self._mark(e, False)
+            if not self._specs:
+                self._specs = await self._discover(e)
+            for s in self._specs.values():
+                if not await e.client.is_model_ready(s.name, client_timeout=5.0):
+                    return self._mark(e, False)
+            return self._mark(e, bool(self._specs))
+        except Exception as exc:
+            log.debug("Triton at %s not ready: %s", e.url, exc)
+            return self._mark(e, False)
+
+    async def _discover(self, e: _Endpoint) -> dict[str, ModelSpec]:
+        index = await e.client.get_model_repository_index(as_json=True, client_timeout=self.timeout_s)
+        found: dict[str, ModelSpec] = {}
+        for entry in index.get("models", []):
+            if entry.get("state") != "READY":
+                continue
+            response = await e.client.get_model_config(entry["name"], client_timeout=self.timeout_s)
+            s = spec_of(response.config)
+            if s is not None:
+                found[s.served_name] = s
+        log.info("Triton at %s serves %s", e.url, sorted(found) or "no exported models")
+        return found
+
+    def _mark(self, e: _Endpoint, healthy: bool) -> bool:
+        if healthy != e.healthy:
+            if healthy:
+                log.info("Triton at %s is ready (down %.1fs)", e.url, time.monotonic() - e.down_since)
+            else:
+                log.warning("Triton at %s dropped", e.url)
+                e.down_since = time.monotonic()
+        e.healthy = healthy
+        return healthy
+
+    async def _probe_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.probe_s)
+            await asyncio.gather(*(self._probe(e) for e in self.endpoints if not e.healthy))
 
     async def ready(self) -> bool:
-        try:
-            if not await self.client.is_server_ready(client_timeout=5.0):
-                return False
-            if not self._specs:
-                await self._discover()
-            for s in self._specs.values():
-                if not await self.client.is_model_ready(s.name, client_timeout=5.0):
-                    return False
-            return bool(self._specs)
-        except Exception:
-            return False
+        if not any(e.healthy for e in self.endpoints):
+            await asyncio.gather(*(self._probe(e) for e in self.endpoints))
+        return any(e.healthy for e in self.endpoints)
 
     def specs(self) -> list[ModelSpec]:
         return list(self._specs.values())
 
+    def _order(self) -> list[_Endpoint]:
+        """Healthy endpoints, rotated so successive requests start at different ones."""
+        healthy = [e for e in self.endpoints if e.healthy]
+        self._next += 1
+        k = self._next % len(healthy) if healthy else 0
+        return healthy[k:] + healthy[:k]
+
     async def _infer(self, model: str, inputs: list, outputs: list[str]) -> list[np.ndarray]:
-        try:
-            result = await self.client.infer(
-                model,
-                inputs,
-                outputs=[grpcclient.InferRequestedOutput(o) for o in outputs],
-                client_timeout=self.timeout_s,
-            )
-        except InferenceServerException as exc:
-            status = (exc.status() or "").upper()
-            if "UNAVAILABLE" in status or "DEADLINE" in status or "NOT_FOUND" in status:
-                raise BackendUnavailable(f"Triton is unavailable: {exc.message()}") from exc
-            raise BackendFailed(f"Triton failed: {exc.message()}") from exc
-        return [result.as_numpy(o) for o in outputs]
+        last = "no Triton endpoint is ready"
+        for e in self._order():
+            try:
+                result = await e.client.infer(
+                    model,
+                    inputs,
+                    outputs=[grpcclient.InferRequestedOutput(o) for o in outputs],
+                    client_timeout=self.timeout_s,
+                )
+                return [result.as_numpy(o) for o in outputs]
+            except InferenceServerException as exc:
+                status = (exc.status() or "").upper()
+                if not any(code in status for code in _UNAVAILABLE):
+                    raise BackendFailed(f"Triton failed: {exc.message()}") from exc
+                self._mark(e, False)  # the probe takes it back when it is ready
+                last = f"Triton at {e.url} is unavailable: {exc.message()}"
+        raise BackendUnavailable(last)
 
     async def embed(
         self, s: ModelSpec, texts: Sequence[str] | None = None, encoded: Encoded | None = None

@@ -76,21 +76,29 @@ def pad(encoded: Encoded, pad_token_id: int, inputs: Sequence[str], order: Seque
     return {name: arrays[name] for name in inputs}
 
 
-def length_batches(lengths: Sequence[int], max_batch: int, max_tokens: int) -> list[list[int]]:
+def length_batches(lengths: Sequence[int], max_batch: int, max_tokens: int, max_padding: float = 0.15,
+                   row_slack: int = 4) -> list[list[int]]:
     """Group input indices into batches of similar length, so padding stays small.
 
-    Sorted by length, each batch holds at most ``max_batch`` inputs and at most ``max_tokens``
-    padded tokens (rows x longest row); a single over-long input still gets a batch of its own.
+    Sorted by length, a batch holds at most ``max_batch`` inputs and ``max_tokens`` padded tokens
+    (rows x longest row), and wastes on padding at most ``max_padding`` of what it computes, or
+    ``row_slack`` tokens a row where that is more (short inputs gain more from sharing a run than
+    they lose to a few pad tokens). A single over-long input still gets a batch of its own.
     """
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     batches: list[list[int]] = []
     current: list[int] = []
+    real = 0
     for i in order:
         width = max(lengths[i], 1)  # sorted ascending: the newest input is the widest
-        if current and (len(current) >= max_batch or (len(current) + 1) * width > max_tokens):
+        rows = len(current) + 1
+        padded = rows * width
+        waste = padded - (real + lengths[i])
+        if current and (rows > max_batch or padded > max_tokens or waste > max(max_padding * padded, row_slack * rows)):
             batches.append(current)
-            current = []
+            current, real = [], 0
         current.append(i)
+        real += lengths[i]
     if current:
         batches.append(current)
     return batches

@@ -1,0 +1,10 @@
+# syntax=docker/dockerfile:1
+# NGC tritonserver plus what the exported tokenizer models import. Keep transformers at the
+# version in uv.lock: the tokenizer must split text exactly as it did when the parity check ran.
+ARG TRITON_VERSION=25.02
+FROM nvcr.io/nvidia/tritonserver:${TRITON_VERSION}-py3
+RUN python3 -m pip install --no-cache-dir --break-system-packages \
+        "transformers==5.24.0" \
+        "fugashi==1.5.2" \
+        "unidic-lite==1.0.8" \
+        "sentencepiece==0.2.3"

@@ -1,0 +1,105 @@
+"""What can be checked of the Docker deployment without a Docker engine: schema, lint, and that
+compose, the Dockerfiles and the exported repository agree."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from export.repository import encoder_config
+from shim.repository import parse
+from shim.runtime import spec
+from shim.serve import add_arguments as serve_arguments
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+class _ComposeLoader(yaml.SafeLoader):
+    """Knows compose's !reset and !override tags."""
+
+
+_ComposeLoader.add_constructor("!reset", lambda loader, node: {"__reset__": True})
+_ComposeLoader.add_constructor("!override", lambda loader, node: loader.construct_mapping(node))
+
+
+def compose(name: str = "compose.yaml") -> dict:
+    return yaml.load((ROOT / name).read_text(), Loader=_ComposeLoader)
+
+
+def test_compose_matches_the_compose_spec():
+    r = subprocess.run([str(BIN / "check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(ROOT / "compose.yaml")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_dockerfiles_pass_hadolint():
+    files = sorted(str(p) for p in (ROOT / "docker").glob("*.Dockerfile"))
+    assert files
+    r = subprocess.run([str(BIN / "hadolint"), *files], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_compose_wiring_agrees():
+    c = compose()["services"]
+    triton, shim, export = c["triton"], c["shim"], c["export"]
+    # Triton reads the repository the export service writes, read-only.
+    assert "./model_repository:/models:ro" in triton["volumes"]
+    assert "--model-repository=/models" in triton["command"]
+    assert any(v.startswith("./model_repository:/app/model_repository") for v in export["volumes"])
+    assert "--repository /app/model_repository" in export["command"][0]
+    assert triton["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
+    assert "/v2/health/ready" in " ".join(triton["healthcheck"]["test"])
+    # The shim talks gRPC to the triton service and listens where its ports point.
+    args = shim["command"]
+    assert args[args.index("--triton") + 1] == "triton:8001"
+    port = args[args.index("--port") + 1]
+    assert {p.split(":")[0] for p in shim["ports"]} == {"8080", "8081", "8082"}
+    assert {p.split(":")[1] for p in shim["ports"]} == {port}
+    assert shim["depends_on"]["triton"]["condition"] == "service_healthy"
+    # The shim's flags in compose exist.
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    serve_arguments(parser)
+    parser.parse_args(args[1:])
+    # The served names the export service writes are the ones the README tells Dify to use.
+    readme = (ROOT / "README.md").read_text()
+    for model in re.findall(r"--model (\S+)", export["command"][0]):
+        assert f"`{model}`" in readme
+        spec.triton_name(model)
+
+
+def test_cpu_override_only_touches_known_services():
+    override = compose("compose.cpu.yaml")["services"]
+    assert set(override) <= set(compose()["services"])
+    assert override["triton"]["deploy"] == {"__reset__": True}
+    assert override["export"]["environment"]["FOS_DEVICE"] == "cpu"
+
+
+def test_triton_image_pins_the_locked_tokenizer_packages():
+    lock = (ROOT / "uv.lock").read_text()
+    dockerfile = (ROOT / "docker" / "triton.Dockerfile").read_text()
+    for package in ("transformers", "fugashi", "unidic-lite", "sentencepiece"):
+        locked = re.search(rf'name = "{package}"\nversion = "([^"]+)"', lock).group(1)
+        assert f'"{package}=={locked}"' in dockerfile, package
+    exposed = re.findall(r"EXPOSE (\d+)", (ROOT / "docker" / "shim.Dockerfile").read_text())
+    assert exposed == ["8080"]
+
+
+def test_gpu_encoder_config_for_the_container():
+    s = spec.ModelSpec(served_name="cl-nagoya/ruri-large", task="embed", source="cl-nagoya/ruri-large", max_length=512,
+                       encoder_inputs=("input_ids", "attention_mask", "token_type_ids"), pad_token_id=0, vocab_size=32768,
+                       precision="fp16", dimension=1024)
+    c = parse(__import__("export.repository", fromlist=["render"]).render(encoder_config(s, "onnxruntime", "gpu", tensorrt=True)))
+    assert c.backend == "onnxruntime" and c.instance_group[0].kind == c.instance_group[0].KIND_GPU
+    trt = c.optimization.execution_accelerators.gpu_execution_accelerator[0]
+    assert trt.name == "tensorrt" and trt.parameters["precision_mode"] == "FP16"
+    assert not any(i.allow_ragged_batch for i in c.input)  # the ORT backend batches equal shapes only
+    with pytest.raises(ValueError):
+        encoder_config(s, "python", "cpu", tensorrt=True)
