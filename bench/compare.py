@@ -62,6 +62,13 @@ def _bench(label: str, url: str, tokenizer: Path, args) -> None:
                        + (["--corpus", str(args.corpus)] if args.corpus else []), check=True)
 
 
+def _save_metrics(label: str, url: str, out: Path) -> None:
+    """The shim's own counters after the run (padding efficiency, batches), beside the JSON."""
+    with contextlib.suppress(Exception), urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        lines = [line for line in r.read().decode().splitlines() if line.startswith(("fos_padding", "fos_batch", "fos_tokens"))]
+        (out / f"{label}-metrics.txt").write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--embed-dir", type=Path, required=True, help="sentence-transformers directory")
@@ -92,12 +99,14 @@ def main() -> None:
             with _server([*fos, "serve", "--repository", str(repo), "--port", str(port), "--log-level", "warning"],
                          url + "/health", log):
                 _bench(server, url, tokenizer, args)
+                _save_metrics(server, url, args.out)
         elif server == "triton-fp32":
             triton = [*fos, "triton", "--repository", str(args.repo_fp32), "--http-port", "18000", "--grpc-port", "18001",
                       "--metrics-port", "18002"]
             shim = [*fos, "serve", "--triton", "127.0.0.1:18001", "--port", str(port), "--log-level", "warning"]
             with _server(triton, "http://127.0.0.1:18000/v2/health/ready", log), _server(shim, url + "/health", log):
                 _bench(server, url, tokenizer, args)
+                _save_metrics(server, url, args.out)
         else:
             raise SystemExit(f"unknown server {server!r}")
 

@@ -30,6 +30,7 @@ for input in "$repo"/*/perf_analyzer_input.json; do
   model=$(basename "$(dirname "$input")")
   echo "== $model (concurrency $range)"
   "$venv/bin/perf_analyzer" -m "$model" -u "$url" -i grpc --input-data "$input" \
-    --concurrency-range "$range" --measurement-interval 5000 --percentile 99 \
-    -f "$out/perf_analyzer-$model.csv"
+    --concurrency-range "$range" --measurement-interval "${PA_INTERVAL_MS:-10000}" --percentile 99 \
+    --stability-percentage "${PA_STABILITY:-50}" --max-trials "${PA_TRIALS:-5}" \
+    -f "$out/perf_analyzer-$model.csv" || echo "perf_analyzer: $model did not stabilise" >&2
 done

@@ -41,12 +41,13 @@ def plots(rows: list[dict], out: Path) -> list[Path]:
     for workload in sorted({r["workload"] for r in rows}):
         subset = [r for r in rows if r["workload"] == workload]
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-        for label in sorted({r["label"] for r in subset}):
+        for n, label in enumerate(sorted({r["label"] for r in subset})):
+            color = f"C{n}"  # one colour per server in both panels
             pts = sorted((r for r in subset if r["label"] == label), key=lambda r: r["concurrency"])
             xs = [r["concurrency"] for r in pts]
-            ax1.plot(xs, [r["tokens_per_s"] for r in pts], marker="o", label=label)
-            ax2.plot(xs, [r["p99_ms"] for r in pts], marker="o", label=f"{label} p99")
-            ax2.plot(xs, [r["p50_ms"] for r in pts], marker=".", linestyle="--", label=f"{label} p50")
+            ax1.plot(xs, [r["tokens_per_s"] for r in pts], marker="o", color=color, label=label)
+            ax2.plot(xs, [r["p99_ms"] for r in pts], marker="o", color=color, label=f"{label} p99")
+            ax2.plot(xs, [r["p50_ms"] for r in pts], marker=".", linestyle="--", color=color, label=f"{label} p50")
         ax1.set(title=f"{workload}: throughput", xlabel="concurrency", ylabel="tokens/s", xscale="log")
         ax2.set(title=f"{workload}: latency", xlabel="concurrency", ylabel="ms", xscale="log", yscale="log")
         ax1.legend(fontsize=7)

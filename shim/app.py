@@ -62,6 +62,7 @@ def create_app(backend: Backend, limits: Limits | None = None, api_keys: list[st
     errors.install(app)
     if api_keys:
         app.add_middleware(APIKeyMiddleware, keys=api_keys)
+    app.add_middleware(errors.BodyLimitMiddleware, max_bytes=(limits or Limits()).max_body_bytes)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)  # outermost: sees every answer, 401s too
 
     def service(request: Request) -> Service:

@@ -70,6 +70,54 @@ def envelope(status: int, message: str, type_: str, param: str | None = None, co
     return JSONResponse(status_code=status, content=body, headers=headers)
 
 
+class BodyLimitMiddleware:
+    """Refuses request bodies over ``max_bytes`` before they are read whole, announced or chunked."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _refusal(self) -> JSONResponse:
+        return envelope(400, f"the request body is larger than {self.max_bytes} bytes", "invalid_request_error",
+                        None, "request_too_large")
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refusal()(scope, receive, send)
+            return
+        received = 0
+        started = refused = False
+
+        async def counting_receive():
+            nonlocal received, refused
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes and not started:
+                    # Answer now; the app then sees a client that went away and its answer is dropped.
+                    refused = True
+                    await self._refusal()(scope, receive, send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def tracking_send(message) -> None:
+            nonlocal started
+            if refused:
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except Exception:
+            if not refused:
+                raise
+
+
 def _validation_param(loc: tuple) -> str | None:
     """The top-level field at fault: 'documents', not 'documents.0.RerankDocument.text'."""
     fields = [str(p) for p in loc if p != "body"]

@@ -26,6 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-inputs", type=int, default=defaults.max_inputs, help="inputs per embeddings request")
     p.add_argument("--max-input-chars", type=int, default=defaults.max_input_chars, help="characters per input")
     p.add_argument("--max-documents", type=int, default=defaults.max_documents, help="documents per rerank request")
+    p.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes, help="request body size")
     p.add_argument("--max-inputs-in-flight", type=int, default=defaults.max_inputs_in_flight,
                    help="inputs admitted at once over all requests; past it, 429 with Retry-After")
     p.add_argument("--api-key", action="append", default=[], help="require this bearer key (repeatable; also FOS_API_KEYS)")
@@ -68,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
         from .backends.embedded import EmbeddedBackend
 
         backend = EmbeddedBackend(args.repository, threads=args.threads)
-    limits = Limits(args.max_inputs, args.max_input_chars, args.max_documents, args.max_inputs_in_flight)
+    limits = Limits(args.max_inputs, args.max_input_chars, args.max_documents, args.max_inputs_in_flight,
+                    args.max_body_bytes)
     keys = load_keys(args.api_key, args.api_key_file)
     uvicorn.run(create_app(backend, limits, keys), host=args.host, port=args.port, log_level=args.log_level.lower(),
                 timeout_graceful_shutdown=args.graceful_timeout)

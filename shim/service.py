@@ -28,6 +28,7 @@ class Limits:
     # Inputs (texts, documents) admitted and not yet answered, over all requests. Past it: 429 with
     # Retry-After, never an unbounded queue; memory stays flat under any load.
     max_inputs_in_flight: int = 8192
+    max_body_bytes: int = 32 << 20  # request body
 
 
 class Admission:

@@ -135,3 +135,29 @@ def test_sigterm_finishes_requests_in_flight(tmp_path):
         assert proc.wait(timeout=20) in (0, -signal.SIGTERM)
     finally:
         proc.kill()
+
+
+def test_body_size_cap_announced_or_chunked():
+    from shim.service import Limits
+
+    with TestClient(create_app(FakeBackend(), limits=Limits(max_body_bytes=1000))) as http:
+        r = http.post("/v1/embeddings", json={"model": "fake/embed", "input": "猫" * 1000})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "request_too_large"
+
+        def chunks():
+            yield b'{"model": "fake/embed", "input": "'
+            for _ in range(100):
+                yield b"x" * 50
+            yield b'"}'
+
+        r = http.post("/v1/embeddings", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "request_too_large"
+        assert http.post("/v1/embeddings", json=BODY).status_code == 200
+
+
+def test_unknown_fields_are_ignored():
+    with TestClient(create_app(FakeBackend())) as http:
+        r = http.post("/v1/embeddings", json={**BODY, "truncate": True, "something_new": {"a": 1}})
+        assert r.status_code == 200
+        r = http.post("/v1/rerank", json={"model": "fake/rerank", "query": "q", "documents": ["d"], "rank_fields": ["x"]})
+        assert r.status_code == 200
