@@ -3,6 +3,7 @@ then the precision the user asked for."""
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -72,16 +73,21 @@ def optimize(source: Source, src: Path, dst: Path) -> bool:
         return False
     from onnxruntime.transformers.optimizer import optimize_model
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = optimize_model(
-            str(src),
-            model_type="bert",
-            num_heads=int(source.hf_config.num_attention_heads),
-            hidden_size=int(source.hf_config.hidden_size),
-            opt_level=0,  # Python fusions only; the session applies its own graph optimisations
-        )
-    model.save_model_to_file(str(dst))
+    # Its fusions log every step at INFO; the export prints its own progress.
+    logging.disable(logging.INFO)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = optimize_model(
+                str(src),
+                model_type="bert",
+                num_heads=int(source.hf_config.num_attention_heads),
+                hidden_size=int(source.hf_config.hidden_size),
+                opt_level=0,  # Python fusions only; the session applies its own graph optimisations
+            )
+        model.save_model_to_file(str(dst))
+    finally:
+        logging.disable(logging.NOTSET)
     return True
 
 

@@ -66,7 +66,8 @@ def _load_embed(model_id: str, max_length: int | None, trust_remote_code: bool) 
 
     def reference(texts: Sequence[str]) -> np.ndarray:
         with torch.inference_mode():
-            return model.encode(list(texts), batch_size=8, convert_to_numpy=True, normalize_embeddings=False)
+            return model.encode(list(texts), batch_size=8, convert_to_numpy=True, normalize_embeddings=False,
+                                show_progress_bar=False)
 
     return Source(
         task="embed",
@@ -99,7 +100,7 @@ def _load_rerank(model_id: str, max_length: int | None, trust_remote_code: bool)
 
     def reference(pairs: Sequence[tuple[str, str]]) -> np.ndarray:
         with torch.inference_mode():
-            return np.asarray(model.predict([tuple(p) for p in pairs], batch_size=8), dtype=np.float32)
+            return np.asarray(model.predict([tuple(p) for p in pairs], batch_size=8, show_progress_bar=False), dtype=np.float32)
 
     return Source(
         task="rerank",

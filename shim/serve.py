@@ -46,7 +46,7 @@ def ensure_exported(models: list[str], repository: Path, precision: str) -> None
         from export.main import ExportOptions, export
 
         task = detect_task(model)
-        print(f"{model}: not in {repository}; exporting it as a {task} model ({precision})", flush=True)
+        print(f"{model}: not in {repository}; exporting it (task {task}, {precision})", flush=True)
         export(ExportOptions(model=model, task=task, repository=repository, precision=precision),
                log=lambda line: print(line, flush=True))
 

@@ -132,7 +132,7 @@ def test_serve_exports_what_the_repository_lacks(tiny_dirs, tmp_path, capsys):
     repo = tmp_path / "repo"
     ensure_exported([str(tiny_dirs["rerank"])], repo, "fp32")
     first = capsys.readouterr().out
-    assert "exporting it as a rerank model" in first and "PASS" in first
+    assert "exporting it (task rerank, fp32)" in first and "PASS" in first
     specs = read_specs(repo)
     assert [s.served_name for s in specs] == [tiny_dirs["rerank"].name]  # a local directory serves under its name
     ensure_exported([str(tiny_dirs["rerank"])], repo, "fp32")
