@@ -71,3 +71,20 @@ def test_spec_round_trip():
                   encoder_inputs=("input_ids", "attention_mask"), pad_token_id=0, vocab_size=32768, dimension=1024,
                   prefixes=known_prefixes("cl-nagoya/ruri-large"))
     assert ModelSpec.from_json(s.to_json()) == s
+
+
+def test_tokenizer_is_safe_to_share_between_threads(tmp_path):
+    # fugashi's MeCab tagger breaks when two threads use it at once; the embedded backend tokenizes
+    # requests in a thread pool.
+    from concurrent.futures import ThreadPoolExecutor
+
+    import tiny_models
+    from shim.runtime.tokenization import Tokenizer
+
+    tiny_models.build_tokenizer(tmp_path).save_pretrained(str(tmp_path))
+    tok = Tokenizer(tmp_path, max_length=32)
+    texts = tiny_models.corpus()
+    want = tok.encode(texts).input_ids
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: tok.encode(texts).input_ids, range(200)))
+    assert all(r == want for r in results)

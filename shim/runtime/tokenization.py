@@ -8,6 +8,7 @@ The tokenizer is called exactly as sentence-transformers calls it (``truncation=
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,19 +34,23 @@ class Tokenizer:
         from transformers import AutoTokenizer
 
         self.hf = AutoTokenizer.from_pretrained(str(path))
+        # MeCab's tagger (fugashi) is not thread-safe: two threads in it at once corrupt its state and
+        # return None. Tokenization holds the GIL anyway, so one at a time costs nothing.
+        self._lock = threading.Lock()
         self.max_length = max_length
         self.returns_token_types = spec.TOKEN_TYPE_IDS in self.hf.model_input_names
 
     def encode(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> Encoded:
         if pairs is not None and len(pairs) != len(texts):
             raise ValueError(f"{len(texts)} texts but {len(pairs)} pairs")
-        out = self.hf(
-            list(texts),
-            list(pairs) if pairs is not None else None,
-            truncation="longest_first",
-            max_length=self.max_length,
-            padding=False,
-        )
+        with self._lock:
+            out = self.hf(
+                list(texts),
+                list(pairs) if pairs is not None else None,
+                truncation="longest_first",
+                max_length=self.max_length,
+                padding=False,
+            )
         types = out.get(spec.TOKEN_TYPE_IDS)
         return Encoded(input_ids=list(out[spec.INPUT_IDS]), token_type_ids=list(types) if types is not None else None)
 
