@@ -35,6 +35,12 @@ PROBE_S = 1.0  # how often a dropped endpoint is asked whether it is ready again
 _UNAVAILABLE = ("UNAVAILABLE", "DEADLINE", "NOT_FOUND", "CANCELLED")  # the endpoint, not the request, is at fault
 
 
+def _sub_batches(lengths: list[int]) -> list[list[int]]:
+    """Sort by length and cut into sub-requests of SUB_BATCH; no padding bound here, since Triton's
+    encoder regroups the rows it receives by their real token lengths."""
+    return length_batches(lengths, SUB_BATCH, max_tokens=1 << 30, max_padding=1.0)
+
+
 def _strings(name: str, values: Sequence[str]) -> grpcclient.InferInput:
     arr = np.array([[v.encode("utf-8")] for v in values], dtype=np.object_)
     tensor = grpcclient.InferInput(name, list(arr.shape), "BYTES")
@@ -168,53 +174,45 @@ class TritonBackend:
                 last = f"Triton at {e.url} is unavailable: {exc.message()}"
         raise BackendUnavailable(last)
 
+    async def _fan_out(self, groups: list[list[int]], request, n: int) -> list[np.ndarray]:
+        """Send one sub-request per group concurrently; put each output's rows back in input order."""
+        parts = await asyncio.gather(*(request(g) for g in groups))
+        merged = []
+        for k, first in enumerate(parts[0]):
+            out = np.empty((n, first.reshape(len(groups[0]), -1).shape[1]), dtype=first.dtype)
+            for g, part in zip(groups, parts):
+                out[g] = part[k].reshape(len(g), -1)
+            merged.append(out)
+        return merged
+
     async def embed(
         self, s: ModelSpec, texts: Sequence[str] | None = None, encoded: Encoded | None = None
     ) -> tuple[np.ndarray, list[int]]:
         if encoded is not None:
-            return await self._embed_ids(s, encoded), encoded.lengths
+            def by_ids(g: list[int]):
+                feeds = pad(encoded, s.pad_token_id, s.encoder_inputs, order=g)
+                return self._infer(specs.encoder_model(s.name), [_ints(n, a) for n, a in feeds.items()], [specs.EMBEDDING])
+
+            (vectors,) = await self._fan_out(_sub_batches(encoded.lengths), by_ids, len(encoded.input_ids))
+            return vectors, encoded.lengths
         texts = list(texts or [])
         # Characters stand in for tokens when grouping by length; Triton tokenizes.
-        groups = length_batches([len(t) for t in texts], SUB_BATCH, max_tokens=1 << 30)
-        parts = await asyncio.gather(
-            *(self._infer(s.name, [_strings(specs.TEXT, [texts[i] for i in g])], [specs.EMBEDDING, specs.NUM_TOKENS]) for g in groups)
+        vectors, counts = await self._fan_out(
+            _sub_batches([len(t) for t in texts]),
+            lambda g: self._infer(s.name, [_strings(specs.TEXT, [texts[i] for i in g])], [specs.EMBEDDING, specs.NUM_TOKENS]),
+            len(texts),
         )
-        vectors = np.empty((len(texts), s.dimension), dtype=np.float32)
-        counts = np.zeros(len(texts), dtype=np.int64)
-        for g, (vec, num) in zip(groups, parts):
-            vectors[g] = vec
-            counts[g] = num.reshape(-1)
-        return vectors, counts.tolist()
-
-    async def _embed_ids(self, s: ModelSpec, encoded: Encoded) -> np.ndarray:
-        groups = length_batches(encoded.lengths, SUB_BATCH, max_tokens=1 << 30)
-
-        def request(g: list[int]):
-            feeds = pad(encoded, s.pad_token_id, s.encoder_inputs, order=g)
-            return self._infer(specs.encoder_model(s.name), [_ints(n, a) for n, a in feeds.items()], [specs.EMBEDDING])
-
-        parts = await asyncio.gather(*(request(g) for g in groups))
-        vectors = np.empty((len(encoded.input_ids), s.dimension), dtype=np.float32)
-        for g, (vec,) in zip(groups, parts):
-            vectors[g] = vec
-        return vectors
+        return vectors, counts.reshape(-1).tolist()
 
     async def rerank(self, s: ModelSpec, query: str, documents: Sequence[str]) -> tuple[np.ndarray, list[int]]:
         docs = list(documents)
-        groups = length_batches([len(d) for d in docs], SUB_BATCH, max_tokens=1 << 30)
-        parts = await asyncio.gather(
-            *(
-                self._infer(
-                    s.name,
-                    [_strings(specs.TEXT, [query] * len(g)), _strings(specs.TEXT_PAIR, [docs[i] for i in g])],
-                    [specs.SCORE, specs.NUM_TOKENS],
-                )
-                for g in groups
-            )
+        scores, counts = await self._fan_out(
+            _sub_batches([len(d) for d in docs]),
+            lambda g: self._infer(
+                s.name,
+                [_strings(specs.TEXT, [query] * len(g)), _strings(specs.TEXT_PAIR, [docs[i] for i in g])],
+                [specs.SCORE, specs.NUM_TOKENS],
+            ),
+            len(docs),
         )
-        scores = np.empty(len(docs), dtype=np.float32)
-        counts = np.zeros(len(docs), dtype=np.int64)
-        for g, (score, num) in zip(groups, parts):
-            scores[g] = score.reshape(-1)
-            counts[g] = num.reshape(-1)
-        return scores, counts.tolist()
+        return scores.reshape(-1), counts.reshape(-1).tolist()
