@@ -47,6 +47,7 @@ def tokenizer_config(s: spec.ModelSpec) -> mc.ModelConfig:
     for name in s.encoder_inputs:
         _tensor(c.output, name, mc.TYPE_INT64, [-1])
     _tensor(c.output, spec.NUM_TOKENS, mc.TYPE_INT64, [1])
+    _tensor(c.output, spec.TRUNCATED, mc.TYPE_BOOL, [1])
     c.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
     c.dynamic_batching.max_queue_delay_microseconds = 0
     c.parameters[spec.SPEC_PARAMETER].string_value = s.to_json()
@@ -90,12 +91,14 @@ def ensemble_config(s: spec.ModelSpec) -> mc.ModelConfig:
     out, dims = _output_dims(s)
     _tensor(c.output, out, mc.TYPE_FP32, dims)
     _tensor(c.output, spec.NUM_TOKENS, mc.TYPE_INT64, [1])
+    _tensor(c.output, spec.TRUNCATED, mc.TYPE_BOOL, [1])
     tok = c.ensemble_scheduling.step.add(model_name=spec.tokenizer_model(s.name), model_version=-1)
     for name in _text_inputs(s):
         tok.input_map[name] = name
     for name in s.encoder_inputs:
         tok.output_map[name] = f"_{name}"
     tok.output_map[spec.NUM_TOKENS] = spec.NUM_TOKENS
+    tok.output_map[spec.TRUNCATED] = spec.TRUNCATED
     enc = c.ensemble_scheduling.step.add(model_name=spec.encoder_model(s.name), model_version=-1)
     for name in s.encoder_inputs:
         enc.input_map[name] = f"_{name}"

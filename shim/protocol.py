@@ -28,6 +28,10 @@ class EmbeddingRequest(_Request):
         None, description="Extension: picks the model's prefix, e.g. 'query' or 'document' for ruri ('クエリ: ' / '文章: ')"
     )
     user: StrictStr | None = None
+    truncate: StrictBool | None = Field(
+        None, description="Extension (TEI): false rejects an input longer than the model's context instead of cutting it; "
+                          "default: the server's setting (cut)"
+    )
 
 
 class Embedding(BaseModel):
@@ -58,6 +62,9 @@ class RerankRequest(_Request):
     documents: Annotated[list[Text | RerankDocument], Field(min_length=1)]
     top_n: StrictInt | None = Field(None, ge=1, description="Return only the best n results")
     return_documents: StrictBool = False
+    truncate: StrictBool | None = Field(
+        None, description="Extension (TEI): false rejects a pair longer than the model's context instead of cutting it"
+    )
 
 
 class RerankResult(BaseModel):

@@ -29,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes, help="request body size")
     p.add_argument("--max-inputs-in-flight", type=int, default=defaults.max_inputs_in_flight,
                    help="inputs admitted at once over all requests; past it, 429 with Retry-After")
+    p.add_argument("--no-truncate", dest="truncate", action="store_false",
+                   help="reject inputs longer than the model's context (400) unless a request sends truncate=true; "
+                        "by default they are cut")
     p.add_argument("--api-key", action="append", default=[], help="require this bearer key (repeatable; also FOS_API_KEYS)")
     p.add_argument("--api-key-file", type=Path, help="file with one key per line")
     p.add_argument("--graceful-timeout", type=float, default=30.0,
@@ -70,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
 
         backend = EmbeddedBackend(args.repository, threads=args.threads)
     limits = Limits(args.max_inputs, args.max_input_chars, args.max_documents, args.max_inputs_in_flight,
-                    args.max_body_bytes)
+                    args.max_body_bytes, args.truncate)
     keys = load_keys(args.api_key, args.api_key_file)
     uvicorn.run(create_app(backend, limits, keys), host=args.host, port=args.port, log_level=args.log_level.lower(),
                 timeout_graceful_shutdown=args.graceful_timeout)

@@ -10,7 +10,7 @@ import uuid
 
 import numpy as np
 
-from .backends.base import Backend
+from .backends.base import Backend, Output
 from .errors import BackendUnavailable, InvalidRequest, ModelNotFound, Overloaded
 from .observability import Metrics
 from .protocol import EmbeddingRequest, RerankDocument, RerankRequest
@@ -29,6 +29,9 @@ class Limits:
     # Retry-After, never an unbounded queue; memory stays flat under any load.
     max_inputs_in_flight: int = 8192
     max_body_bytes: int = 32 << 20  # request body
+    # Inputs longer than the model's context are cut (Dify never truncates and expects the server
+    # to); False rejects them unless the request itself sends truncate=true.
+    truncate: bool = True
 
 
 class Admission:
@@ -107,7 +110,7 @@ class Service:
                 self._check_text(t, f"input[{i}]", "input")
             prefix = self._prefix(s, req.input_type)
             with self.admission.admit(len(texts)):
-                vectors, counts = await self.backend.embed(s, texts=[prefix + t for t in texts])
+                out = await self.backend.embed(s, texts=[prefix + t for t in texts])
         else:
             seqs = [raw] if isinstance(raw[0], int) else raw
             self._check_ids(s, seqs)
@@ -115,8 +118,10 @@ class Service:
                 raise InvalidRequest("input_type applies to text input, not token ids", param="input_type")
             encoded = truncate_ids(seqs, s.max_length)
             with self.admission.admit(len(seqs)):
-                vectors, counts = await self.backend.embed(s, encoded=encoded)
-        self._count(s, counts)
+                out = await self.backend.embed(s, encoded=encoded)
+        self._check_truncation(s, out, req.truncate, "input", "input[{}]")
+        self._count(s, out.tokens)
+        vectors = out.values
 
         if s.normalize and not s.model_normalizes:
             norms = np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -125,7 +130,7 @@ class Service:
             data = [base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") for v in vectors]
         else:
             data = vectors.tolist()
-        total = int(sum(counts))
+        total = int(sum(out.tokens))
         return {
             "object": "list",
             "data": [{"object": "embedding", "embedding": e, "index": i} for i, e in enumerate(data)],
@@ -158,6 +163,16 @@ class Service:
             if bad is not None:
                 raise InvalidRequest(f"input[{i}] has token id {bad}, outside the vocabulary (0..{s.vocab_size - 1})", param="input")
 
+    def _check_truncation(self, s: ModelSpec, out: Output, asked: bool | None, param: str, what: str) -> None:
+        """Known only once the backend has tokenized (inside Triton, for text); the request then fails
+        as a whole rather than answer for a text the model never saw in full."""
+        if (self.limits.truncate if asked is None else asked) or not any(out.truncated):
+            return
+        first = out.truncated.index(True)
+        raise InvalidRequest(
+            f"{what.format(first)} is longer than the {s.max_length} tokens `{s.served_name}` takes, and truncation is off; "
+            "shorten it or send truncate=true", param=param, code="context_length_exceeded")
+
     async def rerank(self, req: RerankRequest) -> dict:
         s = await self.resolve(req.model, "rerank")
         self._check_text(req.query, "'query'", "query")
@@ -170,8 +185,10 @@ class Service:
         for i, d in enumerate(docs):
             self._check_text(d, f"documents[{i}]", "documents")
         with self.admission.admit(len(docs)):
-            scores, counts = await self.backend.rerank(s, req.query, docs)
-        self._count(s, counts)
+            out = await self.backend.rerank(s, req.query, docs)
+        self._check_truncation(s, out, req.truncate, "documents", "'query' with documents[{}]")
+        self._count(s, out.tokens)
+        scores = out.values
         order = sorted(range(len(docs)), key=lambda i: (-float(scores[i]), i))
         if req.top_n is not None:
             order = order[: req.top_n]
@@ -181,7 +198,7 @@ class Service:
             if req.return_documents:
                 item["document"] = {"text": docs[i]}
             results.append(item)
-        total = int(sum(counts))
+        total = int(sum(out.tokens))
         return {
             "id": uuid.uuid4().hex,
             "model": s.served_name,

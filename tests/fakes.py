@@ -6,6 +6,7 @@ import asyncio
 
 import numpy as np
 
+from shim.backends.base import Output
 from shim.runtime.spec import ModelSpec
 
 EMBED_SPEC = ModelSpec(served_name="fake/embed", task="embed", source="fake", max_length=16,
@@ -35,12 +36,14 @@ class FakeBackend:
         await asyncio.sleep(self.delay)
         n = len(texts) if texts is not None else len(encoded.input_ids)
         lengths = [len(t) for t in texts] if texts is not None else encoded.lengths
-        return np.array([[float(x), 1.0, 0.0, 0.0] for x in lengths], dtype=np.float32).reshape(n, 4), lengths
+        vectors = np.array([[float(x), 1.0, 0.0, 0.0] for x in lengths], dtype=np.float32).reshape(n, 4)
+        return Output(vectors, lengths, [False] * n)
 
     async def rerank(self, s, query, documents):
         self.calls += 1
         await asyncio.sleep(self.delay)
-        return np.array([1.0 / (1 + len(d)) for d in documents], dtype=np.float32), [len(query) + len(d) for d in documents]
+        scores = np.array([1.0 / (1 + len(d)) for d in documents], dtype=np.float32)
+        return Output(scores, [len(query) + len(d) for d in documents], [False] * len(documents))
 
 
 class SlowBackend(FakeBackend):

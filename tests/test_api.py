@@ -85,6 +85,43 @@ def test_long_input_is_truncated_to_max_length(server):
     assert r.json()["usage"]["prompt_tokens"] == tiny_models.MAX_SEQ_LENGTH
 
 
+def test_truncate_false_rejects_what_it_would_cut(server, references):
+    long_text = TEXTS[2] * 10
+    ids = references["embed"].tokenizer([TEXTS[0]])["input_ids"][0]
+    fits = ids[:-1] + [5] * (tiny_models.MAX_SEQ_LENGTH - len(ids)) + ids[-1:]  # exactly the context
+    cases = [
+        ("/v1/embeddings", {"model": EMBED, "input": [TEXTS[0], long_text]}, "input", "input[1]"),
+        ("/v1/embeddings", {"model": EMBED, "input": [fits, fits + [5]]}, "input", "input[1]"),
+        ("/v1/rerank", {"model": RERANK, "query": TEXTS[0], "documents": [DOCS[0], long_text]}, "documents", "documents[1]"),
+    ]
+    for path, body, param, where in cases:
+        r = httpx.post(server.url + path, json={**body, "truncate": False})
+        _assert_envelope(r, 400, param)
+        assert r.json()["error"]["code"] == "context_length_exceeded"
+        assert where in r.json()["error"]["message"]
+        assert httpx.post(server.url + path, json={**body, "truncate": True}).status_code == 200
+        assert httpx.post(server.url + path, json=body).status_code == 200  # the server's default: cut
+    # What fits is served with truncate=false.
+    for body in ({"model": EMBED, "input": [TEXTS[0], TEXTS[1]]}, {"model": EMBED, "input": [fits]},
+                 {"model": RERANK, "query": TEXTS[0], "documents": DOCS}):
+        path = "/v1/rerank" if "query" in body else "/v1/embeddings"
+        assert httpx.post(server.url + path, json={**body, "truncate": False}).status_code == 200, body
+
+
+def test_server_may_turn_truncation_off(exported):
+    from shim.app import create_app
+    from shim.backends.embedded import EmbeddedBackend
+    from shim.service import Limits
+
+    from conftest import ServerThread
+
+    with ServerThread(create_app(EmbeddedBackend(exported["repository"]), limits=Limits(truncate=False))) as srv:
+        body = {"model": EMBED, "input": TEXTS[2] * 10}
+        _assert_envelope(httpx.post(srv.url + "/v1/embeddings", json=body), 400, "input")
+        assert httpx.post(srv.url + "/v1/embeddings", json={**body, "truncate": True}).status_code == 200
+        assert httpx.post(srv.url + "/v1/embeddings", json={"model": EMBED, "input": TEXTS[0]}).status_code == 200
+
+
 def test_token_id_input_matches_text_input(server, references):
     ids = references["embed"].tokenizer([TEXTS[0], TEXTS[1]])["input_ids"]
     by_ids = httpx.post(server.url + "/v1/embeddings", json={"model": EMBED, "input": ids}).json()
@@ -161,6 +198,7 @@ BAD_EMBEDDINGS = [
     ({"model": EMBED, "input": [-1]}, 400, "input"),
     ({"model": EMBED, "input": "x", "encoding_format": "hex"}, 400, "encoding_format"),
     ({"model": EMBED, "input": "x", "dimensions": 7}, 400, "dimensions"),
+    ({"model": EMBED, "input": "x", "truncate": "no"}, 400, "truncate"),
     ({"model": EMBED, "input": "x", "input_type": "nonsense"}, 400, "input_type"),
     ({"model": RERANK, "input": "x"}, 400, "model"),
     ({"model": "nope/nothing", "input": "x"}, 404, "model"),

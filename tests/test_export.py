@@ -49,7 +49,7 @@ def test_configs_chain_tokenizer_to_encoder(exported):
         assert {i.name for i in enc.input} == set(s.encoder_inputs) == set(steps[1].input_map)
         assert set(steps[0].output_map) == {o.name for o in tok.output}
         assert set(steps[1].input_map.values()) <= set(steps[0].output_map.values())
-        assert {o.name for o in ens.output} == {*steps[1].output_map.values(), spec.NUM_TOKENS}
+        assert {o.name for o in ens.output} == {*steps[1].output_map.values(), spec.NUM_TOKENS, spec.TRUNCATED}
         assert enc.backend == "python" and (repo / enc.name / "1" / "model.py").exists()
         assert (repo / enc.name / "1" / "model.onnx").exists()
         assert (repo / tok.name / "1" / "shim" / "runtime" / "tokenization.py").exists()

@@ -37,6 +37,33 @@ def test_triton_unreachable_at_start_then_503():
         assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
 
 
+def test_hung_triton_hits_the_deadline_then_recovers(triton):
+    # SIGSTOP keeps Triton's sockets open but answers nothing: only the call's deadline ends the wait.
+    import os
+    import signal
+
+    deadline = 2.0
+    with ServerThread(create_app(TritonBackend(triton["grpc"], timeout_s=deadline, probe_s=0.3))) as shim:
+        body = {"model": EMBED, "input": ["猫が寝ている"]}
+        assert httpx.post(shim.url + "/v1/embeddings", json=body).status_code == 200
+        os.kill(triton["proc"].pid, signal.SIGSTOP)
+        try:
+            start = time.monotonic()
+            r = httpx.post(shim.url + "/v1/embeddings", json=body, timeout=30)
+            waited = time.monotonic() - start
+            print(f"\nhung Triton: {r.status_code} after {waited:.2f}s (deadline {deadline}s)")
+            assert r.status_code == 503 and r.json()["error"]["code"] == "backend_unavailable"
+            assert deadline <= waited < deadline + 1.5
+            assert httpx.get(shim.url + "/health", timeout=30).status_code == 503
+        finally:
+            os.kill(triton["proc"].pid, signal.SIGCONT)
+        start = time.monotonic()
+        while httpx.post(shim.url + "/v1/embeddings", json=body, timeout=30).status_code != 200:
+            assert time.monotonic() - start < 15, "no recovery after SIGCONT"
+            time.sleep(0.1)
+        print(f"recovered {time.monotonic() - start:.2f}s after SIGCONT")
+
+
 def test_triton_killed_and_restarted_under_load(exported, tmp_path):
     ports = free_port(), free_port(), free_port()
     statuses: list[tuple[float, int]] = []

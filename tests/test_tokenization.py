@@ -29,7 +29,29 @@ def test_pad_order_and_types():
 
 
 def test_truncate_ids():
-    assert truncate_ids([[1, 2, 3, 4], [5]], 2).input_ids == [[1, 2], [5]]
+    cut = truncate_ids([[1, 2, 3, 4], [5], [6, 7]], 2)
+    assert cut.input_ids == [[1, 2], [5], [6, 7]]
+    assert cut.truncated == [True, False, False]
+
+
+def test_tokenizer_tells_which_inputs_it_cut(tmp_path):
+    import tiny_models
+    from shim.runtime.tokenization import Tokenizer
+
+    tiny_models.build_tokenizer(tmp_path).save_pretrained(str(tmp_path))
+    full = Tokenizer(tmp_path, max_length=10_000)
+    text = "".join(tiny_models.corpus())
+    n = len(full.encode([text]).input_ids[0])
+    # The same text under a context of exactly its length, one less, and one more.
+    for max_length, cut in ((n, False), (n - 1, True), (n + 1, False)):
+        enc = Tokenizer(tmp_path, max_length=max_length).encode([text, "猫"])
+        assert enc.truncated == [cut, False], max_length
+        assert enc.lengths[0] == min(n, max_length)
+    # Pairs: truncation is of the pair as a whole.
+    pair = full.encode(["猫"], [text])
+    m = len(pair.input_ids[0])
+    assert Tokenizer(tmp_path, max_length=m).encode(["猫"], [text]).truncated == [False]
+    assert Tokenizer(tmp_path, max_length=m - 1).encode(["猫"], [text]).truncated == [True]
 
 
 @given(st.lists(st.integers(1, 600), max_size=200), st.integers(1, 40), st.integers(1, 5000))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -9,6 +10,15 @@ import numpy as np
 
 from ..runtime.spec import ModelSpec
 from ..runtime.tokenization import Encoded
+
+
+@dataclasses.dataclass
+class Output:
+    """What a backend returns for one request, row i for input i."""
+
+    values: np.ndarray  # embed: (n, dimension) vectors; rerank: (n,) scores
+    tokens: list[int]  # tokens each input was computed with (after truncation)
+    truncated: list[bool]  # whether each input was cut to the model's context
 
 
 class Backend(Protocol):
@@ -22,13 +32,8 @@ class Backend(Protocol):
     def specs(self) -> list[ModelSpec]:
         """The models served now."""
 
-    async def embed(
-        self, s: ModelSpec, texts: Sequence[str] | None = None, encoded: Encoded | None = None
-    ) -> tuple[np.ndarray, list[int]]:
-        """Vectors (n, dimension) in input order and the token count of each input.
+    async def embed(self, s: ModelSpec, texts: Sequence[str] | None = None, encoded: Encoded | None = None) -> Output:
+        """Exactly one of ``texts`` (tokenized by the backend) and ``encoded`` (token ids) is given."""
 
-        Exactly one of ``texts`` (tokenized by the backend) and ``encoded`` (token ids) is given.
-        """
-
-    async def rerank(self, s: ModelSpec, query: str, documents: Sequence[str]) -> tuple[np.ndarray, list[int]]:
-        """Scores (n,) for the (query, document) pairs in document order, and their token counts."""
+    async def rerank(self, s: ModelSpec, query: str, documents: Sequence[str]) -> Output:
+        """Scores for the (query, document) pairs, in document order."""

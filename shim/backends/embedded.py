@@ -24,6 +24,7 @@ from ..runtime.batching import BatchLimits, Stats
 from ..runtime.encoder import Encoder
 from ..runtime.spec import ModelSpec
 from ..runtime.tokenization import Encoded, Tokenizer
+from .base import Output
 
 log = logging.getLogger("fos.embedded")
 
@@ -136,16 +137,17 @@ class EmbeddedBackend:
             raise BackendUnavailable(f"model {s.served_name} is not loaded")
         return model
 
-    async def embed(
-        self, s: ModelSpec, texts: Sequence[str] | None = None, encoded: Encoded | None = None
-    ) -> tuple[np.ndarray, list[int]]:
+    async def embed(self, s: ModelSpec, texts: Sequence[str] | None = None, encoded: Encoded | None = None) -> Output:
         model = self._model(s)
         if encoded is None:
             encoded = await asyncio.to_thread(model.tokenizer.encode, list(texts or []))
-        return await model.submit(encoded), encoded.lengths
+        return _output(await model.submit(encoded), encoded)
 
-    async def rerank(self, s: ModelSpec, query: str, documents: Sequence[str]) -> tuple[np.ndarray, list[int]]:
+    async def rerank(self, s: ModelSpec, query: str, documents: Sequence[str]) -> Output:
         model = self._model(s)
         encoded = await asyncio.to_thread(model.tokenizer.encode, [query] * len(documents), list(documents))
-        scores = await model.submit(encoded)
-        return scores.reshape(-1), encoded.lengths
+        return _output((await model.submit(encoded)).reshape(-1), encoded)
+
+
+def _output(values: np.ndarray, encoded: Encoded) -> Output:
+    return Output(values, encoded.lengths, encoded.truncated or [False] * len(encoded.input_ids))

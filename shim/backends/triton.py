@@ -26,6 +26,7 @@ from ..repository import spec_of
 from ..runtime import spec as specs
 from ..runtime.spec import ModelSpec
 from ..runtime.tokenization import Encoded, length_batches, pad
+from .base import Output
 
 log = logging.getLogger("fos.triton")
 
@@ -185,34 +186,38 @@ class TritonBackend:
             merged.append(out)
         return merged
 
-    async def embed(
-        self, s: ModelSpec, texts: Sequence[str] | None = None, encoded: Encoded | None = None
-    ) -> tuple[np.ndarray, list[int]]:
+    async def embed(self, s: ModelSpec, texts: Sequence[str] | None = None, encoded: Encoded | None = None) -> Output:
         if encoded is not None:
             def by_ids(g: list[int]):
                 feeds = pad(encoded, s.pad_token_id, s.encoder_inputs, order=g)
                 return self._infer(specs.encoder_model(s.name), [_ints(n, a) for n, a in feeds.items()], [specs.EMBEDDING])
 
             (vectors,) = await self._fan_out(_sub_batches(encoded.lengths), by_ids, len(encoded.input_ids))
-            return vectors, encoded.lengths
+            return Output(vectors, encoded.lengths, encoded.truncated or [False] * len(encoded.input_ids))
         texts = list(texts or [])
         # Characters stand in for tokens when grouping by length; Triton tokenizes.
-        vectors, counts = await self._fan_out(
+        return _output(*await self._fan_out(
             _sub_batches([len(t) for t in texts]),
-            lambda g: self._infer(s.name, [_strings(specs.TEXT, [texts[i] for i in g])], [specs.EMBEDDING, specs.NUM_TOKENS]),
+            lambda g: self._infer(s.name, [_strings(specs.TEXT, [texts[i] for i in g])], [specs.EMBEDDING, *_COUNTS]),
             len(texts),
-        )
-        return vectors, counts.reshape(-1).tolist()
+        ))
 
-    async def rerank(self, s: ModelSpec, query: str, documents: Sequence[str]) -> tuple[np.ndarray, list[int]]:
+    async def rerank(self, s: ModelSpec, query: str, documents: Sequence[str]) -> Output:
         docs = list(documents)
-        scores, counts = await self._fan_out(
+        scores, tokens, truncated = await self._fan_out(
             _sub_batches([len(d) for d in docs]),
             lambda g: self._infer(
                 s.name,
                 [_strings(specs.TEXT, [query] * len(g)), _strings(specs.TEXT_PAIR, [docs[i] for i in g])],
-                [specs.SCORE, specs.NUM_TOKENS],
+                [specs.SCORE, *_COUNTS],
             ),
             len(docs),
         )
-        return scores.reshape(-1), counts.reshape(-1).tolist()
+        return _output(scores.reshape(-1), tokens, truncated)
+
+
+_COUNTS = (specs.NUM_TOKENS, specs.TRUNCATED)
+
+
+def _output(values: np.ndarray, tokens: np.ndarray, truncated: np.ndarray) -> Output:
+    return Output(values, tokens.reshape(-1).tolist(), truncated.reshape(-1).astype(bool).tolist())

@@ -15,7 +15,8 @@ from typing import Literal
 # Ensemble (client-facing) tensors.
 TEXT = "TEXT"
 TEXT_PAIR = "TEXT_PAIR"
-NUM_TOKENS = "NUM_TOKENS"
+NUM_TOKENS = "NUM_TOKENS"  # tokens the input was computed with
+TRUNCATED = "TRUNCATED"  # whether the input was cut to max_length
 EMBEDDING = "EMBEDDING"
 SCORE = "SCORE"
 

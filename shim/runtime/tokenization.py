@@ -8,6 +8,7 @@ The tokenizer is called exactly as sentence-transformers calls it (``truncation=
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,15 +24,28 @@ class Encoded:
 
     input_ids: list[list[int]]
     token_type_ids: list[list[int]] | None = None
+    # Per input: was it cut to the model's context? None: nothing was cut.
+    truncated: list[bool] | None = None
 
     @property
     def lengths(self) -> list[int]:
         return [len(ids) for ids in self.input_ids]
 
 
+def _not_overflow_notice(record: logging.LogRecord) -> bool:
+    # transformers warns on every pair it truncates that it does not return the cut tokens; we never
+    # ask for them, and a reranker fed long documents would log it on every request.
+    return not record.getMessage().startswith("Be aware, overflowing tokens are not returned")
+
+
 class Tokenizer:
     def __init__(self, path: str | Path, max_length: int):
         from transformers import AutoTokenizer
+
+        for name in ("transformers.tokenization_python", "transformers.tokenization_utils_base"):
+            log = logging.getLogger(name)
+            if _not_overflow_notice not in log.filters:
+                log.addFilter(_not_overflow_notice)
 
         self.hf = AutoTokenizer.from_pretrained(str(path))
         # MeCab's tagger (fugashi) is not thread-safe: two threads in it at once corrupt its state and
@@ -43,21 +57,33 @@ class Tokenizer:
     def encode(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> Encoded:
         if pairs is not None and len(pairs) != len(texts):
             raise ValueError(f"{len(texts)} texts but {len(pairs)} pairs")
-        with self._lock:
-            out = self.hf(
-                list(texts),
-                list(pairs) if pairs is not None else None,
-                truncation="longest_first",
-                max_length=self.max_length,
-                padding=False,
-            )
+        out = self._call(texts, pairs, self.max_length)
         types = out.get(spec.TOKEN_TYPE_IDS)
-        return Encoded(input_ids=list(out[spec.INPUT_IDS]), token_type_ids=list(types) if types is not None else None)
+        encoded = Encoded(input_ids=list(out[spec.INPUT_IDS]), token_type_ids=list(types) if types is not None else None)
+        encoded.truncated = self._truncated(texts, pairs, encoded.lengths)
+        return encoded
+
+    def _call(self, texts: Sequence[str], pairs: Sequence[str] | None, max_length: int):
+        with self._lock:
+            return self.hf(list(texts), list(pairs) if pairs is not None else None,
+                           truncation="longest_first", max_length=max_length, padding=False)
+
+    def _truncated(self, texts: Sequence[str], pairs: Sequence[str] | None, lengths: list[int]) -> list[bool]:
+        """Only an input that came out exactly max_length long can have been cut; tokenizing those
+        again with room for one more token tells which were (a pair is cut to exactly max_length too)."""
+        full = [i for i, n in enumerate(lengths) if n >= self.max_length]
+        truncated = [False] * len(lengths)
+        if full:
+            again = self._call([texts[i] for i in full], [pairs[i] for i in full] if pairs is not None else None,
+                               self.max_length + 1)
+            for i, ids in zip(full, again[spec.INPUT_IDS]):
+                truncated[i] = len(ids) > self.max_length
+        return truncated
 
 
 def truncate_ids(sequences: Sequence[Sequence[int]], max_length: int) -> Encoded:
     """Token-id input (the OpenAI API's list of ints): taken as the full sequence, cut to max_length."""
-    return Encoded(input_ids=[list(s[:max_length]) for s in sequences])
+    return Encoded(input_ids=[list(s[:max_length]) for s in sequences], truncated=[len(s) > max_length for s in sequences])
 
 
 def pad(encoded: Encoded, pad_token_id: int, inputs: Sequence[str], order: Sequence[int] | None = None) -> dict[str, np.ndarray]:
