@@ -41,12 +41,13 @@ class _Job:
 
 
 class _Model:
-    def __init__(self, s: ModelSpec, repository: Path, executor, limits: BatchLimits, queue: QueueLimits, threads: int | None):
+    def __init__(self, s: ModelSpec, repository: Path, executor, limits: BatchLimits | None, queue: QueueLimits,
+                 threads: int | None):
         self.spec = s
         self.tokenizer = Tokenizer(repository / specs.tokenizer_model(s.name) / "1" / "tokenizer", s.max_length)
         self.encoder = Encoder(repository / specs.encoder_model(s.name) / "1" / "model.onnx", threads=threads)
         self.executor = executor
-        self.limits = limits
+        self.limits = limits or BatchLimits.for_encoder(self.encoder)
         self.queue_limits = queue
         self.stats = Stats()
         self.queue: asyncio.Queue[_Job] = asyncio.Queue()
@@ -95,7 +96,7 @@ class EmbeddedBackend:
     def __init__(self, repository: Path, limits: BatchLimits | None = None, threads: int | None = None,
                  queue: QueueLimits | None = None):
         self.repository = Path(repository)
-        self.limits = limits or BatchLimits()
+        self.limits = limits  # None: per model, from its encoder's device
         self.queue_limits = queue or QueueLimits()
         self.threads = threads
         self.models: dict[str, _Model] = {}

@@ -21,6 +21,12 @@ class BatchLimits:
     max_batch: int = 32  # rows per encoder run
     max_batch_tokens: int = 8192  # padded tokens per encoder run
 
+    @classmethod
+    def for_encoder(cls, encoder: Encoder) -> BatchLimits:
+        # A CPU is saturated by 32 rows; a GPU is not: on an H200, ruri-large fp16 ran 1.8x faster in
+        # runs of up to 256 rows / 65536 tokens than of 32 / 8192 (bench/gpu.py, docs/benchmarks.md).
+        return cls(max_batch=256, max_batch_tokens=65536) if encoder.on_gpu else cls()
+
 
 @dataclasses.dataclass
 class Stats:

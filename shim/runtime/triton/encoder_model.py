@@ -28,7 +28,7 @@ class TritonPythonModel:
         device = "gpu" if args.get("model_instance_kind") == "GPU" else "cpu"
         path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
         self.encoder = encoder.Encoder(path, device=device)
-        self.limits = batching.BatchLimits()
+        self.limits = batching.BatchLimits.for_encoder(self.encoder)
 
     def execute(self, requests):
         encodeds, errors = [], {}
