@@ -72,8 +72,9 @@ def run(args: argparse.Namespace) -> int:
         from .backends.embedded import EmbeddedBackend
 
         backend = EmbeddedBackend(args.repository, threads=args.threads)
-    limits = Limits(args.max_inputs, args.max_input_chars, args.max_documents, args.max_inputs_in_flight,
-                    args.max_body_bytes, args.truncate)
+    limits = Limits(max_inputs=args.max_inputs, max_input_chars=args.max_input_chars, max_documents=args.max_documents,
+                    max_inputs_in_flight=args.max_inputs_in_flight, max_body_bytes=args.max_body_bytes,
+                    truncate=args.truncate)
     keys = load_keys(args.api_key, args.api_key_file)
     uvicorn.run(create_app(backend, limits, keys), host=args.host, port=args.port, log_level=args.log_level.lower(),
                 timeout_graceful_shutdown=args.graceful_timeout)
