@@ -94,7 +94,7 @@ def _export_fp16(st, work: Path) -> tuple[Path, dict]:
     fused = convert.optimize(source, work / "model.onnx", work / "fused.onnx")
     times["fuse_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    convert.to_precision(work / ("fused.onnx" if fused else "model.onnx"), work / "fp16.onnx", "fp16")
+    convert.to_precision(work / ("fused.onnx" if fused is not None else "model.onnx"), work / "fp16.onnx", "fp16")
     times["fp16_s"] = time.perf_counter() - t
     return work / "fp16.onnx", {**times, "fused": fused, "encoder_inputs": list(source.encoder_inputs)}
 

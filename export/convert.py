@@ -3,6 +3,7 @@ then the precision the user asked for."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from pathlib import Path
@@ -41,6 +42,29 @@ def output_name(task: str) -> str:
     return spec.EMBEDDING if task == "embed" else spec.SCORE
 
 
+@contextlib.contextmanager
+def _eager_attention(source: Source):
+    """Trace attention as plain MatMul/Softmax, the pattern onnxruntime's fusion recognises.
+
+    transformers 5 defaults to SDPA, which traces into a NaN-guarded softmax (IsNaN/Where) that the
+    fusion does not match, leaving every layer's attention unfused. Eager and SDPA compute the same
+    function; the model is put back as it was afterwards."""
+    from transformers import PreTrainedModel
+
+    if getattr(source.hf_config, "model_type", "") not in _BERT_LIKE:
+        yield
+        return
+    models = [m for m in source.model.modules() if isinstance(m, PreTrainedModel)]
+    before = [m.config._attn_implementation for m in models]
+    for m in models:
+        m.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        for m, impl in zip(models, before):
+            m.set_attn_implementation(impl)
+
+
 def to_onnx(source: Source, path: Path) -> None:
     # Two rows of different length, so the traced graph is the padded, masked one.
     from shim.runtime.tokenization import Encoded, pad
@@ -51,7 +75,7 @@ def to_onnx(source: Source, path: Path) -> None:
     out = output_name(source.task)
     axes = {name: {0: "batch", 1: "sequence"} for name in source.encoder_inputs}
     axes[out] = {0: "batch"}
-    with warnings.catch_warnings(), torch.inference_mode():
+    with warnings.catch_warnings(), torch.inference_mode(), _eager_attention(source):
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
         torch.onnx.export(
             Graph(source).eval(),
@@ -66,11 +90,12 @@ def to_onnx(source: Source, path: Path) -> None:
         )
 
 
-def optimize(source: Source, src: Path, dst: Path) -> bool:
-    """Fuse attention, LayerNorm and GELU for BERT-like models; returns whether it applied."""
+def optimize(source: Source, src: Path, dst: Path) -> dict[str, int] | None:
+    """Fuse attention, LayerNorm and GELU for BERT-like models; returns the fused operators by type,
+    or None where the architecture is not one onnxruntime knows."""
     model_type = getattr(source.hf_config, "model_type", "")
     if model_type not in _BERT_LIKE:
-        return False
+        return None
     from onnxruntime.transformers.optimizer import optimize_model
 
     # Its fusions log every step at INFO; the export prints its own progress.
@@ -88,7 +113,7 @@ def optimize(source: Source, src: Path, dst: Path) -> bool:
         model.save_model_to_file(str(dst))
     finally:
         logging.disable(logging.NOTSET)
-    return True
+    return {op: n for op, n in model.get_fused_operator_statistics().items() if n}
 
 
 def to_precision(src: Path, dst: Path, precision: str) -> None:

@@ -76,8 +76,9 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> spec.Mode
         t = _step(log, 2, total, "converting to ONNX (pooling and activation inside the graph)")
         convert.to_onnx(source, work / "raw.onnx")
         fused = convert.optimize(source, work / "raw.onnx", work / "fp32.onnx")
-        fp32 = work / ("fp32.onnx" if fused else "raw.onnx")
-        log(f"      done in {time.perf_counter() - t:.1f}s" + (" (attention fused)" if fused else ""))
+        fp32 = work / ("fp32.onnx" if fused is not None else "raw.onnx")
+        ops = ", ".join(f"{op} x{n}" for op, n in sorted((fused or {}).items()))
+        log(f"      done in {time.perf_counter() - t:.1f}s" + (f" (fused: {ops or 'nothing'})" if fused is not None else ""))
 
         final = fp32
         if opts.precision != "fp32":

@@ -55,6 +55,19 @@ def test_configs_chain_tokenizer_to_encoder(exported):
         assert (repo / tok.name / "1" / "shim" / "runtime" / "tokenization.py").exists()
 
 
+def test_attention_is_fused(exported):
+    # onnxruntime's fused Attention is the fast path on CPU and GPU; transformers' default SDPA
+    # attention traces into a pattern the fusion misses, so export traces the eager one.
+    import onnx
+
+    repo = exported["repository"]
+    for s in read_specs(repo):
+        graph = onnx.load(str(repo / spec.encoder_model(s.name) / "1" / "model.onnx")).graph
+        ops = [n.op_type for n in graph.node]
+        assert ops.count("Attention") == 2 and "Softmax" not in ops, (s.served_name, sorted(set(ops)))
+        assert "fused: " in exported["printed"][s.task] and "Attention x2" in exported["printed"][s.task]
+
+
 def test_exported_tokenizer_gives_segment_ids(exported):
     r = next(s for s in read_specs(exported["repository"]) if s.task == "rerank")
     tok = Tokenizer(exported["repository"] / spec.tokenizer_model(r.name) / "1" / "tokenizer", r.max_length)
