@@ -1,5 +1,6 @@
 """Run the whole comparison, one server at a time on this machine: the naive sentence-transformers
-server, the embedded backend (fp32, int8) and the pip tritonserver behind the shim.
+server, the embedded backend (fp32, int8), the pip tritonserver behind the shim, and infinity-emb
+(torch and optimum engines; ``bench/infinity.sh install`` first).
 
     uv run python -m bench.compare --embed-dir DIR --rerank-dir DIR --repo-fp32 DIR --repo-int8 DIR
 
@@ -21,7 +22,7 @@ from pathlib import Path
 
 EMBED = "cl-nagoya/ruri-large"
 RERANK = "cl-nagoya/ruri-reranker-large"
-PLAN = [("dify-embed", "1,4,16"), ("batch-embed", "2"), ("rerank", "2")]
+PLAN = {"dify-embed": "1,4,16", "batch-embed": "2", "rerank": "2"}  # concurrency levels
 
 
 def _wait(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
@@ -53,9 +54,8 @@ def _server(cmd: list[str], health: str, log: Path):
 
 
 def _bench(label: str, url: str, tokenizer: Path, args) -> None:
-    for workload, levels in PLAN:
-        if workload not in args.workloads:
-            continue
+    for workload in args.workloads.split(","):
+        levels = args.dify_levels if workload == "dify-embed" else PLAN[workload]
         subprocess.run([sys.executable, "-m", "shim.cli", "bench", "--url", url, "--label", label, "--model", EMBED,
                         "--rerank-model", RERANK, "--workload", workload, "--concurrency", levels,
                         "--duration", str(args.duration), "--tokenizer", str(tokenizer), "--out", str(args.out)]
@@ -77,6 +77,7 @@ def main() -> None:
     p.add_argument("--repo-int8", type=Path)
     p.add_argument("--servers", default="naive,embedded-fp32,embedded-int8,triton-fp32")
     p.add_argument("--workloads", default="dify-embed,batch-embed,rerank")
+    p.add_argument("--dify-levels", default=PLAN["dify-embed"], help="dify-embed concurrency levels")
     p.add_argument("--duration", type=float, default=40)
     p.add_argument("--corpus", type=Path)
     p.add_argument("--out", type=Path, default=Path("bench-results"))
@@ -107,6 +108,12 @@ def main() -> None:
             with _server(triton, "http://127.0.0.1:18000/v2/health/ready", log), _server(shim, url + "/health", log):
                 _bench(server, url, tokenizer, args)
                 _save_metrics(server, url, args.out)
+        elif server.startswith("infinity-"):
+            engine = server.removeprefix("infinity-")
+            script = Path(__file__).resolve().parent / "infinity.sh"
+            cmd = ["bash", str(script), "serve", engine, str(args.embed_dir), str(args.rerank_dir), str(port)]
+            with _server(cmd, url + "/health", log):
+                _bench(server, url, tokenizer, args)
         else:
             raise SystemExit(f"unknown server {server!r}")
 

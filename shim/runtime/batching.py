@@ -23,7 +23,7 @@ class BatchLimits:
 
     @classmethod
     def for_encoder(cls, encoder: Encoder) -> BatchLimits:
-        # A CPU is saturated by 32 rows; a GPU is not: on an H200, ruri-large fp16 ran 1.8x faster in
+        # A CPU is saturated by 32 rows; a GPU is not: on an H200, ruri-large fp16 ran 1.33x faster in
         # runs of up to 256 rows / 65536 tokens than of 32 / 8192 (bench/gpu.py, docs/benchmarks.md).
         return cls(max_batch=256, max_batch_tokens=65536) if encoder.on_gpu else cls()
 
