@@ -20,6 +20,11 @@ class Output:
     tokens: list[int]  # tokens each input was computed with (after truncation)
     truncated: list[bool]  # whether each input was cut to the model's context
 
+    @classmethod
+    def of(cls, values: np.ndarray, encoded: Encoded) -> Output:
+        """For inputs tokenized in this process."""
+        return cls(values, encoded.lengths, encoded.truncated or [False] * len(encoded.input_ids))
+
 
 class Backend(Protocol):
     async def start(self) -> None:

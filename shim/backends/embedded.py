@@ -142,13 +142,9 @@ class EmbeddedBackend:
         model = self._model(s)
         if encoded is None:
             encoded = await asyncio.to_thread(model.tokenizer.encode, list(texts or []))
-        return _output(await model.submit(encoded), encoded)
+        return Output.of(await model.submit(encoded), encoded)
 
     async def rerank(self, s: ModelSpec, query: str, documents: Sequence[str]) -> Output:
         model = self._model(s)
         encoded = await asyncio.to_thread(model.tokenizer.encode, [query] * len(documents), list(documents))
-        return _output((await model.submit(encoded)).reshape(-1), encoded)
-
-
-def _output(values: np.ndarray, encoded: Encoded) -> Output:
-    return Output(values, encoded.lengths, encoded.truncated or [False] * len(encoded.input_ids))
+        return Output.of((await model.submit(encoded)).reshape(-1), encoded)

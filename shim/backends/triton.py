@@ -193,7 +193,7 @@ class TritonBackend:
                 return self._infer(specs.encoder_model(s.name), [_ints(n, a) for n, a in feeds.items()], [specs.EMBEDDING])
 
             (vectors,) = await self._fan_out(_sub_batches(encoded.lengths), by_ids, len(encoded.input_ids))
-            return Output(vectors, encoded.lengths, encoded.truncated or [False] * len(encoded.input_ids))
+            return Output.of(vectors, encoded)
         texts = list(texts or [])
         # Characters stand in for tokens when grouping by length; Triton tokenizes.
         return _output(*await self._fan_out(
