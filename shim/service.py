@@ -98,6 +98,7 @@ class Service:
             raise InvalidRequest(f"`{s.served_name}` returns {s.dimension} dimensions; dimensions={req.dimensions} is not supported", param="dimensions")
 
         raw = req.input
+        truncate = self._truncate(req.truncate)
         if isinstance(raw, str):
             raw = [raw]
         if len(raw) == 0:
@@ -110,7 +111,7 @@ class Service:
                 self._check_text(t, f"input[{i}]", "input")
             prefix = self._prefix(s, req.input_type)
             with self.admission.admit(len(texts)):
-                out = await self.backend.embed(s, texts=[prefix + t for t in texts])
+                out = await self.backend.embed(s, texts=[prefix + t for t in texts], detect_truncation=not truncate)
         else:
             seqs = [raw] if isinstance(raw[0], int) else raw
             self._check_ids(s, seqs)
@@ -119,7 +120,7 @@ class Service:
             encoded = truncate_ids(seqs, s.max_length)
             with self.admission.admit(len(seqs)):
                 out = await self.backend.embed(s, encoded=encoded)
-        self._check_truncation(s, out, req.truncate, "input", "input[{}]")
+        self._check_truncation(s, out, truncate, "input", "input[{}]")
         self._count(s, out.tokens)
         vectors = out.values
 
@@ -163,10 +164,13 @@ class Service:
             if bad is not None:
                 raise InvalidRequest(f"input[{i}] has token id {bad}, outside the vocabulary (0..{s.vocab_size - 1})", param="input")
 
-    def _check_truncation(self, s: ModelSpec, out: Output, asked: bool | None, param: str, what: str) -> None:
+    def _truncate(self, asked: bool | None) -> bool:
+        return self.limits.truncate if asked is None else asked
+
+    def _check_truncation(self, s: ModelSpec, out: Output, truncate: bool, param: str, what: str) -> None:
         """Known only once the backend has tokenized (inside Triton, for text); the request then fails
         as a whole rather than answer for a text the model never saw in full."""
-        if (self.limits.truncate if asked is None else asked) or not any(out.truncated):
+        if truncate or not any(out.truncated):
             return
         first = out.truncated.index(True)
         raise InvalidRequest(
@@ -182,11 +186,12 @@ class Service:
             raise InvalidRequest(f"'documents' has {len(req.documents)} items; at most {self.limits.max_documents} per request",
                                  param="documents")
         docs = [d.text if isinstance(d, RerankDocument) else d for d in req.documents]
+        truncate = self._truncate(req.truncate)
         for i, d in enumerate(docs):
             self._check_text(d, f"documents[{i}]", "documents")
         with self.admission.admit(len(docs)):
-            out = await self.backend.rerank(s, req.query, docs)
-        self._check_truncation(s, out, req.truncate, "documents", "'query' with documents[{}]")
+            out = await self.backend.rerank(s, req.query, docs, detect_truncation=not truncate)
+        self._check_truncation(s, out, truncate, "documents", "'query' with documents[{}]")
         self._count(s, out.tokens)
         scores = out.values
         order = sorted(range(len(docs)), key=lambda i: (-float(scores[i]), i))

@@ -31,7 +31,7 @@ class FakeBackend:
     def specs(self) -> list[ModelSpec]:
         return [EMBED_SPEC, RERANK_SPEC] if self._ready else []
 
-    async def embed(self, s, texts=None, encoded=None):
+    async def embed(self, s, texts=None, encoded=None, detect_truncation=False):
         self.calls += 1
         await asyncio.sleep(self.delay)
         n = len(texts) if texts is not None else len(encoded.input_ids)
@@ -39,7 +39,7 @@ class FakeBackend:
         vectors = np.array([[float(x), 1.0, 0.0, 0.0] for x in lengths], dtype=np.float32).reshape(n, 4)
         return Output(vectors, lengths, [False] * n)
 
-    async def rerank(self, s, query, documents):
+    async def rerank(self, s, query, documents, detect_truncation=False):
         self.calls += 1
         await asyncio.sleep(self.delay)
         scores = np.array([1.0 / (1 + len(d)) for d in documents], dtype=np.float32)
@@ -54,9 +54,9 @@ class SlowBackend(FakeBackend):
         self.finished = 0
         self.cancelled = 0
 
-    async def embed(self, s, texts=None, encoded=None):
+    async def embed(self, s, texts=None, encoded=None, detect_truncation=False):
         try:
-            result = await super().embed(s, texts, encoded)
+            result = await super().embed(s, texts, encoded, detect_truncation)
         except asyncio.CancelledError:
             self.cancelled += 1
             raise

@@ -44,14 +44,16 @@ def test_tokenizer_tells_which_inputs_it_cut(tmp_path):
     n = len(full.encode([text]).input_ids[0])
     # The same text under a context of exactly its length, one less, and one more.
     for max_length, cut in ((n, False), (n - 1, True), (n + 1, False)):
-        enc = Tokenizer(tmp_path, max_length=max_length).encode([text, "猫"])
+        tok = Tokenizer(tmp_path, max_length=max_length)
+        assert tok.encode([text, "猫"]).truncated is None  # not asked: no second tokenization
+        enc = tok.encode([text, "猫"], detect_truncation=True)
         assert enc.truncated == [cut, False], max_length
         assert enc.lengths[0] == min(n, max_length)
     # Pairs: truncation is of the pair as a whole.
     pair = full.encode(["猫"], [text])
     m = len(pair.input_ids[0])
-    assert Tokenizer(tmp_path, max_length=m).encode(["猫"], [text]).truncated == [False]
-    assert Tokenizer(tmp_path, max_length=m - 1).encode(["猫"], [text]).truncated == [True]
+    assert Tokenizer(tmp_path, max_length=m).encode(["猫"], [text], detect_truncation=True).truncated == [False]
+    assert Tokenizer(tmp_path, max_length=m - 1).encode(["猫"], [text], detect_truncation=True).truncated == [True]
 
 
 @given(st.lists(st.integers(1, 600), max_size=200), st.integers(1, 40), st.integers(1, 5000))

@@ -37,8 +37,10 @@ class Backend(Protocol):
     def specs(self) -> list[ModelSpec]:
         """The models served now."""
 
-    async def embed(self, s: ModelSpec, texts: Sequence[str] | None = None, encoded: Encoded | None = None) -> Output:
-        """Exactly one of ``texts`` (tokenized by the backend) and ``encoded`` (token ids) is given."""
+    async def embed(self, s: ModelSpec, texts: Sequence[str] | None = None, encoded: Encoded | None = None,
+                    detect_truncation: bool = False) -> Output:
+        """Exactly one of ``texts`` (tokenized by the backend) and ``encoded`` (token ids) is given.
+        ``Output.truncated`` is reliable only with ``detect_truncation`` (it costs tokenization time)."""
 
-    async def rerank(self, s: ModelSpec, query: str, documents: Sequence[str]) -> Output:
+    async def rerank(self, s: ModelSpec, query: str, documents: Sequence[str], detect_truncation: bool = False) -> Output:
         """Scores for the (query, document) pairs, in document order."""

@@ -138,13 +138,14 @@ class EmbeddedBackend:
             raise BackendUnavailable(f"model {s.served_name} is not loaded")
         return model
 
-    async def embed(self, s: ModelSpec, texts: Sequence[str] | None = None, encoded: Encoded | None = None) -> Output:
+    async def embed(self, s: ModelSpec, texts: Sequence[str] | None = None, encoded: Encoded | None = None,
+                    detect_truncation: bool = False) -> Output:
         model = self._model(s)
         if encoded is None:
-            encoded = await asyncio.to_thread(model.tokenizer.encode, list(texts or []))
+            encoded = await asyncio.to_thread(model.tokenizer.encode, list(texts or []), None, detect_truncation)
         return Output.of(await model.submit(encoded), encoded)
 
-    async def rerank(self, s: ModelSpec, query: str, documents: Sequence[str]) -> Output:
+    async def rerank(self, s: ModelSpec, query: str, documents: Sequence[str], detect_truncation: bool = False) -> Output:
         model = self._model(s)
-        encoded = await asyncio.to_thread(model.tokenizer.encode, [query] * len(documents), list(documents))
+        encoded = await asyncio.to_thread(model.tokenizer.encode, [query] * len(documents), list(documents), detect_truncation)
         return Output.of((await model.submit(encoded)).reshape(-1), encoded)

@@ -49,6 +49,15 @@ def _strings(name: str, values: Sequence[str]) -> grpcclient.InferInput:
     return tensor
 
 
+def _detect(rows: int, wanted: bool) -> list[grpcclient.InferInput]:
+    """The ensemble's optional DETECT_TRUNCATION input, sent only when wanted."""
+    if not wanted:
+        return []
+    tensor = grpcclient.InferInput(specs.DETECT_TRUNCATION, [rows, 1], "BOOL")
+    tensor.set_data_from_numpy(np.ones((rows, 1), dtype=np.bool_))
+    return [tensor]
+
+
 def _ints(name: str, arr: np.ndarray) -> grpcclient.InferInput:
     tensor = grpcclient.InferInput(name, list(arr.shape), "INT64")
     tensor.set_data_from_numpy(arr)
@@ -186,7 +195,8 @@ class TritonBackend:
             merged.append(out)
         return merged
 
-    async def embed(self, s: ModelSpec, texts: Sequence[str] | None = None, encoded: Encoded | None = None) -> Output:
+    async def embed(self, s: ModelSpec, texts: Sequence[str] | None = None, encoded: Encoded | None = None,
+                    detect_truncation: bool = False) -> Output:
         if encoded is not None:
             def by_ids(g: list[int]):
                 feeds = pad(encoded, s.pad_token_id, s.encoder_inputs, order=g)
@@ -198,17 +208,19 @@ class TritonBackend:
         # Characters stand in for tokens when grouping by length; Triton tokenizes.
         return _output(*await self._fan_out(
             _sub_batches([len(t) for t in texts]),
-            lambda g: self._infer(s.name, [_strings(specs.TEXT, [texts[i] for i in g])], [specs.EMBEDDING, *_COUNTS]),
+            lambda g: self._infer(s.name, [_strings(specs.TEXT, [texts[i] for i in g]), *_detect(len(g), detect_truncation)],
+                                  [specs.EMBEDDING, *_COUNTS]),
             len(texts),
         ))
 
-    async def rerank(self, s: ModelSpec, query: str, documents: Sequence[str]) -> Output:
+    async def rerank(self, s: ModelSpec, query: str, documents: Sequence[str], detect_truncation: bool = False) -> Output:
         docs = list(documents)
         scores, tokens, truncated = await self._fan_out(
             _sub_batches([len(d) for d in docs]),
             lambda g: self._infer(
                 s.name,
-                [_strings(specs.TEXT, [query] * len(g)), _strings(specs.TEXT_PAIR, [docs[i] for i in g])],
+                [_strings(specs.TEXT, [query] * len(g)), _strings(specs.TEXT_PAIR, [docs[i] for i in g]),
+                 *_detect(len(g), detect_truncation)],
                 [specs.SCORE, *_COUNTS],
             ),
             len(docs),

@@ -16,7 +16,8 @@ from typing import Literal
 TEXT = "TEXT"
 TEXT_PAIR = "TEXT_PAIR"
 NUM_TOKENS = "NUM_TOKENS"  # tokens the input was computed with
-TRUNCATED = "TRUNCATED"  # whether the input was cut to max_length
+TRUNCATED = "TRUNCATED"  # whether the input was cut to max_length (only when DETECT_TRUNCATION is sent)
+DETECT_TRUNCATION = "DETECT_TRUNCATION"  # optional input: tell which inputs were cut (costs a second tokenization)
 EMBEDDING = "EMBEDDING"
 SCORE = "SCORE"
 

@@ -24,7 +24,7 @@ class Encoded:
 
     input_ids: list[list[int]]
     token_type_ids: list[list[int]] | None = None
-    # Per input: was it cut to the model's context? None: nothing was cut.
+    # Per input: was it cut to the model's context? None: not asked (or nothing was cut).
     truncated: list[bool] | None = None
 
     @property
@@ -54,13 +54,16 @@ class Tokenizer:
         self.max_length = max_length
         self.returns_token_types = spec.TOKEN_TYPE_IDS in self.hf.model_input_names
 
-    def encode(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> Encoded:
+    def encode(self, texts: Sequence[str], pairs: Sequence[str] | None = None, detect_truncation: bool = False) -> Encoded:
+        """``detect_truncation`` also tells which inputs were cut; it tokenizes those a second time, so
+        it is asked for only by requests that refuse truncation."""
         if pairs is not None and len(pairs) != len(texts):
             raise ValueError(f"{len(texts)} texts but {len(pairs)} pairs")
         out = self._call(texts, pairs, self.max_length)
         types = out.get(spec.TOKEN_TYPE_IDS)
         encoded = Encoded(input_ids=list(out[spec.INPUT_IDS]), token_type_ids=list(types) if types is not None else None)
-        encoded.truncated = self._truncated(texts, pairs, encoded.lengths)
+        if detect_truncation:
+            encoded.truncated = self._truncated(texts, pairs, encoded.lengths)
         return encoded
 
     def _call(self, texts: Sequence[str], pairs: Sequence[str] | None, max_length: int):

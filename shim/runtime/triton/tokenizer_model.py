@@ -33,12 +33,14 @@ class TritonPythonModel:
             try:
                 texts = _strings(request, spec.TEXT)
                 pairs = _strings(request, spec.TEXT_PAIR) if self.spec.task == "rerank" else None
-                encoded = self.tokenizer.encode(texts, pairs)
+                detect = pb_utils.get_input_tensor_by_name(request, spec.DETECT_TRUNCATION)
+                encoded = self.tokenizer.encode(texts, pairs, detect_truncation=detect is not None and bool(detect.as_numpy().any()))
                 arrays = tokenization.pad(encoded, self.spec.pad_token_id, self.spec.encoder_inputs)
                 counts = np.asarray(encoded.lengths, dtype=np.int64).reshape(-1, 1)
                 outputs = [pb_utils.Tensor(name, value) for name, value in arrays.items()]
                 outputs.append(pb_utils.Tensor(spec.NUM_TOKENS, counts))
-                outputs.append(pb_utils.Tensor(spec.TRUNCATED, np.asarray(encoded.truncated, dtype=np.bool_).reshape(-1, 1)))
+                truncated = encoded.truncated or [False] * len(encoded.input_ids)
+                outputs.append(pb_utils.Tensor(spec.TRUNCATED, np.asarray(truncated, dtype=np.bool_).reshape(-1, 1)))
                 responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
             except Exception as exc:  # one bad request must not fail the others in the batch
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"tokenizer: {exc}")))
