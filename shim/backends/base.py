@@ -23,7 +23,7 @@ class Output:
     @classmethod
     def of(cls, values: np.ndarray, encoded: Encoded) -> Output:
         """For inputs tokenized in this process."""
-        return cls(values, encoded.lengths, encoded.truncated or [False] * len(encoded.input_ids))
+        return cls(values, encoded.lengths, encoded.cut)
 
 
 class Backend(Protocol):

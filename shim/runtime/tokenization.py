@@ -31,6 +31,11 @@ class Encoded:
     def lengths(self) -> list[int]:
         return [len(ids) for ids in self.input_ids]
 
+    @property
+    def cut(self) -> list[bool]:
+        """``truncated`` with one flag per input; False where it was not asked for."""
+        return self.truncated if self.truncated is not None else [False] * len(self.input_ids)
+
 
 def _not_overflow_notice(record: logging.LogRecord) -> bool:
     # transformers warns on every pair it truncates that it does not return the cut tokens; we never

@@ -39,8 +39,7 @@ class TritonPythonModel:
                 counts = np.asarray(encoded.lengths, dtype=np.int64).reshape(-1, 1)
                 outputs = [pb_utils.Tensor(name, value) for name, value in arrays.items()]
                 outputs.append(pb_utils.Tensor(spec.NUM_TOKENS, counts))
-                truncated = encoded.truncated or [False] * len(encoded.input_ids)
-                outputs.append(pb_utils.Tensor(spec.TRUNCATED, np.asarray(truncated, dtype=np.bool_).reshape(-1, 1)))
+                outputs.append(pb_utils.Tensor(spec.TRUNCATED, np.asarray(encoded.cut, dtype=np.bool_).reshape(-1, 1)))
                 responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
             except Exception as exc:  # one bad request must not fail the others in the batch
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"tokenizer: {exc}")))
