@@ -10,7 +10,7 @@ import uuid
 
 import numpy as np
 
-from .backends.base import Backend, Output
+from .backends.base import Backend
 from .errors import BackendUnavailable, InvalidRequest, ModelNotFound, Overloaded
 from .observability import Metrics
 from .protocol import EmbeddingRequest, RerankDocument, RerankRequest
@@ -118,9 +118,10 @@ class Service:
             if req.input_type is not None:
                 raise InvalidRequest("input_type applies to text input, not token ids", param="input_type")
             encoded = truncate_ids(seqs, s.max_length)
+            self._check_truncation(s, encoded.cut, truncate, "input", "input[{}]")  # known before any compute
             with self.admission.admit(len(seqs)):
                 out = await self.backend.embed(s, encoded=encoded)
-        self._check_truncation(s, out, truncate, "input", "input[{}]")
+        self._check_truncation(s, out.truncated, truncate, "input", "input[{}]")
         self._count(s, out.tokens)
         vectors = out.values
 
@@ -167,12 +168,13 @@ class Service:
     def _truncate(self, asked: bool | None) -> bool:
         return self.limits.truncate if asked is None else asked
 
-    def _check_truncation(self, s: ModelSpec, out: Output, truncate: bool, param: str, what: str) -> None:
-        """Known only once the backend has tokenized (inside Triton, for text); the request then fails
+    @staticmethod
+    def _check_truncation(s: ModelSpec, truncated: list[bool], truncate: bool, param: str, what: str) -> None:
+        """For text, known only once the backend has tokenized (inside Triton); the request then fails
         as a whole rather than answer for a text the model never saw in full."""
-        if truncate or not any(out.truncated):
+        if truncate or not any(truncated):
             return
-        first = out.truncated.index(True)
+        first = truncated.index(True)
         raise InvalidRequest(
             f"{what.format(first)} is longer than the {s.max_length} tokens `{s.served_name}` takes, and truncation is off; "
             "shorten it or send truncate=true", param=param, code="context_length_exceeded")
@@ -191,7 +193,7 @@ class Service:
             self._check_text(d, f"documents[{i}]", "documents")
         with self.admission.admit(len(docs)):
             out = await self.backend.rerank(s, req.query, docs, detect_truncation=not truncate)
-        self._check_truncation(s, out, truncate, "documents", "'query' with documents[{}]")
+        self._check_truncation(s, out.truncated, truncate, "documents", "'query' with documents[{}]")
         self._count(s, out.tokens)
         scores = out.values
         order = sorted(range(len(docs)), key=lambda i: (-float(scores[i]), i))

@@ -161,3 +161,13 @@ def test_unknown_fields_are_ignored():
         assert r.status_code == 200
         r = http.post("/v1/rerank", json={"model": "fake/rerank", "query": "q", "documents": ["d"], "rank_fields": ["x"]})
         assert r.status_code == 200
+
+
+def test_over_long_token_ids_refused_before_any_compute():
+    backend = FakeBackend()  # its models take 16 tokens
+    with TestClient(create_app(backend)) as http:
+        r = http.post("/v1/embeddings", json={"model": "fake/embed", "input": [[5] * 17], "truncate": False})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        assert backend.calls == 0
+        assert http.post("/v1/embeddings", json={"model": "fake/embed", "input": [[5] * 16], "truncate": False}).status_code == 200
+        assert backend.calls == 1
