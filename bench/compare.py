@@ -56,10 +56,34 @@ def _server(cmd: list[str], health: str, log: Path):
 def _bench(label: str, url: str, tokenizer: Path, args) -> None:
     for workload in args.workloads.split(","):
         levels = args.dify_levels if workload == "dify-embed" else PLAN[workload]
-        subprocess.run([sys.executable, "-m", "shim.cli", "bench", "--url", url, "--label", label, "--model", EMBED,
-                        "--rerank-model", RERANK, "--workload", workload, "--concurrency", levels,
-                        "--duration", str(args.duration), "--tokenizer", str(tokenizer), "--out", str(args.out)]
-                       + (["--corpus", str(args.corpus)] if args.corpus else []), check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "shim.cli",
+                "bench",
+                "--url",
+                url,
+                "--label",
+                label,
+                "--model",
+                EMBED,
+                "--rerank-model",
+                RERANK,
+                "--workload",
+                workload,
+                "--concurrency",
+                levels,
+                "--duration",
+                str(args.duration),
+                "--tokenizer",
+                str(tokenizer),
+                "--out",
+                str(args.out),
+            ]
+            + (["--corpus", str(args.corpus)] if args.corpus else []),
+            check=True,
+        )
 
 
 def _save_metrics(label: str, url: str, out: Path) -> None:
@@ -91,19 +115,39 @@ def main() -> None:
     for server in args.servers.split(","):
         print(f"== {server}", flush=True)
         if server == "naive":
-            cmd = [sys.executable, "-m", "bench.naive_server", "--embed", str(args.embed_dir), "--rerank", str(args.rerank_dir),
-                   "--port", str(port)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "bench.naive_server",
+                "--embed",
+                str(args.embed_dir),
+                "--rerank",
+                str(args.rerank_dir),
+                "--port",
+                str(port),
+            ]
             with _server(cmd, url + "/health", log):
                 _bench(server, url, tokenizer, args)
         elif server.startswith("embedded-"):
             repo = args.repo_fp32 if server.endswith("fp32") else args.repo_int8
-            with _server([*fos, "serve", "--repository", str(repo), "--port", str(port), "--log-level", "warning"],
-                         url + "/health", log):
+            with _server(
+                [*fos, "serve", "--repository", str(repo), "--port", str(port), "--log-level", "warning"], url + "/health", log
+            ):
                 _bench(server, url, tokenizer, args)
                 _save_metrics(server, url, args.out)
         elif server == "triton-fp32":
-            triton = [*fos, "triton", "--repository", str(args.repo_fp32), "--http-port", "18000", "--grpc-port", "18001",
-                      "--metrics-port", "18002"]
+            triton = [
+                *fos,
+                "triton",
+                "--repository",
+                str(args.repo_fp32),
+                "--http-port",
+                "18000",
+                "--grpc-port",
+                "18001",
+                "--metrics-port",
+                "18002",
+            ]
             shim = [*fos, "serve", "--triton", "127.0.0.1:18001", "--port", str(port), "--log-level", "warning"]
             with _server(triton, "http://127.0.0.1:18000/v2/health/ready", log), _server(shim, url + "/health", log):
                 _bench(server, url, tokenizer, args)

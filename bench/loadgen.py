@@ -82,8 +82,9 @@ def _loopback_only(url: str) -> None:
     raise SystemExit(f"fos bench sends load to loopback addresses only, not {host!r}")
 
 
-def make_items(workload: str, model: str | None, corpus: corpora.Corpus, tokenizer, max_length: int, count: int,
-               seed: int = 0) -> list[Item]:
+def make_items(
+    workload: str, model: str | None, corpus: corpora.Corpus, tokenizer, max_length: int, count: int, seed: int = 0
+) -> list[Item]:
     rng = random.Random(seed)
 
     def tokens(texts, pairs=None) -> int:
@@ -110,8 +111,9 @@ def make_items(workload: str, model: str | None, corpus: corpora.Corpus, tokeniz
     return items
 
 
-async def run_level(url: str, label: str, workload: str, items: list[Item], concurrency: int, duration: float,
-                    max_requests: int, warmup: int = 2) -> Level:
+async def run_level(
+    url: str, label: str, workload: str, items: list[Item], concurrency: int, duration: float, max_requests: int, warmup: int = 2
+) -> Level:
     import httpx
 
     latencies: list[float] = []
@@ -131,6 +133,7 @@ async def run_level(url: str, label: str, workload: str, items: list[Item], conc
                 item = items[next_item % len(items)]
                 next_item += 1
                 t0 = time.perf_counter()
+                status: int | str
                 try:
                     r = await http.post(item.path, json=item.body)
                     status = r.status_code
@@ -148,8 +151,19 @@ async def run_level(url: str, label: str, workload: str, items: list[Item], conc
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         seconds = time.perf_counter() - start
     lat = np.array(latencies or [float("nan")]) * 1000
-    return Level(label, workload, concurrency, len(latencies), dict(errors), seconds, done_inputs, done_tokens,
-                 float(np.percentile(lat, 50)), float(np.percentile(lat, 95)), float(np.percentile(lat, 99)))
+    return Level(
+        label,
+        workload,
+        concurrency,
+        len(latencies),
+        dict(errors),
+        seconds,
+        done_inputs,
+        done_tokens,
+        float(np.percentile(lat, 50)),
+        float(np.percentile(lat, 95)),
+        float(np.percentile(lat, 99)),
+    )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -181,9 +195,12 @@ def run(args: argparse.Namespace) -> int:
         for c in levels:
             level = asyncio.run(run_level(args.url, args.label, workload, items, c, args.duration, args.max_requests))
             results.append(level.as_dict())
-            print(f"{args.label:>24} {workload:>12} c={c:<3} {level.requests_per_s:8.2f} req/s {level.inputs_per_s:8.1f} inputs/s "
-                  f"{level.tokens_per_s:9.1f} tokens/s  p50 {level.p50_ms:8.1f} p95 {level.p95_ms:8.1f} p99 {level.p99_ms:8.1f} ms"
-                  f"  errors {level.errors or 0}", flush=True)
+            print(
+                f"{args.label:>24} {workload:>12} c={c:<3} {level.requests_per_s:8.2f} req/s {level.inputs_per_s:8.1f} inputs/s "
+                f"{level.tokens_per_s:9.1f} tokens/s  p50 {level.p50_ms:8.1f} p95 {level.p95_ms:8.1f} p99 {level.p99_ms:8.1f} ms"
+                f"  errors {level.errors or 0}",
+                flush=True,
+            )
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"{args.label}.json"
     existing = json.loads(out.read_text()) if out.exists() else {"label": args.label, "levels": []}

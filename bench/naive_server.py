@@ -3,7 +3,6 @@
 fp32, one worker, ``encode`` / ``predict`` per request, no batching across requests.
 """
 
-
 import argparse
 
 
@@ -35,13 +34,18 @@ def create_app(embed_dir: str | None, rerank_dir: str | None, name_embed: str, n
     @app.post("/v1/embeddings")
     def embeddings(req: EmbeddingRequest):
         texts = [req.input] if isinstance(req.input, str) else req.input
+        assert embedder is not None, "started without --embed"
         vectors = embedder.encode(texts, normalize_embeddings=True)
-        return {"object": "list", "model": name_embed,
-                "data": [{"object": "embedding", "embedding": v.tolist(), "index": i} for i, v in enumerate(vectors)],
-                "usage": {"prompt_tokens": 0, "total_tokens": 0}}
+        return {
+            "object": "list",
+            "model": name_embed,
+            "data": [{"object": "embedding", "embedding": v.tolist(), "index": i} for i, v in enumerate(vectors)],
+            "usage": {"prompt_tokens": 0, "total_tokens": 0},
+        }
 
     @app.post("/v1/rerank")
     def rerank(req: RerankRequest):
+        assert reranker is not None, "started without --rerank"
         scores = reranker.predict([(req.query, d) for d in req.documents])
         order = sorted(range(len(scores)), key=lambda i: -float(scores[i]))[: req.top_n or len(scores)]
         return {"model": name_rerank, "results": [{"index": i, "relevance_score": float(scores[i])} for i in order]}
@@ -63,8 +67,13 @@ def main() -> None:
     p.add_argument("--rerank-name", default="cl-nagoya/ruri-reranker-large")
     p.add_argument("--port", type=int, default=8091)
     args = p.parse_args()
-    uvicorn.run(create_app(args.embed, args.rerank, args.embed_name, args.rerank_name), host="127.0.0.1", port=args.port,
-                workers=1, log_level="warning")
+    uvicorn.run(
+        create_app(args.embed, args.rerank, args.embed_name, args.rerank_name),
+        host="127.0.0.1",
+        port=args.port,
+        workers=1,
+        log_level="warning",
+    )
 
 
 if __name__ == "__main__":

@@ -17,14 +17,25 @@ def load(files: list[Path]) -> list[dict]:
 
 def markdown(rows: list[dict], baseline: str | None) -> str:
     base = {(r["workload"], r["concurrency"]): r["tokens_per_s"] for r in rows if r["label"] == baseline}
-    lines = ["| workload | concurrency | server | tokens/s | inputs/s | req/s | p50 ms | p95 ms | p99 ms | errors |"
-             + (f" × {baseline} |" if baseline else ""),
-             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if baseline else "")]
+    lines = [
+        "| workload | concurrency | server | tokens/s | inputs/s | req/s | p50 ms | p95 ms | p99 ms | errors |"
+        + (f" × {baseline} |" if baseline else ""),
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if baseline else ""),
+    ]
     for r in sorted(rows, key=lambda r: (r["workload"], r["concurrency"], -r["tokens_per_s"])):
         ratio = base.get((r["workload"], r["concurrency"]))
-        cells = [r["workload"], str(r["concurrency"]), r["label"], f"{r['tokens_per_s']:.0f}", f"{r['inputs_per_s']:.1f}",
-                 f"{r['requests_per_s']:.2f}", f"{r['p50_ms']:.0f}", f"{r['p95_ms']:.0f}", f"{r['p99_ms']:.0f}",
-                 str(sum(r["errors"].values()) if r["errors"] else 0)]
+        cells = [
+            r["workload"],
+            str(r["concurrency"]),
+            r["label"],
+            f"{r['tokens_per_s']:.0f}",
+            f"{r['inputs_per_s']:.1f}",
+            f"{r['requests_per_s']:.2f}",
+            f"{r['p50_ms']:.0f}",
+            f"{r['p95_ms']:.0f}",
+            f"{r['p99_ms']:.0f}",
+            str(sum(r["errors"].values()) if r["errors"] else 0),
+        ]
         if baseline:
             cells.append(f"{r['tokens_per_s'] / ratio:.2f}" if ratio else "–")
         lines.append("| " + " | ".join(cells) + " |")

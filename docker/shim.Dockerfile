@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# The shim: uv-installed from uv.lock, no torch, non-root. Target "export" adds torch and
+# The shim: uv-installed from uv.lock, no torch, no benchmark tools (bench/), non-root. Target "export" adds torch and
 # sentence-transformers for `fos export` (compose profile "export").
 FROM python:3.11-slim-bookworm AS base
 COPY --from=ghcr.io/astral-sh/uv:0.13.9 /uv /usr/local/bin/uv
@@ -13,9 +13,9 @@ COPY pyproject.toml uv.lock README.md ./
 
 FROM base AS runtime
 RUN uv sync --frozen --no-dev --no-install-project
+COPY fos_runtime ./fos_runtime
 COPY shim ./shim
 COPY export ./export
-COPY bench ./bench
 RUN uv sync --frozen --no-dev
 USER 10001
 EXPOSE 8080
@@ -24,9 +24,9 @@ CMD ["serve", "--triton", "triton:8001", "--host", "0.0.0.0", "--port", "8080"]
 
 FROM base AS export
 RUN uv sync --frozen --no-dev --extra export --no-install-project
+COPY fos_runtime ./fos_runtime
 COPY shim ./shim
 COPY export ./export
-COPY bench ./bench
 RUN uv sync --frozen --no-dev --extra export \
     && mkdir -p /app/model_repository \
     && chown 10001 /app/model_repository

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from shim.runtime import spec
+from fos_runtime import spec
 
 from .load import Source
 
@@ -31,7 +31,7 @@ class Graph(torch.nn.Module):
         self.activation = source.activation
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-        features = dict(zip(self.input_names, tensors))
+        features = dict(zip(self.input_names, tensors, strict=True))
         out = self.model(features)[self.output_key]
         if self.activation is not None:
             out = self.activation(out)
@@ -61,13 +61,14 @@ def _eager_attention(source: Source):
     try:
         yield
     finally:
-        for m, impl in zip(models, before):
+        for m, impl in zip(models, before, strict=True):
             m.set_attn_implementation(impl)
 
 
 def to_onnx(source: Source, path: Path) -> None:
     # Two rows of different length, so the traced graph is the padded, masked one.
-    from shim.runtime.tokenization import Encoded, pad
+    from fos_runtime.padding import pad
+    from fos_runtime.tokenization import Encoded
 
     sample = Encoded(input_ids=[[2, 10, 11, 12, 3], [2, 10, 3]], token_type_ids=[[0, 0, 0, 1, 1], [0, 1, 1]])
     arrays = pad(sample, pad_token_id=source.tokenizer.pad_token_id or 0, inputs=source.encoder_inputs)
@@ -131,7 +132,9 @@ def to_precision(src: Path, dst: Path, precision: str) -> None:
 
         # Fused ops (com.microsoft) defeat ONNX shape inference; their tensors are float32.
         quantize_dynamic(
-            str(src), str(dst), weight_type=QuantType.QInt8,
+            str(src),
+            str(dst),
+            weight_type=QuantType.QInt8,
             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         )
     else:

@@ -4,26 +4,27 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from shim.runtime import spec
+from fos_runtime import spec
 
 
 @dataclasses.dataclass
 class Source:
     task: str
     model_id: str
-    model: torch.nn.Module  # a SentenceTransformer or a CrossEncoder
-    tokenizer: object  # the HF tokenizer that model uses
+    model: Any  # a SentenceTransformer or a CrossEncoder
+    tokenizer: Any  # the HF tokenizer that model uses
     max_length: int
     encoder_inputs: tuple[str, ...]
     output_key: str  # the key of the model's features dict the graph returns
     activation: Callable | None  # rerank: the CrossEncoder's activation (sigmoid for one label)
     dimension: int
     model_normalizes: bool
-    hf_config: object
+    hf_config: Any
     reference: Callable[..., np.ndarray]  # sentence-transformers' own answer, for parity
 
 
@@ -58,23 +59,25 @@ def _load_embed(model_id: str, max_length: int | None, trust_remote_code: bool) 
     if max_length is not None:
         model.max_seq_length = max_length
     tokenizer = model.tokenizer
-    hf_config = model[0].model.config
+    first: Any = model[0]
+    hf_config = first.model.config
     _fix_token_types(tokenizer, hf_config)
     # sentence-transformers 6 renamed the method; keep working with the older name too.
-    dimension = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
-    dimension = dimension()
+    get_dimension = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+    dimension = get_dimension() or 0
 
     def reference(texts: Sequence[str]) -> np.ndarray:
         with torch.inference_mode():
-            return model.encode(list(texts), batch_size=8, convert_to_numpy=True, normalize_embeddings=False,
-                                show_progress_bar=False)
+            return model.encode(
+                list(texts), batch_size=8, convert_to_numpy=True, normalize_embeddings=False, show_progress_bar=False
+            )
 
     return Source(
         task="embed",
         model_id=model_id,
         model=model,
         tokenizer=tokenizer,
-        max_length=int(model.max_seq_length),
+        max_length=int(model.max_seq_length or 0),
         encoder_inputs=_encoder_inputs(tokenizer, pair=False),
         output_key="sentence_embedding",
         activation=None,
@@ -95,7 +98,7 @@ def _load_rerank(model_id: str, max_length: int | None, trust_remote_code: bool)
     if max_length is not None:
         model.max_seq_length = max_length
     tokenizer = model.tokenizer
-    hf_config = model[0].model.config
+    hf_config: Any = model[0].model.config
     _fix_token_types(tokenizer, hf_config)
 
     def reference(pairs: Sequence[tuple[str, str]]) -> np.ndarray:
@@ -107,7 +110,7 @@ def _load_rerank(model_id: str, max_length: int | None, trust_remote_code: bool)
         model_id=model_id,
         model=model,
         tokenizer=tokenizer,
-        max_length=int(model.max_seq_length),
+        max_length=int(model.max_seq_length or 0),
         encoder_inputs=_encoder_inputs(tokenizer, pair=True),
         output_key="scores",
         activation=model.activation_fn,
@@ -118,7 +121,7 @@ def _load_rerank(model_id: str, max_length: int | None, trust_remote_code: bool)
     )
 
 
-def detect_task(model_id: str) -> str:
+def detect_task(model_id: str) -> spec.Task:
     """``rerank`` for sequence-classification models (cross-encoders), else ``embed``."""
     import json
     from pathlib import Path

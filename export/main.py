@@ -9,8 +9,9 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
-from shim.runtime import spec
+from fos_runtime import batching, spec
 
 DEFAULT_REPOSITORY = Path("model_repository")
 
@@ -18,7 +19,7 @@ DEFAULT_REPOSITORY = Path("model_repository")
 @dataclasses.dataclass
 class ExportOptions:
     model: str
-    task: str
+    task: spec.Task
     name: str | None = None
     repository: Path = DEFAULT_REPOSITORY
     precision: str = "fp32"
@@ -53,8 +54,10 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> spec.Mode
     total = 5
     t = _step(log, 1, total, f"loading {opts.model} ({opts.task}) with sentence-transformers")
     source = load.load(opts.model, opts.task, opts.max_length, opts.trust_remote_code)
-    log(f"      done in {time.perf_counter() - t:.1f}s: max_length={source.max_length}, inputs={list(source.encoder_inputs)}"
-        + (f", dimension={source.dimension}" if opts.task == "embed" else ""))
+    log(
+        f"      done in {time.perf_counter() - t:.1f}s: max_length={source.max_length}, inputs={list(source.encoder_inputs)}"
+        + (f", dimension={source.dimension}" if opts.task == "embed" else "")
+    )
 
     s = spec.ModelSpec(
         served_name=served,
@@ -65,6 +68,7 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> spec.Mode
         pad_token_id=int(source.tokenizer.pad_token_id or 0),
         vocab_size=len(source.tokenizer),
         precision=opts.precision,
+        device=opts.device,
         dimension=source.dimension,
         normalize=opts.normalize,
         model_normalizes=source.model_normalizes,
@@ -90,8 +94,9 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> spec.Mode
             log(f"[3/{total}] precision fp32: nothing to convert")
 
         t = _step(log, 4, total, f"writing the Triton models into {opts.repository}")
-        repository.write(s, Path(opts.repository), final, source.tokenizer, opts.encoder_backend, opts.device, opts.tensorrt,
-                         sample_texts=parity.SENTENCES)
+        repository.write(
+            s, Path(opts.repository), final, source.tokenizer, opts.encoder_backend, opts.tensorrt, sample_texts=parity.SENTENCES
+        )
         log(f"      {s.name} (ensemble), {spec.tokenizer_model(s.name)}, {spec.encoder_model(s.name)} [{opts.encoder_backend}]")
 
     _step(log, 5, total, "checking parity with sentence-transformers")
@@ -108,17 +113,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, choices=spec.TASKS)
     p.add_argument("--name", help="served model name (default: --model)")
     p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
-    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
-                   help="fp16 for GPU, int8 (dynamic quantization) for CPU")
+    p.add_argument(
+        "--precision", choices=("fp32", "fp16", "int8"), default="fp32", help="fp16 for GPU, int8 (dynamic quantization) for CPU"
+    )
     p.add_argument("--max-length", type=int, help="tokens per input (default: the model's own)")
-    p.add_argument("--encoder-backend", choices=("onnxruntime", "python"), default="onnxruntime",
-                   help="onnxruntime: the tritonserver container; python: the pip tritonserver (nvidia-pytriton)")
-    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="where Triton runs the encoder")
-    p.add_argument("--tensorrt", action="store_true",
-                   help="container on GPU: let ONNX Runtime run the encoder through TensorRT (fp16 engines)")
+    p.add_argument(
+        "--encoder-backend",
+        choices=("onnxruntime", "python"),
+        default="onnxruntime",
+        help="onnxruntime: the tritonserver container; python: the pip tritonserver (nvidia-pytriton)",
+    )
+    p.add_argument("--device", choices=batching.DEVICES, default="cpu", help="where Triton runs the encoder")
+    p.add_argument(
+        "--tensorrt",
+        action="store_true",
+        help="container on GPU: let ONNX Runtime run the encoder through TensorRT (fp16 engines)",
+    )
     p.add_argument("--raw", action="store_true", help="serve raw vectors instead of L2-normalised ones")
-    p.add_argument("--prefix", action="append", default=None, metavar="INPUT_TYPE=TEXT",
-                   help="text put before inputs of that input_type (ruri's are known)")
+    p.add_argument(
+        "--prefix",
+        action="append",
+        default=None,
+        metavar="INPUT_TYPE=TEXT",
+        help="text put before inputs of that input_type (ruri's are known)",
+    )
     p.add_argument("--trust-remote-code", action="store_true")
 
 
@@ -132,9 +150,18 @@ def options_from_args(args: argparse.Namespace) -> ExportOptions:
                 raise SystemExit(f"--prefix wants INPUT_TYPE=TEXT, got {item!r}")
             prefixes[key] = value
     return ExportOptions(
-        model=args.model, task=args.task, name=args.name, repository=args.repository, precision=args.precision,
-        max_length=args.max_length, encoder_backend=args.encoder_backend, device=args.device, tensorrt=args.tensorrt,
-        normalize=not args.raw, prefixes=prefixes, trust_remote_code=args.trust_remote_code,
+        model=args.model,
+        task=cast(spec.Task, args.task),
+        name=args.name,
+        repository=args.repository,
+        precision=args.precision,
+        max_length=args.max_length,
+        encoder_backend=args.encoder_backend,
+        device=args.device,
+        tensorrt=args.tensorrt,
+        normalize=not args.raw,
+        prefixes=prefixes,
+        trust_remote_code=args.trust_remote_code,
     )
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from shim.runtime import spec, tokenization
-from shim.runtime.encoder import Encoder
+from fos_runtime import padding, spec, tokenization
+from fos_runtime.encoder import Encoder
 
 from .load import Source
 
@@ -62,7 +62,9 @@ class Report:
         return value <= self.limit if self.metric == "max_abs_diff" else value >= self.limit
 
     def lines(self) -> list[str]:
-        enforced = "reported only" if self.limit is None else ("≤ " if self.metric == "max_abs_diff" else "≥ ") + f"{self.limit:g}"
+        enforced = (
+            "reported only" if self.limit is None else ("≤ " if self.metric == "max_abs_diff" else "≥ ") + f"{self.limit:g}"
+        )
         return [
             f"parity ({self.precision}, {self.task}, {self.inputs} inputs vs sentence-transformers):",
             f"  tokens identical: {'yes' if self.tokens_equal else 'NO'}",
@@ -87,10 +89,10 @@ def compare(reference: np.ndarray, ours: np.ndarray) -> tuple[float, float]:
 
 
 def _reference_ids(source: Source, texts, pairs) -> list[list[int]]:
-    inputs = list(zip(texts, pairs)) if pairs is not None else list(texts)
+    inputs = list(zip(texts, pairs, strict=True)) if pairs is not None else list(texts)
     features = source.model.preprocess(inputs)
     ids, mask = features[spec.INPUT_IDS].tolist(), features[spec.ATTENTION_MASK].tolist()
-    return [[t for t, m in zip(row, mrow) if m] for row, mrow in zip(ids, mask)]
+    return [[t for t, m in zip(row, mrow, strict=True) if m] for row, mrow in zip(ids, mask, strict=True)]
 
 
 def check(source: Source, s: spec.ModelSpec, repository: Path) -> Report:
@@ -102,14 +104,14 @@ def check(source: Source, s: spec.ModelSpec, repository: Path) -> Report:
     else:
         texts = [q for q in QUERIES for _ in SENTENCES]
         pairs = [d for _ in QUERIES for d in SENTENCES]
-        reference = source.reference(list(zip(texts, pairs)))
+        reference = source.reference(list(zip(texts, pairs, strict=True)))
 
     encoded = tokenizer.encode(texts, pairs)
     tokens_equal = encoded.input_ids == _reference_ids(source, texts, pairs)
 
-    batched = encoder.run(tokenization.pad(encoded, s.pad_token_id, s.encoder_inputs))
+    batched = encoder.run(padding.pad(encoded, s.pad_token_id, s.encoder_inputs))
     single = np.concatenate(
-        [encoder.run(tokenization.pad(encoded, s.pad_token_id, s.encoder_inputs, order=[i])) for i in range(len(texts))]
+        [encoder.run(padding.pad(encoded, s.pad_token_id, s.encoder_inputs, order=[i])) for i in range(len(texts))]
     )
     if s.task == "rerank":
         batched, single = batched.reshape(-1), single.reshape(-1)

@@ -1,7 +1,7 @@
 """Step 3 of export: write the Triton model set (tokenizer, encoder, ensemble) for one model.
 
 Configs are built as ModelConfig protobufs and printed by protobuf itself, so names come from
-``shim.runtime.spec`` and the text is always valid ``config.pbtxt``.
+``fos_runtime.spec`` and the text is always valid ``config.pbtxt``.
 """
 
 from __future__ import annotations
@@ -14,18 +14,13 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-import shim
-from shim.runtime import spec
+import fos_runtime
+from fos_runtime import batching, spec
 
 ENCODER_BACKENDS = ("onnxruntime", "python")
-DEVICES = ("cpu", "gpu")
-MAX_BATCH_SIZE = 64
 PERF_INPUT = "perf_analyzer_input.json"  # beside the ensemble's config.pbtxt
-# Microseconds the encoder waits for more requests of the same shape to batch with.
-QUEUE_DELAY_US = {"cpu": 2_000, "gpu": 500}
 
-_RUNTIME_DIR = Path(spec.__file__).parent
-_SHIM_INIT = Path(shim.__file__)
+_RUNTIME_DIR = Path(fos_runtime.__file__).parent
 
 
 def _tensor(group, name: str, data_type: int, dims: list[int]) -> None:
@@ -45,7 +40,7 @@ def _detect_truncation_input(c: mc.ModelConfig) -> None:
 
 
 def tokenizer_config(s: spec.ModelSpec) -> mc.ModelConfig:
-    c = mc.ModelConfig(name=spec.tokenizer_model(s.name), backend="python", max_batch_size=MAX_BATCH_SIZE)
+    c = mc.ModelConfig(name=spec.tokenizer_model(s.name), backend="python", max_batch_size=batching.plan_for(s.device).max_rows)
     for name in _text_inputs(s):
         _tensor(c.input, name, mc.TYPE_STRING, [1])
     _detect_truncation_input(c)
@@ -59,12 +54,11 @@ def tokenizer_config(s: spec.ModelSpec) -> mc.ModelConfig:
     return c
 
 
-def encoder_config(s: spec.ModelSpec, backend: str, device: str, tensorrt: bool = False) -> mc.ModelConfig:
+def encoder_config(s: spec.ModelSpec, backend: str, tensorrt: bool = False) -> mc.ModelConfig:
     if backend not in ENCODER_BACKENDS:
         raise ValueError(f"encoder backend must be one of {ENCODER_BACKENDS}")
-    if device not in DEVICES:
-        raise ValueError(f"device must be one of {DEVICES}")
-    c = mc.ModelConfig(name=spec.encoder_model(s.name), backend=backend, max_batch_size=MAX_BATCH_SIZE)
+    plan = batching.plan_for(s.device)
+    c = mc.ModelConfig(name=spec.encoder_model(s.name), backend=backend, max_batch_size=plan.max_rows)
     if backend == "onnxruntime":
         c.default_model_filename = "model.onnx"
     for name in s.encoder_inputs:
@@ -75,11 +69,11 @@ def encoder_config(s: spec.ModelSpec, backend: str, device: str, tensorrt: bool 
     _tensor(c.output, out, mc.TYPE_FP32, dims)
     if backend == "python":
         c.parameters[spec.SPEC_PARAMETER].string_value = s.to_json()
-    kind = mc.ModelInstanceGroup.KIND_GPU if device == "gpu" else mc.ModelInstanceGroup.KIND_CPU
+    kind = mc.ModelInstanceGroup.KIND_GPU if s.device == "gpu" else mc.ModelInstanceGroup.KIND_CPU
     c.instance_group.add(kind=kind, count=1)
-    c.dynamic_batching.max_queue_delay_microseconds = QUEUE_DELAY_US[device]
+    c.dynamic_batching.max_queue_delay_microseconds = plan.queue_delay_us
     if tensorrt:
-        if backend != "onnxruntime" or device != "gpu":
+        if backend != "onnxruntime" or s.device != "gpu":
             raise ValueError("the TensorRT accelerator needs --encoder-backend onnxruntime --device gpu")
         # ONNX Runtime's TensorRT execution provider: builds engines at load (slow first start), then
         # runs faster than CUDA kernels alone; fp16 engines from an fp32 or fp16 graph.
@@ -90,7 +84,7 @@ def encoder_config(s: spec.ModelSpec, backend: str, device: str, tensorrt: bool 
 
 
 def ensemble_config(s: spec.ModelSpec) -> mc.ModelConfig:
-    c = mc.ModelConfig(name=s.name, platform="ensemble", max_batch_size=MAX_BATCH_SIZE)
+    c = mc.ModelConfig(name=s.name, platform="ensemble", max_batch_size=batching.plan_for(s.device).max_rows)
     for name in _text_inputs(s):
         _tensor(c.input, name, mc.TYPE_STRING, [1])
     _detect_truncation_input(c)
@@ -123,17 +117,17 @@ def perf_input(s: spec.ModelSpec, texts: Sequence[str]) -> str:
     for i, text in enumerate(texts):
         row = {spec.TEXT: {"content": [text], "shape": [1]}}
         if s.task == "rerank":
-            row = {spec.TEXT: {"content": [texts[(i + 1) % len(texts)]], "shape": [1]},
-                   spec.TEXT_PAIR: {"content": [text], "shape": [1]}}
+            row = {
+                spec.TEXT: {"content": [texts[(i + 1) % len(texts)]], "shape": [1]},
+                spec.TEXT_PAIR: {"content": [text], "shape": [1]},
+            }
         rows.append(row)
     return json.dumps({"data": rows}, ensure_ascii=False, indent=1)
 
 
 def _copy_runtime(version_dir: Path, model_py: str) -> None:
-    """Place ``shim.runtime`` beside model.py: the Python backend puts that folder on sys.path."""
-    pkg = version_dir / "shim"
-    shutil.copytree(_RUNTIME_DIR, pkg / "runtime", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(_SHIM_INIT, pkg / "__init__.py")
+    """Place ``fos_runtime`` beside model.py: the Python backend puts that folder on sys.path."""
+    shutil.copytree(_RUNTIME_DIR, version_dir / "fos_runtime", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(_RUNTIME_DIR / "triton" / model_py, version_dir / "model.py")
 
 
@@ -153,7 +147,6 @@ def write(
     onnx_file: Path,
     tokenizer,
     encoder_backend: str = "onnxruntime",
-    device: str = "cpu",
     tensorrt: bool = False,
     sample_texts: Sequence[str] = ("東京は日本の首都です。",),
 ) -> Path:
@@ -173,7 +166,7 @@ def write(
         _save_tokenizer(tokenizer, tok_dir / "1" / "tokenizer")
         _copy_runtime(tok_dir / "1", "tokenizer_model.py")
 
-        (enc_dir / "config.pbtxt").write_text(render(encoder_config(s, encoder_backend, device, tensorrt)), encoding="utf-8")
+        (enc_dir / "config.pbtxt").write_text(render(encoder_config(s, encoder_backend, tensorrt)), encoding="utf-8")
         shutil.copy(onnx_file, enc_dir / "1" / "model.onnx")
         if encoder_backend == "python":
             _copy_runtime(enc_dir / "1", "encoder_model.py")

@@ -5,19 +5,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Coroutine
+from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import __version__, errors
 from .auth import APIKeyMiddleware
-from .observability import Metrics, RequestContextMiddleware
 from .backends.base import Backend
-from .protocol import EmbeddingRequest, EmbeddingResponse, ErrorResponse, ModelList, RerankRequest, RerankResponse
+from .observability import Metrics, RequestContextMiddleware
+from .protocol import JSON, EmbeddingRequest, EmbeddingResponse, ErrorResponse, ModelList, RerankRequest, RerankResponse
 from .service import Limits, Service
 
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 429, 502, 503)}
+_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 502, 503, 504)}
 
 
 async def until_disconnected(request: Request, work: Coroutine):
@@ -71,16 +72,17 @@ def create_app(backend: Backend, limits: Limits | None = None, api_keys: list[st
     @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=_ERRORS)
     @app.post("/embeddings", response_model=EmbeddingResponse, responses=_ERRORS, include_in_schema=False)
     async def embeddings(body: EmbeddingRequest, request: Request):
-        return JSONResponse(await until_disconnected(request, service(request).embeddings(body)))
+        return JSON(await until_disconnected(request, service(request).embeddings(body)))
 
     @app.post("/v1/rerank", response_model=RerankResponse, responses=_ERRORS)
     @app.post("/rerank", response_model=RerankResponse, responses=_ERRORS, include_in_schema=False)
     async def rerank(body: RerankRequest, request: Request):
-        return JSONResponse(await until_disconnected(request, service(request).rerank(body)))
+        ranking = await until_disconnected(request, service(request).rerank(body))
+        return JSON(RerankResponse.of(ranking, body.return_documents))
 
     @app.get("/v1/models", response_model=ModelList)
     async def models(request: Request):
-        return JSONResponse(service(request).models())
+        return JSON(service(request).models())
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus():
@@ -90,7 +92,7 @@ def create_app(backend: Backend, limits: Limits | None = None, api_keys: list[st
     async def health():
         if await backend.ready():
             return {"status": "ok"}
-        return errors.envelope(503, "not ready: models are loading or the inference server is down", "server_error", None, "not_ready")
+        return errors.error_response(errors.NotReady("not ready: models are loading or the inference server is down"))
 
     _document_errors_not_422(app)
     return app
@@ -111,4 +113,4 @@ def _document_errors_not_422(app: FastAPI) -> None:
             app.openapi_schema = schema
         return app.openapi_schema
 
-    app.openapi = openapi
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to customise the schema

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .errors import envelope
+from .errors import Unauthorized, error_response
 
 ENV_KEYS = "FOS_API_KEYS"  # comma-separated
 OPEN_PATHS = frozenset({"/health", "/metrics"})  # probes and scrapers carry no key
@@ -46,6 +46,5 @@ class APIKeyMiddleware:
         if self._allowed(header):
             await self.app(scope, receive, send)
             return
-        response = envelope(401, "Incorrect or missing API key: send Authorization: Bearer <key>", "invalid_request_error",
-                            None, "invalid_api_key")
+        response = error_response(Unauthorized("Incorrect or missing API key: send Authorization: Bearer <key>"))
         await response(scope, receive, send)

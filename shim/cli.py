@@ -1,50 +1,44 @@
-"""The ``fos`` command: ``export``, ``serve``, ``triton`` and ``bench``."""
+"""The ``fos`` command: ``export``, ``serve``, ``triton`` and ``bench``.
+
+Each command's module is imported only when that command runs, so serving needs neither torch
+(export) nor the benchmark tools (``bench``, left out of the serving image).
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import sys
+
+# command -> (module with add_arguments and run, help)
+COMMANDS = {
+    "export": ("export.main", "convert a Hugging Face model into a Triton model set"),
+    "serve": ("shim.serve", "serve the OpenAI-compatible API"),
+    "triton": ("shim.triton_server", "run the tritonserver from the nvidia-pytriton wheel"),
+    "bench": ("bench.loadgen", "load-test a server on loopback (dify-embed, batch-embed, rerank)"),
+}
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its package is absent
+        return False
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fos", description="OpenAI-compatible embeddings and rerank for Japanese models")
     sub = p.add_subparsers(dest="command", required=True)
-
-    from export.main import add_arguments as export_arguments
-
-    export_arguments(sub.add_parser("export", help="convert a Hugging Face model into a Triton model set"))
-
-    from .serve import add_arguments as serve_arguments
-
-    serve_arguments(sub.add_parser("serve", help="serve the OpenAI-compatible API"))
-
-    from .triton_server import add_arguments as triton_arguments
-
-    triton_arguments(sub.add_parser("triton", help="run the tritonserver from the nvidia-pytriton wheel"))
-
-    from bench.loadgen import add_arguments as bench_arguments
-
-    bench_arguments(sub.add_parser("bench", help="load-test a server on loopback (dify-embed, batch-embed, rerank)"))
+    for name, (module, help_) in COMMANDS.items():
+        if _installed(module):
+            importlib.import_module(module).add_arguments(sub.add_parser(name, help=help_))
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "export":
-        from export.main import run
-
-        return run(args)
-    if args.command == "serve":
-        from .serve import run
-
-        return run(args)
-    if args.command == "bench":
-        from bench.loadgen import run
-
-        return run(args)
-    from .triton_server import run
-
-    return run(args)
+    return int(importlib.import_module(COMMANDS[args.command][0]).run(args))
 
 
 if __name__ == "__main__":

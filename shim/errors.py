@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+from typing import ClassVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .protocol import ErrorBody, ErrorResponse
 
 log = logging.getLogger("fos.errors")
 
@@ -16,12 +19,13 @@ class APIError(Exception):
     status = 500
     type = "server_error"
     code: str | None = None
-    headers: dict[str, str] | None = None
+    default_headers: ClassVar[dict[str, str]] = {}
 
     def __init__(self, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.message = message
         self.param = param
+        self.headers: dict[str, str] | None = dict(self.default_headers) or None
         if code is not None:
             self.code = code
 
@@ -49,7 +53,19 @@ class Overloaded(APIError):
     status = 429
     type = "rate_limit_error"
     code = "overloaded"
-    headers = {"Retry-After": "1"}
+    default_headers: ClassVar[dict[str, str]] = {"Retry-After": "1"}
+
+
+class Unauthorized(APIError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class PayloadTooLarge(APIError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
 
 
 class BackendUnavailable(APIError):
@@ -58,16 +74,44 @@ class BackendUnavailable(APIError):
     code = "backend_unavailable"
 
 
+class NotReady(APIError):
+    status = 503
+    type = "server_error"
+    code = "not_ready"
+
+
 class BackendFailed(APIError):
     status = 502
     type = "server_error"
     code = "backend_error"
 
 
-def envelope(status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
-             headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return JSONResponse(status_code=status, content=body, headers=headers)
+class BackendTimeout(APIError):
+    status = 504
+    type = "server_error"
+    code = "backend_timeout"
+
+
+class Internal(APIError):
+    status = 500
+    type = "server_error"
+    code = "internal_error"
+
+
+class RoutingError(APIError):
+    """Starlette's own answers (404 unknown path, 405 wrong method, which keeps its Allow header)."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.type = "invalid_request_error" if status < 500 else "server_error"
+        self.headers = headers
+
+
+def error_response(exc: APIError) -> JSONResponse:
+    """The one rendering of every error: OpenAI's envelope, the error's status and headers."""
+    body = ErrorResponse(error=ErrorBody(message=exc.message, type=exc.type, param=exc.param, code=exc.code))
+    return JSONResponse(status_code=exc.status, content=body.model_dump(), headers=exc.headers)
 
 
 class BodyLimitMiddleware:
@@ -78,8 +122,7 @@ class BodyLimitMiddleware:
         self.max_bytes = max_bytes
 
     def _refusal(self) -> JSONResponse:
-        return envelope(400, f"the request body is larger than {self.max_bytes} bytes", "invalid_request_error",
-                        None, "request_too_large")
+        return error_response(PayloadTooLarge(f"the request body is larger than {self.max_bytes} bytes"))
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -134,7 +177,7 @@ _FIELD_MESSAGES = {
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError):
-        return envelope(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
@@ -142,20 +185,21 @@ def install(app: FastAPI) -> None:
         errors = exc.errors()
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
         if first.get("type") == "json_invalid":
-            return envelope(400, "the request body is not valid JSON", "invalid_request_error", None, "invalid_json")
+            return error_response(InvalidRequest("the request body is not valid JSON", code="invalid_json"))
         loc = tuple(first.get("loc", ()))
         if loc == ("body",) and "json" not in request.headers.get("content-type", ""):
-            return envelope(400, "send the body as JSON, with Content-Type: application/json", "invalid_request_error", None, "invalid_json")
+            return error_response(
+                InvalidRequest("send the body as JSON, with Content-Type: application/json", code="invalid_json")
+            )
         param = _validation_param(loc)
-        message = _FIELD_MESSAGES.get(param) or (f"{param}: {first.get('msg')}" if param else str(first.get("msg")))
-        return envelope(400, message, "invalid_request_error", param, "invalid_value")
+        message = _FIELD_MESSAGES.get(param or "") or (f"{param}: {first.get('msg')}" if param else str(first.get("msg")))
+        return error_response(InvalidRequest(message, param=param, code="invalid_value"))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException):
-        type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return envelope(exc.status_code, str(exc.detail), type_, headers=getattr(exc, "headers", None))  # 405 keeps Allow
+        return error_response(RoutingError(exc.status_code, str(exc.detail), getattr(exc, "headers", None)))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception):
         log.exception("unhandled error")
-        return envelope(500, "internal error", "server_error", None, "internal_error")
+        return error_response(Internal("internal error"))

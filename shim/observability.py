@@ -24,8 +24,13 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("fos_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
-        self.latency = Histogram("fos_request_seconds", "HTTP request latency", ["route"], registry=r,
-                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.latency = Histogram(
+            "fos_request_seconds",
+            "HTTP request latency",
+            ["route"],
+            registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
         self.inputs = Counter("fos_inputs", "Inputs embedded or reranked", ["model"], registry=r)
         self.tokens = Counter("fos_tokens", "Tokens processed (after truncation)", ["model"], registry=r)
         self.in_flight = Gauge("fos_inputs_in_flight", "Inputs admitted and not yet answered", registry=r)
@@ -87,5 +92,14 @@ class RequestContextMiddleware:
             seconds = time.perf_counter() - start
             self.metrics.requests.labels(route, str(status)).inc()
             self.metrics.latency.labels(route).observe(seconds)
-            access_log.info(json.dumps({"request_id": rid, "method": scope["method"], "path": scope["path"],
-                                        "status": status, "ms": round(seconds * 1000, 2)}))
+            access_log.info(
+                json.dumps(
+                    {
+                        "request_id": rid,
+                        "method": scope["method"],
+                        "path": scope["path"],
+                        "status": status,
+                        "ms": round(seconds * 1000, 2),
+                    }
+                )
+            )

@@ -1,10 +1,19 @@
-"""Wire types: OpenAI embeddings, Cohere/Jina-style rerank, model list, and the error envelope."""
+"""Wire types: OpenAI embeddings, Cohere/Jina-style rerank, model list, and the error envelope.
+
+Requests are validated here; each response type builds itself from the service's wire-agnostic
+result (``of``), so every wire format is shaped in exactly one place.
+"""
 
 from __future__ import annotations
 
+import base64
+import dataclasses
+import uuid
 from typing import Annotated, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, StringConstraints
+from starlette.responses import Response
 
 # Constraints in the types, so the OpenAPI document says what the server accepts.
 Text = Annotated[str, StringConstraints(strict=True, min_length=1, pattern=r"\S")]  # not empty, not only spaces
@@ -29,8 +38,9 @@ class EmbeddingRequest(_Request):
     )
     user: StrictStr | None = None
     truncate: StrictBool | None = Field(
-        None, description="Extension (TEI): false rejects an input longer than the model's context instead of cutting it; "
-                          "default: the server's setting (cut)"
+        None,
+        description="Extension (TEI): false rejects an input longer than the model's context instead of cutting it; "
+        "default: the server's setting (cut)",
     )
 
 
@@ -50,6 +60,18 @@ class EmbeddingResponse(BaseModel):
     data: list[Embedding]
     model: str
     usage: EmbeddingUsage
+
+    @classmethod
+    def of(cls, model: str, vectors: np.ndarray, encoding_format: str, tokens: int) -> EmbeddingResponse:
+        if encoding_format == "base64":  # little-endian float32, what the openai client decodes
+            data: list = [base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") for v in vectors]
+        else:
+            data = vectors.tolist()
+        return cls(
+            data=[Embedding(embedding=e, index=i) for i, e in enumerate(data)],
+            model=model,
+            usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens),
+        )
 
 
 class RerankDocument(_Request):
@@ -78,11 +100,38 @@ class RerankUsage(BaseModel):
     total_tokens: int
 
 
+@dataclasses.dataclass
+class Ranking:
+    """What the service found, before any wire format: documents best first, cut to top_n."""
+
+    model: str
+    order: list[int]  # document indices, best first
+    scores: list[float]  # per document, in request order
+    documents: list[str]  # the texts, in request order
+    tokens: int
+
+
 class RerankResponse(BaseModel):
     id: str
     model: str
     results: list[RerankResult]
     usage: RerankUsage
+
+    @classmethod
+    def of(cls, ranking: Ranking, return_documents: bool) -> RerankResponse:
+        return cls(
+            id=uuid.uuid4().hex,
+            model=ranking.model,
+            results=[
+                RerankResult(
+                    index=i,
+                    relevance_score=ranking.scores[i],
+                    document=RerankDocument(text=ranking.documents[i]) if return_documents else None,
+                )
+                for i in ranking.order
+            ],
+            usage=RerankUsage(prompt_tokens=ranking.tokens, total_tokens=ranking.tokens),
+        )
 
 
 class ModelCard(BaseModel):
@@ -98,6 +147,16 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class JSON(Response):
+    """A response model rendered by pydantic's own serializer: no re-validation by FastAPI, and no
+    pass through Python's json module (vectors of 1,024 floats are the bulk of every answer)."""
+
+    media_type = "application/json"
+
+    def render(self, content: BaseModel) -> bytes:
+        return content.model_dump_json(exclude_none=True).encode()
 
 
 class ErrorBody(BaseModel):

@@ -11,7 +11,7 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from .runtime import spec
+from fos_runtime import spec
 
 
 def parse(text: str) -> mc.ModelConfig:

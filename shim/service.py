@@ -3,19 +3,18 @@ shapes the answers. Routes call this, never a backend."""
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import dataclasses
-import uuid
 
 import numpy as np
+
+from fos_runtime.spec import ModelSpec
+from fos_runtime.tokenization import truncate_ids
 
 from .backends.base import Backend
 from .errors import BackendUnavailable, InvalidRequest, ModelNotFound, Overloaded
 from .observability import Metrics
-from .protocol import EmbeddingRequest, RerankDocument, RerankRequest
-from .runtime.spec import ModelSpec
-from .runtime.tokenization import truncate_ids
+from .protocol import EmbeddingRequest, EmbeddingResponse, ModelCard, ModelList, Ranking, RerankDocument, RerankRequest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,22 +79,25 @@ class Service:
             of_task = [s for s in served.values() if s.task == task]
             if len(of_task) == 1:
                 return of_task[0]
-            raise InvalidRequest(
-                f"'model' is required: this server has {len(of_task)} {task} models ({', '.join(sorted(s.served_name for s in of_task))})",
-                param="model",
-            )
+            names = ", ".join(sorted(s.served_name for s in of_task))
+            raise InvalidRequest(f"'model' is required: this server has {len(of_task)} {task} models ({names})", param="model")
         s = served.get(name)
         if s is None:
-            raise ModelNotFound(f"The model `{name}` does not exist. Served: {', '.join(sorted(served)) or 'none'}", param="model")
+            raise ModelNotFound(
+                f"The model `{name}` does not exist. Served: {', '.join(sorted(served)) or 'none'}", param="model"
+            )
         if s.task != task:
             other = "/v1/rerank" if s.task == "rerank" else "/v1/embeddings"
             raise InvalidRequest(f"The model `{name}` is a {s.task} model; use {other}", param="model", code="wrong_task")
         return s
 
-    async def embeddings(self, req: EmbeddingRequest) -> dict:
+    async def embeddings(self, req: EmbeddingRequest) -> EmbeddingResponse:
         s = await self.resolve(req.model, "embed")
         if req.dimensions is not None and req.dimensions != s.dimension:
-            raise InvalidRequest(f"`{s.served_name}` returns {s.dimension} dimensions; dimensions={req.dimensions} is not supported", param="dimensions")
+            raise InvalidRequest(
+                f"`{s.served_name}` returns {s.dimension} dimensions; dimensions={req.dimensions} is not supported",
+                param="dimensions",
+            )
 
         raw = req.input
         truncate = self._truncate(req.truncate)
@@ -128,17 +130,7 @@ class Service:
         if s.normalize and not s.model_normalizes:
             norms = np.linalg.norm(vectors, axis=1, keepdims=True)
             vectors = vectors / np.maximum(norms, 1e-12)
-        if req.encoding_format == "base64":
-            data = [base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") for v in vectors]
-        else:
-            data = vectors.tolist()
-        total = int(sum(out.tokens))
-        return {
-            "object": "list",
-            "data": [{"object": "embedding", "embedding": e, "index": i} for i, e in enumerate(data)],
-            "model": s.served_name,
-            "usage": {"prompt_tokens": total, "total_tokens": total},
-        }
+        return EmbeddingResponse.of(s.served_name, vectors, req.encoding_format, int(sum(out.tokens)))
 
     def _check_text(self, text: str, what: str, param: str) -> None:
         if not text.strip():
@@ -152,7 +144,9 @@ class Service:
             return ""
         if input_type not in s.prefixes:
             known = ", ".join(sorted(s.prefixes)) or "none"
-            raise InvalidRequest(f"input_type {input_type!r} is not known for `{s.served_name}` (known: {known})", param="input_type")
+            raise InvalidRequest(
+                f"input_type {input_type!r} is not known for `{s.served_name}` (known: {known})", param="input_type"
+            )
         return s.prefixes[input_type]
 
     def _check_ids(self, s: ModelSpec, seqs: list[list[int]]) -> None:
@@ -163,7 +157,9 @@ class Service:
                 raise InvalidRequest(f"input[{i}] has {len(seq)} tokens; at most {self.limits.max_input_chars}", param="input")
             bad = next((t for t in seq if t < 0 or t >= s.vocab_size), None)
             if bad is not None:
-                raise InvalidRequest(f"input[{i}] has token id {bad}, outside the vocabulary (0..{s.vocab_size - 1})", param="input")
+                raise InvalidRequest(
+                    f"input[{i}] has token id {bad}, outside the vocabulary (0..{s.vocab_size - 1})", param="input"
+                )
 
     def _truncate(self, asked: bool | None) -> bool:
         return self.limits.truncate if asked is None else asked
@@ -177,16 +173,20 @@ class Service:
         first = truncated.index(True)
         raise InvalidRequest(
             f"{what.format(first)} is longer than the {s.max_length} tokens `{s.served_name}` takes, and truncation is off; "
-            "shorten it or send truncate=true", param=param, code="context_length_exceeded")
+            "shorten it or send truncate=true",
+            param=param,
+            code="context_length_exceeded",
+        )
 
-    async def rerank(self, req: RerankRequest) -> dict:
+    async def rerank(self, req: RerankRequest) -> Ranking:
         s = await self.resolve(req.model, "rerank")
         self._check_text(req.query, "'query'", "query")
         if not req.documents:
             raise InvalidRequest("'documents' must not be empty", param="documents")
         if len(req.documents) > self.limits.max_documents:
-            raise InvalidRequest(f"'documents' has {len(req.documents)} items; at most {self.limits.max_documents} per request",
-                                 param="documents")
+            raise InvalidRequest(
+                f"'documents' has {len(req.documents)} items; at most {self.limits.max_documents} per request", param="documents"
+            )
         docs = [d.text if isinstance(d, RerankDocument) else d for d in req.documents]
         truncate = self._truncate(req.truncate)
         for i, d in enumerate(docs):
@@ -195,30 +195,18 @@ class Service:
             out = await self.backend.rerank(s, req.query, docs, detect_truncation=not truncate)
         self._check_truncation(s, out.truncated, truncate, "documents", "'query' with documents[{}]")
         self._count(s, out.tokens)
-        scores = out.values
-        order = sorted(range(len(docs)), key=lambda i: (-float(scores[i]), i))
+        scores = [float(x) for x in out.values]
+        order = sorted(range(len(docs)), key=lambda i: (-scores[i], i))
         if req.top_n is not None:
             order = order[: req.top_n]
-        results = []
-        for i in order:
-            item = {"index": i, "relevance_score": float(scores[i])}
-            if req.return_documents:
-                item["document"] = {"text": docs[i]}
-            results.append(item)
-        total = int(sum(out.tokens))
-        return {
-            "id": uuid.uuid4().hex,
-            "model": s.served_name,
-            "results": results,
-            "usage": {"prompt_tokens": total, "total_tokens": total},
-        }
+        return Ranking(model=s.served_name, order=order, scores=scores, documents=docs, tokens=int(sum(out.tokens)))
 
-    def models(self) -> dict:
-        data = []
-        for s in sorted(self.backend.specs(), key=lambda s: s.served_name):
-            card = {"id": s.served_name, "object": "model", "created": 0, "owned_by": "fake-openai-server",
-                    "task": s.task, "max_length": s.max_length}
-            if s.task == "embed":
-                card["dimension"] = s.dimension
-            data.append(card)
-        return {"object": "list", "data": data}
+    def models(self) -> ModelList:
+        return ModelList(
+            data=[
+                ModelCard(
+                    id=s.served_name, task=s.task, max_length=s.max_length, dimension=s.dimension if s.task == "embed" else None
+                )
+                for s in sorted(self.backend.specs(), key=lambda s: s.served_name)
+            ]
+        )

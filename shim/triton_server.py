@@ -16,7 +16,6 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
-
 SYSTEM_BIN_DIRS = ("/usr/bin", "/usr/local/bin")
 
 
@@ -85,9 +84,7 @@ def environment() -> dict[str, str]:
 
 def start(repository: Path, workdir: Path, http_port: int, grpc_port: int, metrics_port: int, **popen) -> subprocess.Popen:
     backends = prepare_backends(workdir)
-    return subprocess.Popen(
-        command(repository, backends, http_port, grpc_port, metrics_port), env=environment(), **popen
-    )
+    return subprocess.Popen(command(repository, backends, http_port, grpc_port, metrics_port), env=environment(), **popen)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

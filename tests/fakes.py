@@ -6,13 +6,28 @@ import asyncio
 
 import numpy as np
 
+from fos_runtime.spec import ModelSpec
 from shim.backends.base import Output
-from shim.runtime.spec import ModelSpec
 
-EMBED_SPEC = ModelSpec(served_name="fake/embed", task="embed", source="fake", max_length=16,
-                       encoder_inputs=("input_ids", "attention_mask"), pad_token_id=0, vocab_size=100, dimension=4)
-RERANK_SPEC = ModelSpec(served_name="fake/rerank", task="rerank", source="fake", max_length=16,
-                        encoder_inputs=("input_ids", "attention_mask"), pad_token_id=0, vocab_size=100)
+EMBED_SPEC = ModelSpec(
+    served_name="fake/embed",
+    task="embed",
+    source="fake",
+    max_length=16,
+    encoder_inputs=("input_ids", "attention_mask"),
+    pad_token_id=0,
+    vocab_size=100,
+    dimension=4,
+)
+RERANK_SPEC = ModelSpec(
+    served_name="fake/rerank",
+    task="rerank",
+    source="fake",
+    max_length=16,
+    encoder_inputs=("input_ids", "attention_mask"),
+    pad_token_id=0,
+    vocab_size=100,
+)
 
 
 class FakeBackend:

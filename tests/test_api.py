@@ -11,7 +11,7 @@ import pytest
 from openai import BadRequestError, NotFoundError, OpenAI
 
 import tiny_models
-from conftest import EMBED, RERANK
+from helpers import EMBED, RERANK
 
 TEXTS = [
     "東京は日本の首都です。",
@@ -70,8 +70,11 @@ def test_base64_is_little_endian_float32(server):
 def test_dify_one_input_per_request_empty_authorization(server, references):
     # Dify's OpenAI-compatible plugin: one input per request, "Authorization:" empty when no key.
     for text in TEXTS:
-        r = httpx.post(server.url + "/v1/embeddings", headers={"Authorization": ""},
-                       json={"model": EMBED, "input": [text], "encoding_format": "float"})
+        r = httpx.post(
+            server.url + "/v1/embeddings",
+            headers={"Authorization": ""},
+            json={"model": EMBED, "input": [text], "encoding_format": "float"},
+        )
         assert r.status_code == 200, r.text
         body = r.json()
         want = normalized(references["embed"].encode([text], convert_to_numpy=True))[0]
@@ -91,7 +94,7 @@ def test_truncate_false_rejects_what_it_would_cut(server, references):
     fits = ids[:-1] + [5] * (tiny_models.MAX_SEQ_LENGTH - len(ids)) + ids[-1:]  # exactly the context
     cases = [
         ("/v1/embeddings", {"model": EMBED, "input": [TEXTS[0], long_text]}, "input", "input[1]"),
-        ("/v1/embeddings", {"model": EMBED, "input": [fits, fits + [5]]}, "input", "input[1]"),
+        ("/v1/embeddings", {"model": EMBED, "input": [fits, [*fits, 5]]}, "input", "input[1]"),
         ("/v1/rerank", {"model": RERANK, "query": TEXTS[0], "documents": [DOCS[0], long_text]}, "documents", "documents[1]"),
     ]
     for path, body, param, where in cases:
@@ -102,8 +105,11 @@ def test_truncate_false_rejects_what_it_would_cut(server, references):
         assert httpx.post(server.url + path, json={**body, "truncate": True}).status_code == 200
         assert httpx.post(server.url + path, json=body).status_code == 200  # the server's default: cut
     # What fits is served with truncate=false.
-    for body in ({"model": EMBED, "input": [TEXTS[0], TEXTS[1]]}, {"model": EMBED, "input": [fits]},
-                 {"model": RERANK, "query": TEXTS[0], "documents": DOCS}):
+    for body in (
+        {"model": EMBED, "input": [TEXTS[0], TEXTS[1]]},
+        {"model": EMBED, "input": [fits]},
+        {"model": RERANK, "query": TEXTS[0], "documents": DOCS},
+    ):
         path = "/v1/rerank" if "query" in body else "/v1/embeddings"
         assert httpx.post(server.url + path, json={**body, "truncate": False}).status_code == 200, body
 
@@ -113,7 +119,7 @@ def test_server_may_turn_truncation_off(exported):
     from shim.backends.embedded import EmbeddedBackend
     from shim.service import Limits
 
-    from conftest import ServerThread
+    from helpers import ServerThread
 
     with ServerThread(create_app(EmbeddedBackend(exported["repository"]), limits=Limits(truncate=False))) as srv:
         body = {"model": EMBED, "input": TEXTS[2] * 10}
@@ -161,8 +167,11 @@ def test_rerank_equals_cross_encoder(server, references):
 def test_rerank_dify_shape_top_n_and_documents(server, references):
     # Dify POSTs {endpoint}/rerank with top_n and reads results[].index and results[].relevance_score.
     query = "おいしい料理"
-    r = httpx.post(server.url + "/v1/rerank", headers={"Authorization": ""},
-                   json={"model": RERANK, "query": query, "documents": DOCS, "top_n": 2, "return_documents": True})
+    r = httpx.post(
+        server.url + "/v1/rerank",
+        headers={"Authorization": ""},
+        json={"model": RERANK, "query": query, "documents": DOCS, "top_n": 2, "return_documents": True},
+    )
     body = r.json()
     want = references["rerank"].predict([(query, d) for d in DOCS])
     best = list(np.argsort(-want, kind="stable")[:2])
@@ -243,8 +252,11 @@ def test_bad_rerank_requests(server, body, status, param):
 
 
 def test_malformed_bodies_get_the_envelope_not_422(server):
-    for content, headers in [(b"{bad", {"content-type": "application/json"}), (b"[1, 2]", {"content-type": "application/json"}),
-                             (b'{"input": "x"}', {"content-type": "text/plain"})]:
+    for content, headers in [
+        (b"{bad", {"content-type": "application/json"}),
+        (b"[1, 2]", {"content-type": "application/json"}),
+        (b'{"input": "x"}', {"content-type": "text/plain"}),
+    ]:
         r = httpx.post(server.url + "/v1/embeddings", content=content, headers=headers)
         assert r.status_code == 400, r.text
         assert r.json()["error"]["type"] == "invalid_request_error"
@@ -274,7 +286,6 @@ async def test_concurrent_requests_each_get_their_own_answer(server, references)
     # request must still get exactly its own vectors, in its own order.
     texts = [("猫" * (1 + i % 9)) + f"の文{i}" for i in range(40)]
     async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
-
         responses = await asyncio.gather(
             *(http.post("/v1/embeddings", json={"model": EMBED, "input": [t, t + "です"]}) for t in texts)
         )
@@ -282,7 +293,7 @@ async def test_concurrent_requests_each_get_their_own_answer(server, references)
     for n, r in enumerate(responses):
         assert r.status_code == 200
         got = np.array([d["embedding"] for d in r.json()["data"]])
-        assert np.max(np.abs(got - want[2 * n: 2 * n + 2])) <= 1e-4
+        assert np.max(np.abs(got - want[2 * n : 2 * n + 2])) <= 1e-4
 
 
 def test_metrics_endpoint(server, request):

@@ -8,23 +8,50 @@ import pytest
 
 from bench import corpus as corpora
 from bench.report import markdown
-from conftest import EMBED, RERANK
+from fos_runtime import spec
 from shim.cli import main
-from shim.runtime import spec
+
+from helpers import EMBED, RERANK
 
 
 def test_bench_runs_every_workload(embedded_server, exported, tmp_path):
     tokenizer = exported["repository"] / spec.tokenizer_model(spec.triton_name(EMBED)) / "1" / "tokenizer"
-    code = main(["bench", "--url", embedded_server.url, "--label", "embedded", "--model", EMBED, "--rerank-model", RERANK,
-                 "--workload", "dify-embed,batch-embed,rerank", "--concurrency", "1,2", "--duration", "1",
-                 "--max-requests", "20", "--tokenizer", str(tokenizer), "--max-length", "32",
-                 "--corpus", str(tmp_path / "absent"), "--out", str(tmp_path)])
+    code = main(
+        [
+            "bench",
+            "--url",
+            embedded_server.url,
+            "--label",
+            "embedded",
+            "--model",
+            EMBED,
+            "--rerank-model",
+            RERANK,
+            "--workload",
+            "dify-embed,batch-embed,rerank",
+            "--concurrency",
+            "1,2",
+            "--duration",
+            "1",
+            "--max-requests",
+            "20",
+            "--tokenizer",
+            str(tokenizer),
+            "--max-length",
+            "32",
+            "--corpus",
+            str(tmp_path / "absent"),
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert code == 0
     report = json.loads((tmp_path / "embedded.json").read_text())
     assert report["corpus"] == "generated"
     levels = report["levels"]
     assert {(r["workload"], r["concurrency"]) for r in levels} == {
-        (w, c) for w in ("dify-embed", "batch-embed", "rerank") for c in (1, 2)}
+        (w, c) for w in ("dify-embed", "batch-embed", "rerank") for c in (1, 2)
+    }
     for r in levels:
         assert r["requests"] > 0 and not r["errors"]
         assert r["tokens_per_s"] > 0 and r["p50_ms"] <= r["p99_ms"]

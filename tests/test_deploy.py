@@ -3,6 +3,7 @@ compose, the Dockerfiles and the exported repository agree."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -12,8 +13,8 @@ import pytest
 import yaml
 
 from export.repository import encoder_config
+from fos_runtime import spec
 from shim.repository import parse
-from shim.runtime import spec
 from shim.serve import add_arguments as serve_arguments
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,8 +34,11 @@ def compose(name: str = "compose.yaml") -> dict:
 
 
 def test_compose_matches_the_compose_spec():
-    r = subprocess.run([str(BIN / "check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(ROOT / "compose.yaml")],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [str(BIN / "check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(ROOT / "compose.yaml")],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -93,13 +97,22 @@ def test_triton_image_pins_the_locked_tokenizer_packages():
 
 
 def test_gpu_encoder_config_for_the_container():
-    s = spec.ModelSpec(served_name="cl-nagoya/ruri-large", task="embed", source="cl-nagoya/ruri-large", max_length=512,
-                       encoder_inputs=("input_ids", "attention_mask", "token_type_ids"), pad_token_id=0, vocab_size=32768,
-                       precision="fp16", dimension=1024)
-    c = parse(__import__("export.repository", fromlist=["render"]).render(encoder_config(s, "onnxruntime", "gpu", tensorrt=True)))
+    s = spec.ModelSpec(
+        served_name="cl-nagoya/ruri-large",
+        task="embed",
+        source="cl-nagoya/ruri-large",
+        max_length=512,
+        encoder_inputs=("input_ids", "attention_mask", "token_type_ids"),
+        pad_token_id=0,
+        vocab_size=32768,
+        precision="fp16",
+        device="gpu",
+        dimension=1024,
+    )
+    c = parse(__import__("export.repository", fromlist=["render"]).render(encoder_config(s, "onnxruntime", tensorrt=True)))
     assert c.backend == "onnxruntime" and c.instance_group[0].kind == c.instance_group[0].KIND_GPU
     trt = c.optimization.execution_accelerators.gpu_execution_accelerator[0]
     assert trt.name == "tensorrt" and trt.parameters["precision_mode"] == "FP16"
     assert not any(i.allow_ragged_batch for i in c.input)  # the ORT backend batches equal shapes only
     with pytest.raises(ValueError):
-        encoder_config(s, "python", "cpu", tensorrt=True)
+        encoder_config(dataclasses.replace(s, device="cpu"), "python", tensorrt=True)

@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 
 import export.load
-from conftest import EMBED, RERANK
-from export.main import ExportOptions, ParityError, export as run_export
+from export.main import ExportOptions, ParityError
+from export.main import export as run_export
 from export.parity import Report, compare
+from fos_runtime import batching, spec
+from fos_runtime.tokenization import Tokenizer
 from shim.cli import main
 from shim.repository import parse, read_specs
-from shim.runtime import spec
-from shim.runtime.tokenization import Tokenizer
+
+from helpers import EMBED, RERANK
 
 
 @pytest.mark.parametrize("task", ["embed", "rerank"])
@@ -52,7 +54,11 @@ def test_configs_chain_tokenizer_to_encoder(exported):
         assert {o.name for o in ens.output} == {*steps[1].output_map.values(), spec.NUM_TOKENS, spec.TRUNCATED}
         assert enc.backend == "python" and (repo / enc.name / "1" / "model.py").exists()
         assert (repo / enc.name / "1" / "model.onnx").exists()
-        assert (repo / tok.name / "1" / "shim" / "runtime" / "tokenization.py").exists()
+        # Each Python model carries the shared runtime and nothing of the shim.
+        for model in (tok.name, enc.name):
+            assert (repo / model / "1" / "fos_runtime" / "tokenization.py").exists()
+            assert not (repo / model / "1" / "shim").exists()
+        assert {tok.max_batch_size, enc.max_batch_size, ens.max_batch_size} == {batching.plan_for(s.device).max_rows}
 
 
 def test_attention_is_fused(exported):
@@ -84,8 +90,10 @@ def test_detect_task(tiny_dirs):
 @pytest.mark.parametrize(("task", "precision"), [("embed", "fp16"), ("rerank", "fp16"), ("embed", "int8"), ("rerank", "int8")])
 def test_other_precisions(tiny_dirs, tmp_path, task, precision):
     lines: list[str] = []
-    s = run_export(ExportOptions(model=str(tiny_dirs[task]), task=task, name=f"p/{task}", repository=tmp_path / "repo",
-                                 precision=precision), log=lines.append)
+    s = run_export(
+        ExportOptions(model=str(tiny_dirs[task]), task=task, name=f"p/{task}", repository=tmp_path / "repo", precision=precision),
+        log=lines.append,
+    )
     assert s.precision == precision
     text = "\n".join(lines)
     assert "PASS" in text, text
@@ -134,7 +142,9 @@ def test_bad_served_name_fails_before_loading(tmp_path):
 def test_reexport_replaces_in_place(tiny_dirs, tmp_path):
     repo = tmp_path / "repo"
     for _ in range(2):
-        run_export(ExportOptions(model=str(tiny_dirs["rerank"]), task="rerank", name="again", repository=repo), log=lambda _: None)
+        run_export(
+            ExportOptions(model=str(tiny_dirs["rerank"]), task="rerank", name="again", repository=repo), log=lambda _: None
+        )
     assert sorted(p.name for p in repo.iterdir()) == ["again", "again__encoder", "again__tokenizer"]
     assert not list(tmp_path.glob(".*staging*"))
 

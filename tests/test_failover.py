@@ -3,17 +3,18 @@ stopped one is taken back once it is ready again."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import urllib.request
-import json
 
 import httpx
 
-from conftest import EMBED, ServerThread, free_port, run_tritonserver
+from fos_runtime import spec
 from shim.app import create_app
 from shim.backends.triton import TritonBackend
-from shim.runtime import spec
+
+from helpers import EMBED, ServerThread, free_port, run_tritonserver
 
 
 def _inferences(http: str) -> int:
@@ -34,7 +35,9 @@ def test_one_of_two_tritons_stops_mid_load(exported, tmp_path):
             def load() -> None:
                 with httpx.Client(base_url=shim.url, timeout=30) as http:
                     while not stop.is_set():
-                        statuses.append(http.post("/v1/embeddings", json={"model": EMBED, "input": ["猫", "犬が走る"]}).status_code)
+                        statuses.append(
+                            http.post("/v1/embeddings", json={"model": EMBED, "input": ["猫", "犬が走る"]}).status_code
+                        )
 
             workers = [threading.Thread(target=load) for _ in range(3)]
             for w in workers:

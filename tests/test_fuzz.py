@@ -8,8 +8,9 @@ import os
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from fakes import FakeBackend
 from shim.app import create_app
+
+from fakes import FakeBackend
 
 EXAMPLES = int(os.environ.get("FOS_FUZZ_EXAMPLES", "300"))
 

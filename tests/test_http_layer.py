@@ -4,17 +4,23 @@ from __future__ import annotations
 
 from fastapi.testclient import TestClient
 
-from fakes import FakeBackend
 from shim.app import create_app
 from shim.auth import load_keys
+
+from fakes import FakeBackend
 
 BODY = {"model": "fake/embed", "input": "猫"}
 
 
 def test_keys_required_when_configured():
     with TestClient(create_app(FakeBackend(), api_keys=["k1", "secret-2"])) as http:
-        for headers in ({}, {"Authorization": ""}, {"Authorization": "Bearer wrong"}, {"Authorization": "secret-2"},
-                        {"Authorization": "Basic secret-2"}):
+        for headers in (
+            {},
+            {"Authorization": ""},
+            {"Authorization": "Bearer wrong"},
+            {"Authorization": "secret-2"},
+            {"Authorization": "Basic secret-2"},
+        ):
             r = http.post("/v1/embeddings", json=BODY, headers=headers)
             assert r.status_code == 401, headers
             assert r.json()["error"]["code"] == "invalid_api_key"
@@ -86,8 +92,8 @@ def test_client_disconnect_cancels_the_work():
 
     import httpx
 
-    from conftest import ServerThread
     from fakes import SlowBackend
+    from helpers import ServerThread
 
     backend = SlowBackend(delay=3.0)
     with ServerThread(create_app(backend)) as server:
@@ -99,7 +105,9 @@ def test_client_disconnect_cancels_the_work():
         while backend.cancelled == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert backend.cancelled == 1 and backend.finished == 0
-        assert httpx.post(server.url + "/v1/embeddings", json={"model": "fake/embed", "input": "x"}, timeout=10).status_code == 200
+        assert (
+            httpx.post(server.url + "/v1/embeddings", json={"model": "fake/embed", "input": "x"}, timeout=10).status_code == 200
+        )
 
 
 def test_sigterm_finishes_requests_in_flight(tmp_path):
@@ -111,7 +119,7 @@ def test_sigterm_finishes_requests_in_flight(tmp_path):
 
     import httpx
 
-    from conftest import free_port, wait_for
+    from helpers import free_port, wait_for
 
     port = free_port()
     script = tmp_path / "serve_fake.py"
@@ -125,7 +133,9 @@ def test_sigterm_finishes_requests_in_flight(tmp_path):
     try:
         wait_for(f"http://127.0.0.1:{port}/health", 30, proc)
         result = {}
-        t = threading.Thread(target=lambda: result.update(r=httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json=BODY, timeout=20)))
+        t = threading.Thread(
+            target=lambda: result.update(r=httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json=BODY, timeout=20))
+        )
         t.start()
         time.sleep(0.5)  # the request is in the backend now
         proc.send_signal(signal.SIGTERM)
@@ -142,7 +152,7 @@ def test_body_size_cap_announced_or_chunked():
 
     with TestClient(create_app(FakeBackend(), limits=Limits(max_body_bytes=1000))) as http:
         r = http.post("/v1/embeddings", json={"model": "fake/embed", "input": "猫" * 1000})
-        assert r.status_code == 400 and r.json()["error"]["code"] == "request_too_large"
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
 
         def chunks():
             yield b'{"model": "fake/embed", "input": "'
@@ -151,7 +161,7 @@ def test_body_size_cap_announced_or_chunked():
             yield b'"}'
 
         r = http.post("/v1/embeddings", content=chunks(), headers={"content-type": "application/json"})
-        assert r.status_code == 400 and r.json()["error"]["code"] == "request_too_large"
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
         assert http.post("/v1/embeddings", json=BODY).status_code == 200
 
 
@@ -169,5 +179,7 @@ def test_over_long_token_ids_refused_before_any_compute():
         r = http.post("/v1/embeddings", json={"model": "fake/embed", "input": [[5] * 17], "truncate": False})
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
         assert backend.calls == 0
-        assert http.post("/v1/embeddings", json={"model": "fake/embed", "input": [[5] * 16], "truncate": False}).status_code == 200
+        assert (
+            http.post("/v1/embeddings", json={"model": "fake/embed", "input": [[5] * 16], "truncate": False}).status_code == 200
+        )
         assert backend.calls == 1

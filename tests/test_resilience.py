@@ -15,12 +15,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import tiny_models
-from conftest import EMBED, ServerThread, free_port, run_tritonserver, wait_for
 from shim.app import create_app
 from shim.backends.triton import TritonBackend
 
-POOL = tiny_models.corpus()[:12] + ["猫", "ＡＢＣ１２３", "猫" * 200]
+import tiny_models
+from helpers import EMBED, ServerThread, free_port, run_tritonserver, wait_for
+
+POOL = [*tiny_models.corpus()[:12], "猫", "ＡＢＣ１２３", "猫" * 200]
 
 
 @pytest.fixture(scope="module")
@@ -111,9 +112,23 @@ def test_triton_killed_and_restarted_under_load(exported, tmp_path):
 def test_ten_times_capacity_memory_stays_flat(exported, tmp_path):
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "shim.cli", "serve", "--repository", str(exported["repository"]), "--port", str(port),
-         "--max-inputs-in-flight", "32", "--log-level", "warning"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            sys.executable,
+            "-m",
+            "shim.cli",
+            "serve",
+            "--repository",
+            str(exported["repository"]),
+            "--port",
+            str(port),
+            "--max-inputs-in-flight",
+            "32",
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
 
     def peak_rss_mb() -> float:

@@ -5,9 +5,11 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shim.runtime import spec
-from shim.runtime.spec import ModelSpec, known_prefixes, triton_name
-from shim.runtime.tokenization import Encoded, length_batches, pad, truncate_ids
+from fos_runtime import spec
+from fos_runtime.batching import length_batches
+from fos_runtime.padding import pad
+from fos_runtime.spec import ModelSpec, known_prefixes, triton_name
+from fos_runtime.tokenization import Encoded, truncate_ids
 
 ALL = spec.ENCODER_INPUTS_ALL
 
@@ -35,8 +37,9 @@ def test_truncate_ids():
 
 
 def test_tokenizer_tells_which_inputs_it_cut(tmp_path):
+    from fos_runtime.tokenization import Tokenizer
+
     import tiny_models
-    from shim.runtime.tokenization import Tokenizer
 
     tiny_models.build_tokenizer(tmp_path).save_pretrained(str(tmp_path))
     full = Tokenizer(tmp_path, max_length=10_000)
@@ -91,9 +94,17 @@ def test_triton_names_and_prefixes():
 
 
 def test_spec_round_trip():
-    s = ModelSpec(served_name="cl-nagoya/ruri-large", task="embed", source="cl-nagoya/ruri-large", max_length=512,
-                  encoder_inputs=("input_ids", "attention_mask"), pad_token_id=0, vocab_size=32768, dimension=1024,
-                  prefixes=known_prefixes("cl-nagoya/ruri-large"))
+    s = ModelSpec(
+        served_name="cl-nagoya/ruri-large",
+        task="embed",
+        source="cl-nagoya/ruri-large",
+        max_length=512,
+        encoder_inputs=("input_ids", "attention_mask"),
+        pad_token_id=0,
+        vocab_size=32768,
+        dimension=1024,
+        prefixes=known_prefixes("cl-nagoya/ruri-large"),
+    )
     assert ModelSpec.from_json(s.to_json()) == s
 
 
@@ -102,8 +113,9 @@ def test_tokenizer_is_safe_to_share_between_threads(tmp_path):
     # requests in a thread pool.
     from concurrent.futures import ThreadPoolExecutor
 
+    from fos_runtime.tokenization import Tokenizer
+
     import tiny_models
-    from shim.runtime.tokenization import Tokenizer
 
     tiny_models.build_tokenizer(tmp_path).save_pretrained(str(tmp_path))
     tok = Tokenizer(tmp_path, max_length=32)

@@ -8,8 +8,8 @@ from typing import Protocol
 
 import numpy as np
 
-from ..runtime.spec import ModelSpec
-from ..runtime.tokenization import Encoded
+from fos_runtime.spec import ModelSpec
+from fos_runtime.tokenization import Encoded
 
 
 @dataclasses.dataclass
@@ -37,8 +37,9 @@ class Backend(Protocol):
     def specs(self) -> list[ModelSpec]:
         """The models served now."""
 
-    async def embed(self, s: ModelSpec, texts: Sequence[str] | None = None, encoded: Encoded | None = None,
-                    detect_truncation: bool = False) -> Output:
+    async def embed(
+        self, s: ModelSpec, texts: Sequence[str] | None = None, encoded: Encoded | None = None, detect_truncation: bool = False
+    ) -> Output:
         """Exactly one of ``texts`` (tokenized by the backend) and ``encoded`` (token ids) is given.
         ``Output.truncated`` is reliable only with ``detect_truncation`` (it costs tokenization time)."""
 

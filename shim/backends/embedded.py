@@ -16,22 +16,18 @@ from pathlib import Path
 
 import numpy as np
 
+from fos_runtime import batching
+from fos_runtime import spec as specs
+from fos_runtime.batching import BatchPlan, Stats
+from fos_runtime.encoder import Encoder
+from fos_runtime.spec import ModelSpec
+from fos_runtime.tokenization import Encoded, Tokenizer
+
 from ..errors import BackendUnavailable
 from ..repository import read_specs
-from ..runtime import batching
-from ..runtime import spec as specs
-from ..runtime.batching import BatchLimits, Stats
-from ..runtime.encoder import Encoder
-from ..runtime.spec import ModelSpec
-from ..runtime.tokenization import Encoded, Tokenizer
 from .base import Output
 
 log = logging.getLogger("fos.embedded")
-
-
-@dataclasses.dataclass(frozen=True)
-class QueueLimits:
-    max_round_tokens: int = 32768  # real tokens gathered from the queue per round
 
 
 @dataclasses.dataclass
@@ -41,14 +37,12 @@ class _Job:
 
 
 class _Model:
-    def __init__(self, s: ModelSpec, repository: Path, executor, limits: BatchLimits | None, queue: QueueLimits,
-                 threads: int | None):
+    def __init__(self, s: ModelSpec, repository: Path, executor, plan: BatchPlan | None, threads: int | None):
         self.spec = s
         self.tokenizer = Tokenizer(repository / specs.tokenizer_model(s.name) / "1" / "tokenizer", s.max_length)
         self.encoder = Encoder(repository / specs.encoder_model(s.name) / "1" / "model.onnx", threads=threads)
         self.executor = executor
-        self.limits = limits or BatchLimits.for_encoder(self.encoder)
-        self.queue_limits = queue
+        self.plan = plan or batching.plan_for(self.encoder.device)
         self.stats = Stats()
         self.queue: asyncio.Queue[_Job] = asyncio.Queue()
         self.worker: asyncio.Task | None = None
@@ -69,7 +63,7 @@ class _Model:
         while True:
             jobs = [await self.queue.get()]
             budget = sum(jobs[0].encoded.lengths)
-            while not self.queue.empty() and budget < self.queue_limits.max_round_tokens:
+            while not self.queue.empty() and budget < self.plan.round_tokens:
                 job = self.queue.get_nowait()
                 jobs.append(job)
                 budget += sum(job.encoded.lengths)
@@ -84,20 +78,18 @@ class _Model:
                     if not j.future.done():
                         j.future.set_exception(exc)
                 continue
-            for j, out in zip(jobs, outputs):
+            for j, out in zip(jobs, outputs, strict=True):
                 if not j.future.done():
                     j.future.set_result(out)
 
     def _run(self, encodeds: list[Encoded]) -> list[np.ndarray]:
-        return batching.run(self.encoder, encodeds, self.spec.pad_token_id, self.spec.encoder_inputs, self.limits, self.stats)
+        return batching.run(self.encoder, encodeds, self.spec.pad_token_id, self.spec.encoder_inputs, self.plan, self.stats)
 
 
 class EmbeddedBackend:
-    def __init__(self, repository: Path, limits: BatchLimits | None = None, threads: int | None = None,
-                 queue: QueueLimits | None = None):
+    def __init__(self, repository: Path, plan: BatchPlan | None = None, threads: int | None = None):
         self.repository = Path(repository)
-        self.limits = limits  # None: per model, from its encoder's device
-        self.queue_limits = queue or QueueLimits()
+        self.plan = plan  # None: per model, from its encoder's device
         self.threads = threads
         self.models: dict[str, _Model] = {}
         # One inference thread: onnxruntime already spreads one run over every core, and two runs
@@ -111,7 +103,7 @@ class EmbeddedBackend:
             log.warning("no exported models in %s", self.repository)
         for s in found:
             log.info("loading %s (%s, %s) from %s", s.served_name, s.task, s.precision, self.repository)
-            model = await asyncio.to_thread(_Model, s, self.repository, self.executor, self.limits, self.queue_limits, self.threads)
+            model = await asyncio.to_thread(_Model, s, self.repository, self.executor, self.plan, self.threads)
             model.start()
             self.models[s.served_name] = model
         self._ready = True
@@ -138,8 +130,9 @@ class EmbeddedBackend:
             raise BackendUnavailable(f"model {s.served_name} is not loaded")
         return model
 
-    async def embed(self, s: ModelSpec, texts: Sequence[str] | None = None, encoded: Encoded | None = None,
-                    detect_truncation: bool = False) -> Output:
+    async def embed(
+        self, s: ModelSpec, texts: Sequence[str] | None = None, encoded: Encoded | None = None, detect_truncation: bool = False
+    ) -> Output:
         model = self._model(s)
         if encoded is None:
             encoded = await asyncio.to_thread(model.tokenizer.encode, list(texts or []), None, detect_truncation)

@@ -21,25 +21,27 @@ import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from fos_runtime import spec as specs
+from fos_runtime.batching import length_batches, plan_for
+from fos_runtime.padding import pad
+from fos_runtime.spec import ModelSpec
+from fos_runtime.tokenization import Encoded
+
 from ..errors import BackendFailed, BackendUnavailable
 from ..repository import spec_of
-from ..runtime import spec as specs
-from ..runtime.spec import ModelSpec
-from ..runtime.tokenization import Encoded, length_batches, pad
 from .base import Output
 
 log = logging.getLogger("fos.triton")
 
-SUB_BATCH = 32  # inputs per sub-request; below the models' max_batch_size
 TIMEOUT_S = 60.0  # deadline of every Triton call
 PROBE_S = 1.0  # how often a dropped endpoint is asked whether it is ready again
 _UNAVAILABLE = ("UNAVAILABLE", "DEADLINE", "NOT_FOUND", "CANCELLED")  # the endpoint, not the request, is at fault
 
 
-def _sub_batches(lengths: list[int]) -> list[list[int]]:
-    """Sort by length and cut into sub-requests of SUB_BATCH; no padding bound here, since Triton's
-    encoder regroups the rows it receives by their real token lengths."""
-    return length_batches(lengths, SUB_BATCH, max_tokens=1 << 30, max_padding=1.0)
+def _sub_batches(s: ModelSpec, lengths: list[int]) -> list[list[int]]:
+    """Sort by length and cut into sub-requests of the models' max_batch_size; no padding bound here,
+    since Triton's encoder regroups the rows it receives by their real token lengths."""
+    return length_batches(lengths, plan_for(s.device).max_rows, max_tokens=1 << 30, max_padding=1.0)
 
 
 def _strings(name: str, values: Sequence[str]) -> grpcclient.InferInput:
@@ -190,37 +192,47 @@ class TritonBackend:
         merged = []
         for k, first in enumerate(parts[0]):
             out = np.empty((n, first.reshape(len(groups[0]), -1).shape[1]), dtype=first.dtype)
-            for g, part in zip(groups, parts):
+            for g, part in zip(groups, parts, strict=True):
                 out[g] = part[k].reshape(len(g), -1)
             merged.append(out)
         return merged
 
-    async def embed(self, s: ModelSpec, texts: Sequence[str] | None = None, encoded: Encoded | None = None,
-                    detect_truncation: bool = False) -> Output:
+    async def embed(
+        self, s: ModelSpec, texts: Sequence[str] | None = None, encoded: Encoded | None = None, detect_truncation: bool = False
+    ) -> Output:
         if encoded is not None:
+
             def by_ids(g: list[int]):
                 feeds = pad(encoded, s.pad_token_id, s.encoder_inputs, order=g)
                 return self._infer(specs.encoder_model(s.name), [_ints(n, a) for n, a in feeds.items()], [specs.EMBEDDING])
 
-            (vectors,) = await self._fan_out(_sub_batches(encoded.lengths), by_ids, len(encoded.input_ids))
+            (vectors,) = await self._fan_out(_sub_batches(s, encoded.lengths), by_ids, len(encoded.input_ids))
             return Output.of(vectors, encoded)
         texts = list(texts or [])
         # Characters stand in for tokens when grouping by length; Triton tokenizes.
-        return _output(*await self._fan_out(
-            _sub_batches([len(t) for t in texts]),
-            lambda g: self._infer(s.name, [_strings(specs.TEXT, [texts[i] for i in g]), *_detect(len(g), detect_truncation)],
-                                  [specs.EMBEDDING, *_COUNTS]),
-            len(texts),
-        ))
+        return _output(
+            *await self._fan_out(
+                _sub_batches(s, [len(t) for t in texts]),
+                lambda g: self._infer(
+                    s.name,
+                    [_strings(specs.TEXT, [texts[i] for i in g]), *_detect(len(g), detect_truncation)],
+                    [specs.EMBEDDING, *_COUNTS],
+                ),
+                len(texts),
+            )
+        )
 
     async def rerank(self, s: ModelSpec, query: str, documents: Sequence[str], detect_truncation: bool = False) -> Output:
         docs = list(documents)
         scores, tokens, truncated = await self._fan_out(
-            _sub_batches([len(d) for d in docs]),
+            _sub_batches(s, [len(d) for d in docs]),
             lambda g: self._infer(
                 s.name,
-                [_strings(specs.TEXT, [query] * len(g)), _strings(specs.TEXT_PAIR, [docs[i] for i in g]),
-                 *_detect(len(g), detect_truncation)],
+                [
+                    _strings(specs.TEXT, [query] * len(g)),
+                    _strings(specs.TEXT_PAIR, [docs[i] for i in g]),
+                    *_detect(len(g), detect_truncation),
+                ],
                 [specs.SCORE, *_COUNTS],
             ),
             len(docs),

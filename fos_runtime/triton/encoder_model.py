@@ -11,13 +11,13 @@ embedded backend does.
 import json
 from pathlib import Path
 
-from shim.runtime.triton.pythonpath import honour_pythonpath
+from fos_runtime.triton.pythonpath import honour_pythonpath
 
 honour_pythonpath()
 
-import triton_python_backend_utils as pb_utils  # noqa: E402
+import triton_python_backend_utils as pb_utils
 
-from shim.runtime import batching, encoder, spec, tokenization  # noqa: E402
+from fos_runtime import batching, encoder, padding, spec, tokenization
 
 
 class TritonPythonModel:
@@ -28,19 +28,19 @@ class TritonPythonModel:
         device = "gpu" if args.get("model_instance_kind") == "GPU" else "cpu"
         path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
         self.encoder = encoder.Encoder(path, device=device)
-        self.limits = batching.BatchLimits.for_encoder(self.encoder)
+        self.plan = batching.plan_for(self.encoder.device)
 
     def execute(self, requests):
         encodeds, errors = [], {}
         for n, request in enumerate(requests):
             try:
                 arrays = {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.encoder.input_names}
-                encodeds.append(tokenization.unpad(arrays))
+                encodeds.append(padding.unpad(arrays))
             except Exception as exc:
                 errors[n] = f"encoder: bad request: {exc}"
                 encodeds.append(tokenization.Encoded(input_ids=[]))
         try:
-            outputs = batching.run(self.encoder, encodeds, self.spec.pad_token_id, self.spec.encoder_inputs, self.limits)
+            outputs = batching.run(self.encoder, encodeds, self.spec.pad_token_id, self.spec.encoder_inputs, self.plan)
         except Exception as exc:
             return [pb_utils.InferenceResponse(error=pb_utils.TritonError(f"encoder: {exc}")) for _ in requests]
         responses = []

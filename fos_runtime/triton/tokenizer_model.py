@@ -3,14 +3,14 @@
 import json
 from pathlib import Path
 
-from shim.runtime.triton.pythonpath import honour_pythonpath
+from fos_runtime.triton.pythonpath import honour_pythonpath
 
 honour_pythonpath()
 
-import numpy as np  # noqa: E402
-import triton_python_backend_utils as pb_utils  # noqa: E402
+import numpy as np
+import triton_python_backend_utils as pb_utils
 
-from shim.runtime import spec, tokenization  # noqa: E402
+from fos_runtime import padding, spec, tokenization
 
 
 def _strings(request, name):
@@ -34,8 +34,10 @@ class TritonPythonModel:
                 texts = _strings(request, spec.TEXT)
                 pairs = _strings(request, spec.TEXT_PAIR) if self.spec.task == "rerank" else None
                 detect = pb_utils.get_input_tensor_by_name(request, spec.DETECT_TRUNCATION)
-                encoded = self.tokenizer.encode(texts, pairs, detect_truncation=detect is not None and bool(detect.as_numpy().any()))
-                arrays = tokenization.pad(encoded, self.spec.pad_token_id, self.spec.encoder_inputs)
+                encoded = self.tokenizer.encode(
+                    texts, pairs, detect_truncation=detect is not None and bool(detect.as_numpy().any())
+                )
+                arrays = padding.pad(encoded, self.spec.pad_token_id, self.spec.encoder_inputs)
                 counts = np.asarray(encoded.lengths, dtype=np.int64).reshape(-1, 1)
                 outputs = [pb_utils.Tensor(name, value) for name, value in arrays.items()]
                 outputs.append(pb_utils.Tensor(spec.NUM_TOKENS, counts))

@@ -1,8 +1,8 @@
-"""Tokenize, truncate, count and pad: the single implementation used by Triton's tokenizer model,
-the embedded backend and export's parity check.
+"""Tokenize, truncate and count: the single implementation used by Triton's tokenizer model, the
+embedded backend and export's parity check.
 
 The tokenizer is called exactly as sentence-transformers calls it (``truncation="longest_first"``,
-``max_length``), one sequence per input, so token counts are real and padding is ours to choose.
+``max_length``), one sequence per input, so token counts are real and padding (``padding``) is ours to choose.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ import logging
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-
-import numpy as np
 
 from . import spec
 
@@ -73,8 +71,13 @@ class Tokenizer:
 
     def _call(self, texts: Sequence[str], pairs: Sequence[str] | None, max_length: int):
         with self._lock:
-            return self.hf(list(texts), list(pairs) if pairs is not None else None,
-                           truncation="longest_first", max_length=max_length, padding=False)
+            return self.hf(
+                list(texts),
+                list(pairs) if pairs is not None else None,
+                truncation="longest_first",
+                max_length=max_length,
+                padding=False,
+            )
 
     def _truncated(self, texts: Sequence[str], pairs: Sequence[str] | None, lengths: list[int]) -> list[bool]:
         """Only an input that came out exactly max_length long can have been cut; tokenizing those
@@ -82,9 +85,10 @@ class Tokenizer:
         full = [i for i, n in enumerate(lengths) if n >= self.max_length]
         truncated = [False] * len(lengths)
         if full:
-            again = self._call([texts[i] for i in full], [pairs[i] for i in full] if pairs is not None else None,
-                               self.max_length + 1)
-            for i, ids in zip(full, again[spec.INPUT_IDS]):
+            again = self._call(
+                [texts[i] for i in full], [pairs[i] for i in full] if pairs is not None else None, self.max_length + 1
+            )
+            for i, ids in zip(full, again[spec.INPUT_IDS], strict=True):
                 truncated[i] = len(ids) > self.max_length
         return truncated
 
@@ -92,60 +96,3 @@ class Tokenizer:
 def truncate_ids(sequences: Sequence[Sequence[int]], max_length: int) -> Encoded:
     """Token-id input (the OpenAI API's list of ints): taken as the full sequence, cut to max_length."""
     return Encoded(input_ids=[list(s[:max_length]) for s in sequences], truncated=[len(s) > max_length for s in sequences])
-
-
-def pad(encoded: Encoded, pad_token_id: int, inputs: Sequence[str], order: Sequence[int] | None = None) -> dict[str, np.ndarray]:
-    """Right-pad the sequences picked by ``order`` (default: all) into the encoder's input arrays.
-
-    ``inputs`` names the tensors the encoder takes; token types that the tokenizer did not produce
-    are zeros, which is what the Hugging Face model does when it gets none.
-    """
-    idx = list(range(len(encoded.input_ids))) if order is None else list(order)
-    width = max((len(encoded.input_ids[i]) for i in idx), default=0)
-    ids = np.full((len(idx), width), pad_token_id, dtype=np.int64)
-    mask = np.zeros((len(idx), width), dtype=np.int64)
-    types = np.zeros((len(idx), width), dtype=np.int64)
-    for row, i in enumerate(idx):
-        seq = encoded.input_ids[i]
-        ids[row, : len(seq)] = seq
-        mask[row, : len(seq)] = 1
-        if encoded.token_type_ids is not None:
-            types[row, : len(seq)] = encoded.token_type_ids[i]
-    arrays = {spec.INPUT_IDS: ids, spec.ATTENTION_MASK: mask, spec.TOKEN_TYPE_IDS: types}
-    return {name: arrays[name] for name in inputs}
-
-
-def length_batches(lengths: Sequence[int], max_batch: int, max_tokens: int, max_padding: float = 0.15,
-                   row_slack: int = 4) -> list[list[int]]:
-    """Group input indices into batches of similar length, so padding stays small.
-
-    Sorted by length, a batch holds at most ``max_batch`` inputs and ``max_tokens`` padded tokens
-    (rows x longest row), and wastes on padding at most ``max_padding`` of what it computes, or
-    ``row_slack`` tokens a row where that is more (short inputs gain more from sharing a run than
-    they lose to a few pad tokens). A single over-long input still gets a batch of its own.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    batches: list[list[int]] = []
-    current: list[int] = []
-    real = 0
-    for i in order:
-        width = max(lengths[i], 1)  # sorted ascending: the newest input is the widest
-        rows = len(current) + 1
-        padded = rows * width
-        waste = padded - (real + lengths[i])
-        if current and (rows > max_batch or padded > max_tokens or waste > max(max_padding * padded, row_slack * rows)):
-            batches.append(current)
-            current, real = [], 0
-        current.append(i)
-        real += lengths[i]
-    if current:
-        batches.append(current)
-    return batches
-
-
-def unpad(arrays: dict[str, np.ndarray]) -> Encoded:
-    """The inverse of ``pad``: sequences back from padded arrays and their attention mask."""
-    lengths = arrays[spec.ATTENTION_MASK].sum(axis=1).tolist()
-    ids = [row[:n].tolist() for row, n in zip(arrays[spec.INPUT_IDS], lengths)]
-    types = arrays.get(spec.TOKEN_TYPE_IDS)
-    return Encoded(input_ids=ids, token_type_ids=[row[:n].tolist() for row, n in zip(types, lengths)] if types is not None else None)

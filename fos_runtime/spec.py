@@ -76,6 +76,7 @@ class ModelSpec:
     pad_token_id: int
     vocab_size: int
     precision: str = "fp32"
+    device: str = "cpu"  # where Triton runs the encoder; picks the batching plan (fos_runtime.batching)
     dimension: int = 0  # embed only
     normalize: bool = True  # embed: the shim L2-normalises (OpenAI, TEI); False returns raw vectors
     model_normalizes: bool = False  # the model itself ends with a Normalize module

@@ -36,7 +36,7 @@ class Encoder:
         elif device == "gpu":
             raise RuntimeError("device=gpu asked for, but this onnxruntime has no CUDAExecutionProvider")
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
-        self.on_gpu = self.session.get_providers()[0] == "CUDAExecutionProvider"
+        self.device = "gpu" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self.input_names = tuple(i.name for i in self.session.get_inputs())
         self.output_name = self.session.get_outputs()[0].name
 

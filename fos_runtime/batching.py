@@ -1,0 +1,130 @@
+"""Run many inputs, from one or several requests, through the encoder in length-grouped batches.
+
+Shared by the embedded backend (requests coalesced in process) and Triton's Python-backend encoder
+(requests of different lengths that Triton's dynamic batcher hands over together, ragged).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Sequence
+
+import numpy as np
+
+from . import spec
+from .encoder import Encoder
+from .padding import pad
+from .tokenization import Encoded
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchPlan:
+    """How much work goes to the encoder at once on one kind of device: the one place these numbers
+    live. Export writes ``max_rows`` as every Triton model's ``max_batch_size`` and ``queue_delay_us``
+    as the encoder's batching delay; the encoders cut their runs by ``max_rows``/``max_tokens``; the
+    shim gathers rounds of ``round_tokens`` and never sends Triton more than ``max_rows`` rows a call."""
+
+    max_rows: int  # rows per encoder run (and per Triton request)
+    max_tokens: int  # padded tokens per encoder run
+    round_tokens: int  # real tokens gathered from waiting requests into one round
+    queue_delay_us: int  # how long Triton's dynamic batcher waits for more requests
+
+    def runs(self, lengths: Sequence[int]) -> list[list[int]]:
+        return length_batches(lengths, self.max_rows, self.max_tokens)
+
+
+# A CPU is saturated by 32 rows; a GPU is not: on an H200, ruri-large fp16 ran 1.33x faster in runs of
+# up to 256 rows / 65536 tokens than of 32 / 8192 (bench/gpu.py, docs/benchmarks.md).
+PLANS = {
+    "cpu": BatchPlan(max_rows=32, max_tokens=8192, round_tokens=32768, queue_delay_us=2_000),
+    "gpu": BatchPlan(max_rows=256, max_tokens=65536, round_tokens=65536, queue_delay_us=500),
+}
+DEVICES = tuple(PLANS)
+
+
+def plan_for(device: str) -> BatchPlan:
+    if device not in PLANS:
+        raise ValueError(f"device must be one of {DEVICES}, not {device!r}")
+    return PLANS[device]
+
+
+@dataclasses.dataclass
+class Stats:
+    runs: int = 0
+    rows: int = 0
+    real_tokens: int = 0
+    computed_tokens: int = 0
+
+    @property
+    def padding_efficiency(self) -> float:
+        """Real tokens / tokens computed (padding included)."""
+        return self.real_tokens / self.computed_tokens if self.computed_tokens else 1.0
+
+
+def length_batches(
+    lengths: Sequence[int], max_batch: int, max_tokens: int, max_padding: float = 0.15, row_slack: int = 4
+) -> list[list[int]]:
+    """Group input indices into batches of similar length, so padding stays small.
+
+    Sorted by length, a batch holds at most ``max_batch`` inputs and ``max_tokens`` padded tokens
+    (rows x longest row), and wastes on padding at most ``max_padding`` of what it computes, or
+    ``row_slack`` tokens a row where that is more (short inputs gain more from sharing a run than
+    they lose to a few pad tokens). A single over-long input still gets a batch of its own.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    real = 0
+    for i in order:
+        width = max(lengths[i], 1)  # sorted ascending: the newest input is the widest
+        rows = len(current) + 1
+        padded = rows * width
+        waste = padded - (real + lengths[i])
+        if current and (rows > max_batch or padded > max_tokens or waste > max(max_padding * padded, row_slack * rows)):
+            batches.append(current)
+            current, real = [], 0
+        current.append(i)
+        real += lengths[i]
+    if current:
+        batches.append(current)
+    return batches
+
+
+def merge(encodeds: Sequence[Encoded]) -> Encoded:
+    ids: list[list[int]] = []
+    types: list[list[int]] = []
+    for e in encodeds:
+        ids.extend(e.input_ids)
+        types.extend(e.token_type_ids or [[0] * len(seq) for seq in e.input_ids])
+    with_types = any(e.token_type_ids is not None for e in encodeds)
+    return Encoded(input_ids=ids, token_type_ids=types if with_types else None)
+
+
+def run(
+    encoder: Encoder,
+    encodeds: Sequence[Encoded],
+    pad_token_id: int,
+    inputs: Sequence[str],
+    plan: BatchPlan,
+    stats: Stats | None = None,
+) -> list[np.ndarray]:
+    """One output array per element of ``encodeds``, rows in their order."""
+    merged = merge(encodeds)
+    lengths = merged.lengths
+    result: np.ndarray | None = None
+    for batch in plan.runs(lengths):
+        feeds = pad(merged, pad_token_id, inputs, order=batch)
+        out = encoder.run(feeds)
+        if result is None:
+            result = np.empty((len(lengths), out.shape[1]), dtype=np.float32)
+        result[batch] = out
+        if stats is not None:
+            stats.runs += 1
+            stats.rows += len(batch)
+            stats.real_tokens += sum(lengths[i] for i in batch)
+            stats.computed_tokens += feeds[spec.INPUT_IDS].size
+    if result is None:
+        return [np.zeros((0, 0), dtype=np.float32) for _ in encodeds]
+    bounds = np.cumsum([0] + [len(e.input_ids) for e in encodeds])
+    return [result[a:b] for a, b in itertools.pairwise(bounds)]
