@@ -89,7 +89,11 @@ def _bench(label: str, url: str, tokenizer: Path, args) -> None:
 def _save_metrics(label: str, url: str, out: Path) -> None:
     """The shim's own counters after the run (padding efficiency, batches), beside the JSON."""
     with contextlib.suppress(Exception), urllib.request.urlopen(url + "/metrics", timeout=10) as r:
-        lines = [line for line in r.read().decode().splitlines() if line.startswith(("fos_padding", "fos_batch", "fos_tokens"))]
+        lines = [
+            line
+            for line in r.read().decode().splitlines()
+            if line.startswith(("fos_padding", "fos_round", "fos_encoder", "fos_tokens"))
+        ]
         (out / f"{label}-metrics.txt").write_text("\n".join(lines) + "\n")
 
 

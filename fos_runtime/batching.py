@@ -92,13 +92,17 @@ def length_batches(
 
 
 def merge(encodeds: Sequence[Encoded]) -> Encoded:
+    """One Encoded of all inputs, in order: token types and truncation flags kept where any part has them."""
     ids: list[list[int]] = []
     types: list[list[int]] = []
+    truncated: list[bool] = []
     for e in encodeds:
         ids.extend(e.input_ids)
         types.extend(e.token_type_ids or [[0] * len(seq) for seq in e.input_ids])
+        truncated.extend(e.cut)
     with_types = any(e.token_type_ids is not None for e in encodeds)
-    return Encoded(input_ids=ids, token_type_ids=types if with_types else None)
+    with_flags = any(e.truncated is not None for e in encodeds)
+    return Encoded(input_ids=ids, token_type_ids=types if with_types else None, truncated=truncated if with_flags else None)
 
 
 def run(

@@ -10,13 +10,14 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import __version__, errors
 from .auth import APIKeyMiddleware
 from .backends.base import Backend
-from .observability import Metrics, RequestContextMiddleware
+from .observability import INFERENCE_ROUTES, Metrics, RequestContextMiddleware
 from .protocol import JSON, EmbeddingRequest, EmbeddingResponse, ErrorResponse, ModelList, RerankRequest, RerankResponse
-from .service import Limits, Service
+from .service import Admission, Limits, Service
 
 _ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 502, 503, 504)}
 
@@ -46,14 +47,34 @@ async def _disconnect(request: Request) -> None:
             return
 
 
+class AdmissionGate:
+    """While the server is full, refuses inference requests before their bodies are read: parsing megabytes
+    of JSON only to answer 429 would keep the event loop from everything else, health probes included."""
+
+    def __init__(self, app: ASGIApp, admission: Admission):
+        self.app = app
+        self.admission = admission
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in INFERENCE_ROUTES:
+            try:
+                self.admission.check(1)
+            except errors.Overloaded as exc:
+                await errors.error_response(exc)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(backend: Backend, limits: Limits | None = None, api_keys: list[str] | None = None) -> FastAPI:
+    limits = limits or Limits()
     metrics = Metrics()
     metrics.watch_backend(backend)
+    admission = Admission(limits.max_inputs_in_flight, metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         await backend.start()
-        app.state.service = Service(backend, limits, metrics)
+        app.state.service = Service(backend, limits, metrics, admission)
         try:
             yield
         finally:
@@ -63,7 +84,8 @@ def create_app(backend: Backend, limits: Limits | None = None, api_keys: list[st
     errors.install(app)
     if api_keys:
         app.add_middleware(APIKeyMiddleware, keys=api_keys)
-    app.add_middleware(errors.BodyLimitMiddleware, max_bytes=(limits or Limits()).max_body_bytes)
+    app.add_middleware(errors.BodyLimitMiddleware, max_bytes=limits.max_body_bytes)
+    app.add_middleware(AdmissionGate, admission=admission)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)  # outermost: sees every answer, 401s too
 
     def service(request: Request) -> Service:

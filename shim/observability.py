@@ -11,11 +11,12 @@ import time
 import uuid
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 REQUEST_ID = "x-request-id"
-ROUTES = frozenset({"/v1/embeddings", "/embeddings", "/v1/rerank", "/rerank", "/v1/models", "/health", "/metrics"})
+INFERENCE_ROUTES = frozenset({"/v1/embeddings", "/embeddings", "/v1/rerank", "/rerank"})
+ROUTES = INFERENCE_ROUTES | {"/v1/models", "/health", "/metrics"}
 access_log = logging.getLogger("fos.access")
 
 
@@ -37,7 +38,7 @@ class Metrics:
         self.rejected = Counter("fos_overload_rejections", "Requests refused with 429", registry=r)
 
     def watch_backend(self, backend) -> None:
-        """Batching figures of backends that keep them (the embedded one), read at scrape time."""
+        """The backend's batching figures, read at scrape time."""
         if hasattr(backend, "stats"):
             self.registry.register(_BackendCollector(backend))
 
@@ -47,16 +48,23 @@ class _BackendCollector:
         self.backend = backend
 
     def collect(self):
-        runs = GaugeMetricFamily("fos_batch_runs", "Encoder runs", labels=["model"])
-        rows = GaugeMetricFamily("fos_batch_rows", "Rows run through the encoder", labels=["model"])
-        eff = GaugeMetricFamily("fos_padding_efficiency", "Real tokens / computed tokens", labels=["model"])
-        depth = GaugeMetricFamily("fos_queue_depth", "Requests waiting for the encoder", labels=["model"])
-        for name, (stats, queued) in self.backend.stats().items():
-            runs.add_metric([name], stats.runs)
-            rows.add_metric([name], stats.rows)
-            eff.add_metric([name], stats.padding_efficiency)
-            depth.add_metric([name], queued)
-        yield from (runs, rows, eff, depth)
+        model = ["model"]
+        rounds = CounterMetricFamily("fos_rounds", "Rounds of coalesced requests run", labels=model)
+        requests = CounterMetricFamily("fos_round_requests", "Requests answered by those rounds", labels=model)
+        rows = CounterMetricFamily("fos_round_rows", "Inputs carried by those rounds", labels=model)
+        depth = GaugeMetricFamily("fos_queue_depth", "Requests waiting for a round", labels=model)
+        runs = CounterMetricFamily("fos_encoder_runs", "Padded batches run by the in-process encoder", labels=model)
+        eff = GaugeMetricFamily("fos_padding_efficiency", "Real tokens / computed tokens (in-process encoder)", labels=model)
+        for name, s in self.backend.stats().items():
+            rounds.add_metric([name], s.rounds)
+            requests.add_metric([name], s.requests)
+            rows.add_metric([name], s.rows)
+            depth.add_metric([name], s.queued)
+            if s.encoder_runs is not None:
+                runs.add_metric([name], s.encoder_runs)
+            if s.padding_efficiency is not None:
+                eff.add_metric([name], s.padding_efficiency)
+        yield from (rounds, requests, rows, depth, runs, eff)
 
 
 class RequestContextMiddleware:

@@ -41,12 +41,17 @@ class Admission:
         self.in_flight = 0
         self.metrics = metrics
 
-    @contextlib.contextmanager
-    def admit(self, n: int):
+    def check(self, n: int) -> None:
         if self.in_flight + n > self.capacity:
             if self.metrics:
                 self.metrics.rejected.inc()
             raise Overloaded(f"the server is busy ({self.in_flight} inputs in flight); retry shortly")
+
+    @contextlib.contextmanager
+    def admit(self, n: int):
+        """Holds ``n`` inputs of capacity until the block ends; backends end it only once their work for the
+        request has stopped (a departed client's included), so the count is the work really running."""
+        self.check(n)
         self.in_flight += n
         if self.metrics:
             self.metrics.in_flight.set(self.in_flight)
@@ -59,11 +64,13 @@ class Admission:
 
 
 class Service:
-    def __init__(self, backend: Backend, limits: Limits | None = None, metrics: Metrics | None = None):
+    def __init__(
+        self, backend: Backend, limits: Limits | None = None, metrics: Metrics | None = None, admission: Admission | None = None
+    ):
         self.backend = backend
         self.limits = limits or Limits()
         self.metrics = metrics
-        self.admission = Admission(self.limits.max_inputs_in_flight, metrics)
+        self.admission = admission or Admission(self.limits.max_inputs_in_flight, metrics)
 
     def _count(self, s: ModelSpec, counts: list[int]) -> None:
         if self.metrics:

@@ -8,8 +8,11 @@ from typing import Protocol
 
 import numpy as np
 
+from fos_runtime.batching import Stats
 from fos_runtime.spec import ModelSpec
 from fos_runtime.tokenization import Encoded
+
+from .coalescing import RoundStats
 
 
 @dataclasses.dataclass
@@ -26,6 +29,29 @@ class Output:
         return cls(values, encoded.lengths, encoded.cut)
 
 
+@dataclasses.dataclass
+class BatchingStats:
+    """How one model's work was grouped, for /metrics."""
+
+    rounds: int  # rounds run (one encoder pass on the embedded backend, a set of Triton calls on Triton's)
+    requests: int  # requests those rounds answered
+    rows: int  # inputs those rounds carried
+    queued: int  # requests waiting for a round now
+    encoder_runs: int | None = None  # padded batches the encoder ran (known where it runs in process)
+    padding_efficiency: float | None = None  # real tokens / computed tokens, likewise
+
+    @classmethod
+    def of(cls, rounds: RoundStats, queued: int, encoder: Stats | None = None) -> BatchingStats:
+        return cls(
+            rounds=rounds.rounds,
+            requests=rounds.requests,
+            rows=rounds.rows,
+            queued=queued,
+            encoder_runs=encoder.runs if encoder else None,
+            padding_efficiency=encoder.padding_efficiency if encoder else None,
+        )
+
+
 class Backend(Protocol):
     async def start(self) -> None:
         """Load or discover the models; must not raise when the inference server is down."""
@@ -36,6 +62,9 @@ class Backend(Protocol):
 
     def specs(self) -> list[ModelSpec]:
         """The models served now."""
+
+    def stats(self) -> dict[str, BatchingStats]:
+        """Per served model: how its requests were grouped."""
 
     async def embed(
         self, s: ModelSpec, texts: Sequence[str] | None = None, encoded: Encoded | None = None, detect_truncation: bool = False

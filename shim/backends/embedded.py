@@ -1,18 +1,18 @@
 """The in-process backend: the repository's tokenizer files and ONNX encoder, run with onnxruntime.
 
-Concurrent requests are coalesced: while the encoder runs one batch, new requests queue up, and
-the next round takes them all (up to a token budget), regroups their inputs by length and runs
-them. There is no waiting for a batch to fill, so a lone request is never delayed.
+Each request is tokenized in bounded chunks (a request whose client left stops at the next chunk), then joins its
+model's round queue (``coalescing``): the next round takes every request that waited, up to a token budget, and runs
+their inputs in length-grouped batches (``fos_runtime.batching``) on one inference thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -25,64 +25,79 @@ from fos_runtime.tokenization import Encoded, Tokenizer
 
 from ..errors import BackendUnavailable
 from ..repository import read_specs
-from .base import Output
+from .base import BatchingStats, Output
+from .coalescing import Coalescer
 
 log = logging.getLogger("fos.embedded")
 
+# A tokenization chunk: about 15 ms of MeCab + WordPiece on one core, the longest a departed client's work runs on.
+CHUNK_CHARS = 2048
+CHUNK_INPUTS = 32
 
-@dataclasses.dataclass
-class _Job:
-    encoded: Encoded
-    future: asyncio.Future
+T = TypeVar("T")
+
+
+async def in_thread(pool: concurrent.futures.Executor, fn: Callable[..., T], *args) -> T:
+    """``fn`` on one of ``pool``'s threads. If the caller is cancelled, work that has not started is dropped; work
+    that has cannot be interrupted, so the cancellation is passed on only once it ends: until then it still
+    counts as admitted."""
+    work = pool.submit(fn, *args)
+    waiting = asyncio.wrap_future(work)
+    try:
+        return await asyncio.shield(waiting)
+    except asyncio.CancelledError:
+        if not work.cancel():
+            await asyncio.wait([waiting])
+        raise
+
+
+def chunks(texts: Sequence[str], pairs: Sequence[str] | None) -> list[tuple[int, int]]:
+    """Consecutive index ranges of at most CHUNK_INPUTS inputs and, past the first input, CHUNK_CHARS characters."""
+    bounds: list[tuple[int, int]] = []
+    start = chars = 0
+    for i, text in enumerate(texts):
+        size = len(text) + (len(pairs[i]) if pairs is not None else 0)
+        if i > start and (i - start >= CHUNK_INPUTS or chars + size > CHUNK_CHARS):
+            bounds.append((start, i))
+            start, chars = i, 0
+        chars += size
+    if start < len(texts):
+        bounds.append((start, len(texts)))
+    return bounds
 
 
 class _Model:
-    def __init__(self, s: ModelSpec, repository: Path, executor, plan: BatchPlan | None, threads: int | None):
+    def __init__(self, s: ModelSpec, repository: Path, executor, tokenize_pool, plan: BatchPlan | None, threads: int | None):
         self.spec = s
+        self.tokenize_pool = tokenize_pool
         self.tokenizer = Tokenizer(repository / specs.tokenizer_model(s.name) / "1" / "tokenizer", s.max_length)
         self.encoder = Encoder(repository / specs.encoder_model(s.name) / "1" / "model.onnx", threads=threads)
         self.executor = executor
         self.plan = plan or batching.plan_for(self.encoder.device)
         self.stats = Stats()
-        self.queue: asyncio.Queue[_Job] = asyncio.Queue()
-        self.worker: asyncio.Task | None = None
+        # One round at a time: onnxruntime already spreads one run over every core.
+        self.rounds: Coalescer[Encoded, np.ndarray] = Coalescer(
+            self._run, max_rows=1 << 30, max_cost=self.plan.round_tokens, concurrency=1, name=s.served_name
+        )
 
-    def start(self) -> None:
-        self.worker = asyncio.create_task(self._serve(), name=f"batcher:{self.spec.served_name}")
+    async def tokenize(self, texts: Sequence[str], pairs: Sequence[str] | None, detect_truncation: bool) -> Encoded:
+        parts = []
+        for a, b in chunks(texts, pairs):
+            chunk_pairs = pairs[a:b] if pairs is not None else None
+            parts.append(await in_thread(self.tokenize_pool, self.tokenizer.encode, texts[a:b], chunk_pairs, detect_truncation))
+        return batching.merge(parts)
 
-    async def submit(self, encoded: Encoded) -> np.ndarray:
+    async def encode(self, encoded: Encoded) -> np.ndarray:
         if not encoded.input_ids:
             width = self.spec.dimension if self.spec.task == "embed" else 1
             return np.zeros((0, width), dtype=np.float32)
-        job = _Job(encoded, asyncio.get_running_loop().create_future())
-        await self.queue.put(job)
-        return await job.future
+        return await self.rounds.submit(encoded, rows=len(encoded.input_ids), cost=sum(encoded.lengths))
 
-    async def _serve(self) -> None:
+    async def _run(self, encodeds: Sequence[Encoded]) -> list[np.ndarray]:
         loop = asyncio.get_running_loop()
-        while True:
-            jobs = [await self.queue.get()]
-            budget = sum(jobs[0].encoded.lengths)
-            while not self.queue.empty() and budget < self.plan.round_tokens:
-                job = self.queue.get_nowait()
-                jobs.append(job)
-                budget += sum(job.encoded.lengths)
-            jobs = [j for j in jobs if not j.future.done()]  # clients that went away
-            if not jobs:
-                continue
-            try:
-                outputs = await loop.run_in_executor(self.executor, self._run, [j.encoded for j in jobs])
-            except Exception as exc:  # the encoder failed: fail these requests, keep serving
-                log.exception("encoder run failed")
-                for j in jobs:
-                    if not j.future.done():
-                        j.future.set_exception(exc)
-                continue
-            for j, out in zip(jobs, outputs, strict=True):
-                if not j.future.done():
-                    j.future.set_result(out)
+        return await loop.run_in_executor(self.executor, self._run_sync, list(encodeds))
 
-    def _run(self, encodeds: list[Encoded]) -> list[np.ndarray]:
+    def _run_sync(self, encodeds: list[Encoded]) -> list[np.ndarray]:
         return batching.run(self.encoder, encodeds, self.spec.pad_token_id, self.spec.encoder_inputs, self.plan, self.stats)
 
 
@@ -95,6 +110,8 @@ class EmbeddedBackend:
         # One inference thread: onnxruntime already spreads one run over every core, and two runs
         # at once would only fight over them.
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fos-infer")
+        # Each model's tokenizer takes one call at a time (fugashi is not thread-safe): a thread per model.
+        self.tokenize_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="fos-tokenize")
         self._ready = False
 
     async def start(self) -> None:
@@ -103,16 +120,18 @@ class EmbeddedBackend:
             log.warning("no exported models in %s", self.repository)
         for s in found:
             log.info("loading %s (%s, %s) from %s", s.served_name, s.task, s.precision, self.repository)
-            model = await asyncio.to_thread(_Model, s, self.repository, self.executor, self.plan, self.threads)
-            model.start()
+            model = await asyncio.to_thread(
+                _Model, s, self.repository, self.executor, self.tokenize_pool, self.plan, self.threads
+            )
+            model.rounds.start()
             self.models[s.served_name] = model
         self._ready = True
 
     async def close(self) -> None:
         for model in self.models.values():
-            if model.worker is not None:
-                model.worker.cancel()
+            await model.rounds.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
     async def ready(self) -> bool:
         return self._ready and bool(self.models)
@@ -120,9 +139,8 @@ class EmbeddedBackend:
     def specs(self) -> list[ModelSpec]:
         return [m.spec for m in self.models.values()]
 
-    def stats(self) -> dict[str, tuple[Stats, int]]:
-        """Per model: batching counters and the number of requests waiting."""
-        return {name: (m.stats, m.queue.qsize()) for name, m in self.models.items()}
+    def stats(self) -> dict[str, BatchingStats]:
+        return {name: BatchingStats.of(m.rounds.stats, m.rounds.queued, encoder=m.stats) for name, m in self.models.items()}
 
     def _model(self, s: ModelSpec) -> _Model:
         model = self.models.get(s.served_name)
@@ -135,10 +153,10 @@ class EmbeddedBackend:
     ) -> Output:
         model = self._model(s)
         if encoded is None:
-            encoded = await asyncio.to_thread(model.tokenizer.encode, list(texts or []), None, detect_truncation)
-        return Output.of(await model.submit(encoded), encoded)
+            encoded = await model.tokenize(list(texts or []), None, detect_truncation)
+        return Output.of(await model.encode(encoded), encoded)
 
     async def rerank(self, s: ModelSpec, query: str, documents: Sequence[str], detect_truncation: bool = False) -> Output:
         model = self._model(s)
-        encoded = await asyncio.to_thread(model.tokenizer.encode, [query] * len(documents), list(documents), detect_truncation)
-        return Output.of((await model.submit(encoded)).reshape(-1), encoded)
+        encoded = await model.tokenize([query] * len(documents), list(documents), detect_truncation)
+        return Output.of((await model.encode(encoded)).reshape(-1), encoded)

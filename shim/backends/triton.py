@@ -1,21 +1,27 @@
 """The Triton backend: gRPC (tritonclient.grpc.aio) to the ensembles that export wrote.
 
 Text goes to the ensemble (tokenized inside Triton); token-id input goes straight to the encoder.
-A large client batch is split into sub-requests of similar length, sent concurrently and put back
-in input order.
+Concurrent requests for a model are coalesced into rounds (``coalescing``): a round's inputs are sorted
+by length and cut into calls of at most the models' ``max_batch_size`` rows, sent concurrently and put
+back in each request's input order. Dify sends one input per request; this is what lets Triton's
+encoder run them as batches whatever its backend (the ONNX Runtime backend batches only requests of
+equal shape, and one call of many rows is one shape).
 
-Several Triton endpoints may be given (one per GPU node): requests go round-robin to the healthy
-ones; an endpoint that fails is dropped, its request retried on another (inference is idempotent),
-and a background probe takes it back once it answers ready again.
+Several Triton endpoints may be given (one per GPU node): calls go round-robin to the healthy ones; an
+endpoint that is unreachable is dropped, its call retried on another (inference is idempotent), and a
+background probe takes it back once it answers ready again. A call that only took too long answers
+504 and leaves its endpoint in rotation: slowness is load, not death.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
@@ -27,21 +33,51 @@ from fos_runtime.padding import pad
 from fos_runtime.spec import ModelSpec
 from fos_runtime.tokenization import Encoded
 
-from ..errors import BackendFailed, BackendUnavailable
+from ..errors import APIError, BackendFailed, BackendTimeout, BackendUnavailable
 from ..repository import spec_of
-from .base import Output
+from .base import BatchingStats, Output
+from .coalescing import Coalescer
 
 log = logging.getLogger("fos.triton")
 
-TIMEOUT_S = 60.0  # deadline of every Triton call
-PROBE_S = 1.0  # how often a dropped endpoint is asked whether it is ready again
-_UNAVAILABLE = ("UNAVAILABLE", "DEADLINE", "NOT_FOUND", "CANCELLED")  # the endpoint, not the request, is at fault
+TIMEOUT_S = 60.0  # deadline of one call of up to max_batch_size rows; a round of k calls gets k times it
+PROBE_S = 1.0  # how often every endpoint is asked whether it is ready (a dropped one is taken back)
+PROBE_TIMEOUT_S = 5.0
+ROUNDS_IN_FLIGHT = 2  # per model and endpoint: Triton tokenizes one round while its encoder runs the other
+_UNREACHABLE = ("UNAVAILABLE", "NOT_FOUND", "CANCELLED")  # the endpoint, not the request, is at fault
+_DEADLINE = "DEADLINE_EXCEEDED"
 
 
-def _sub_batches(s: ModelSpec, lengths: list[int]) -> list[list[int]]:
-    """Sort by length and cut into sub-requests of the models' max_batch_size; no padding bound here,
-    since Triton's encoder regroups the rows it receives by their real token lengths."""
+@dataclasses.dataclass
+class _Rows:
+    """One request's inputs as the ensemble takes them: texts, or (query, document) pairs."""
+
+    texts: list[str]
+    pairs: list[str] | None
+    detect_truncation: bool
+
+    @property
+    def lengths(self) -> list[int]:
+        # Characters stand in for tokens when grouping by length; Triton tokenizes.
+        if self.pairs is None:
+            return [len(t) for t in self.texts]
+        return [len(t) + len(p) for t, p in zip(self.texts, self.pairs, strict=True)]
+
+
+def _calls(s: ModelSpec, lengths: list[int]) -> list[list[int]]:
+    """Sort by length and cut into calls of the models' max_batch_size; no padding bound here: the
+    tokenizer pads each call to its longest row, and the Python encoder regroups rows by real length."""
     return length_batches(lengths, plan_for(s.device).max_rows, max_tokens=1 << 30, max_padding=1.0)
+
+
+def _first_error(group: BaseExceptionGroup) -> BaseException:
+    """The error to answer with when sibling calls failed together: the most telling one."""
+    errors = list(group.exceptions)
+    for kind in (BackendFailed, BackendTimeout, APIError):
+        for exc in errors:
+            if isinstance(exc, kind):
+                return exc
+    return errors[0]
 
 
 def _strings(name: str, values: Sequence[str]) -> grpcclient.InferInput:
@@ -86,14 +122,22 @@ class _Endpoint:
 
 
 class TritonBackend:
-    def __init__(self, urls: str | Sequence[str], timeout_s: float = TIMEOUT_S, probe_s: float = PROBE_S):
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        timeout_s: float = TIMEOUT_S,
+        probe_s: float = PROBE_S,
+        rounds_in_flight: int = ROUNDS_IN_FLIGHT,
+    ):
         self.urls = [urls] if isinstance(urls, str) else list(urls)
         if not self.urls:
             raise ValueError("at least one Triton endpoint is needed")
         self.timeout_s = timeout_s
         self.probe_s = probe_s
+        self.rounds_in_flight = rounds_in_flight * len(self.urls)
         self.endpoints: list[_Endpoint] = []  # made in start(): grpc.aio binds to the running loop
         self._specs: dict[str, ModelSpec] = {}
+        self._rounds: dict[str, Coalescer[_Rows, Output]] = {}
         self._next = 0
         self._prober: asyncio.Task | None = None
 
@@ -107,17 +151,21 @@ class TritonBackend:
             self._prober.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._prober
+        for rounds in self._rounds.values():
+            await rounds.close()
         await asyncio.gather(*(e.client.close() for e in self.endpoints), return_exceptions=True)
 
     async def _probe(self, e: _Endpoint) -> bool:
-        """Is the endpoint serving every exported model? Learns the models on the way."""
+        """Is the endpoint serving every exported model? Learns the models on the way. A readiness check
+        is cheap even for a busy Triton: one that does not answer it in time is hung or gone."""
+        timeout = min(PROBE_TIMEOUT_S, self.timeout_s)
         try:
-            if not await e.client.is_server_ready(client_timeout=5.0):
+            if not await e.client.is_server_ready(client_timeout=timeout):
                 return self._mark(e, False)
             if not self._specs:
                 self._specs = await self._discover(e)
             for s in self._specs.values():
-                if not await e.client.is_model_ready(s.name, client_timeout=5.0):
+                if not await e.client.is_model_ready(s.name, client_timeout=timeout):
                     return self._mark(e, False)
             return self._mark(e, bool(self._specs))
         except Exception as exc:
@@ -150,7 +198,7 @@ class TritonBackend:
     async def _probe_forever(self) -> None:
         while True:
             await asyncio.sleep(self.probe_s)
-            await asyncio.gather(*(self._probe(e) for e in self.endpoints if not e.healthy))
+            await asyncio.gather(*(self._probe(e) for e in self.endpoints))
 
     async def ready(self) -> bool:
         if not any(e.healthy for e in self.endpoints):
@@ -160,14 +208,17 @@ class TritonBackend:
     def specs(self) -> list[ModelSpec]:
         return list(self._specs.values())
 
+    def stats(self) -> dict[str, BatchingStats]:
+        return {name: BatchingStats.of(r.stats, r.queued) for name, r in self._rounds.items()}
+
     def _order(self) -> list[_Endpoint]:
-        """Healthy endpoints, rotated so successive requests start at different ones."""
+        """Healthy endpoints, rotated so successive calls start at different ones."""
         healthy = [e for e in self.endpoints if e.healthy]
         self._next += 1
         k = self._next % len(healthy) if healthy else 0
         return healthy[k:] + healthy[:k]
 
-    async def _infer(self, model: str, inputs: list, outputs: list[str]) -> list[np.ndarray]:
+    async def _infer(self, model: str, inputs: list, outputs: Sequence[str], timeout_s: float) -> list[np.ndarray]:
         last = "no Triton endpoint is ready"
         for e in self._order():
             try:
@@ -175,20 +226,33 @@ class TritonBackend:
                     model,
                     inputs,
                     outputs=[grpcclient.InferRequestedOutput(o) for o in outputs],
-                    client_timeout=self.timeout_s,
+                    client_timeout=timeout_s,
                 )
                 return [result.as_numpy(o) for o in outputs]
             except InferenceServerException as exc:
                 status = (exc.status() or "").upper()
-                if not any(code in status for code in _UNAVAILABLE):
+                if _DEADLINE in status:
+                    raise BackendTimeout(
+                        f"Triton at {e.url} did not answer within {timeout_s:.0f}s; it is busy, or the request is too "
+                        "large for its deadline (fos serve --triton-timeout)"
+                    ) from exc
+                if not any(code in status for code in _UNREACHABLE):
                     raise BackendFailed(f"Triton failed: {exc.message()}") from exc
                 self._mark(e, False)  # the probe takes it back when it is ready
                 last = f"Triton at {e.url} is unavailable: {exc.message()}"
         raise BackendUnavailable(last)
 
-    async def _fan_out(self, groups: list[list[int]], request, n: int) -> list[np.ndarray]:
-        """Send one sub-request per group concurrently; put each output's rows back in input order."""
-        parts = await asyncio.gather(*(request(g) for g in groups))
+    async def _fan_out(
+        self, groups: list[list[int]], call: Callable[[list[int]], Coroutine[Any, Any, list[np.ndarray]]], n: int
+    ) -> list[np.ndarray]:
+        """One call per group, concurrently; each output's rows put back in input order. A failed call
+        cancels its siblings: their answers could not be used."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tasks = [tg.create_task(call(g)) for g in groups]
+        except BaseExceptionGroup as group:
+            raise _first_error(group) from None
+        parts = [t.result() for t in tasks]
         merged = []
         for k, first in enumerate(parts[0]):
             out = np.empty((n, first.reshape(len(groups[0]), -1).shape[1]), dtype=first.dtype)
@@ -197,47 +261,85 @@ class TritonBackend:
             merged.append(out)
         return merged
 
+    def _deadline(self, calls: int) -> float:
+        # The calls of a round queue behind each other in Triton: the last one waits for all of them.
+        return self.timeout_s * max(calls, 1)
+
+    async def _ensemble(self, s: ModelSpec, rows: _Rows) -> Output:
+        """All of ``rows`` through the ensemble, in calls of at most max_batch_size rows."""
+        groups = _calls(s, rows.lengths)
+        deadline = self._deadline(len(groups))
+        outputs = [specs.EMBEDDING if s.task == "embed" else specs.SCORE, *_COUNTS]
+
+        def call(g: list[int]) -> Coroutine[Any, Any, list[np.ndarray]]:
+            inputs = [_strings(specs.TEXT, [rows.texts[i] for i in g])]
+            if rows.pairs is not None:
+                inputs.append(_strings(specs.TEXT_PAIR, [rows.pairs[i] for i in g]))
+            return self._infer(s.name, [*inputs, *_detect(len(g), rows.detect_truncation)], outputs, deadline)
+
+        values, tokens, truncated = await self._fan_out(groups, call, len(rows.texts))
+        return _output(values if s.task == "embed" else values.reshape(-1), tokens, truncated)
+
+    async def _run_round(self, s: ModelSpec, jobs: Sequence[_Rows]) -> list[Output | BaseException]:
+        if len(jobs) == 1:
+            return [await self._ensemble(s, jobs[0])]
+        merged = _Rows(
+            texts=[t for j in jobs for t in j.texts],
+            pairs=[p for j in jobs for p in j.pairs or ()] if s.task == "rerank" else None,
+            detect_truncation=any(j.detect_truncation for j in jobs),
+        )
+        try:
+            out = await self._ensemble(s, merged)
+        except BackendFailed:
+            # Triton refused something in the round: ask again request by request, so that only the request
+            # at fault fails. (Unreachable or late Tritons fail every request alike; no second try.)
+            return list(await asyncio.gather(*(self._ensemble(s, j) for j in jobs), return_exceptions=True))
+        results: list[Output | BaseException] = []
+        start = 0
+        for j in jobs:
+            end = start + len(j.texts)
+            results.append(Output(out.values[start:end], out.tokens[start:end], out.truncated[start:end]))
+            start = end
+        return results
+
+    def _rounds_for(self, s: ModelSpec) -> Coalescer[_Rows, Output]:
+        rounds = self._rounds.get(s.served_name)
+        if rounds is None:
+            plan = plan_for(s.device)
+
+            async def run(jobs: Sequence[_Rows]) -> list[Output | BaseException]:
+                return await self._run_round(s, jobs)
+
+            rounds = Coalescer(
+                run, max_rows=1 << 30, max_cost=plan.round_tokens, concurrency=self.rounds_in_flight, name=s.served_name
+            )
+            rounds.start()
+            self._rounds[s.served_name] = rounds
+        return rounds
+
+    async def _submit(self, s: ModelSpec, rows: _Rows) -> Output:
+        return await self._rounds_for(s).submit(rows, rows=len(rows.texts), cost=sum(rows.lengths))
+
     async def embed(
         self, s: ModelSpec, texts: Sequence[str] | None = None, encoded: Encoded | None = None, detect_truncation: bool = False
     ) -> Output:
         if encoded is not None:
+            ids = encoded
 
-            def by_ids(g: list[int]):
-                feeds = pad(encoded, s.pad_token_id, s.encoder_inputs, order=g)
-                return self._infer(specs.encoder_model(s.name), [_ints(n, a) for n, a in feeds.items()], [specs.EMBEDDING])
+            def by_ids(g: list[int]) -> Coroutine[Any, Any, list[np.ndarray]]:
+                feeds = pad(ids, s.pad_token_id, s.encoder_inputs, order=g)
+                return self._infer(
+                    specs.encoder_model(s.name), [_ints(n, a) for n, a in feeds.items()], [specs.EMBEDDING], self.timeout_s
+                )
 
-            (vectors,) = await self._fan_out(_sub_batches(s, encoded.lengths), by_ids, len(encoded.input_ids))
-            return Output.of(vectors, encoded)
-        texts = list(texts or [])
-        # Characters stand in for tokens when grouping by length; Triton tokenizes.
-        return _output(
-            *await self._fan_out(
-                _sub_batches(s, [len(t) for t in texts]),
-                lambda g: self._infer(
-                    s.name,
-                    [_strings(specs.TEXT, [texts[i] for i in g]), *_detect(len(g), detect_truncation)],
-                    [specs.EMBEDDING, *_COUNTS],
-                ),
-                len(texts),
-            )
-        )
+            groups = _calls(s, ids.lengths)
+            (vectors,) = await self._fan_out(groups, by_ids, len(ids.input_ids))
+            return Output.of(vectors, ids)
+        return await self._submit(s, _Rows(list(texts or []), None, detect_truncation))
 
     async def rerank(self, s: ModelSpec, query: str, documents: Sequence[str], detect_truncation: bool = False) -> Output:
         docs = list(documents)
-        scores, tokens, truncated = await self._fan_out(
-            _sub_batches(s, [len(d) for d in docs]),
-            lambda g: self._infer(
-                s.name,
-                [
-                    _strings(specs.TEXT, [query] * len(g)),
-                    _strings(specs.TEXT_PAIR, [docs[i] for i in g]),
-                    *_detect(len(g), detect_truncation),
-                ],
-                [specs.SCORE, *_COUNTS],
-            ),
-            len(docs),
-        )
-        return _output(scores.reshape(-1), tokens, truncated)
+        return await self._submit(s, _Rows([query] * len(docs), docs, detect_truncation))
 
 
 _COUNTS = (specs.NUM_TOKENS, specs.TRUNCATED)

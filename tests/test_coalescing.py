@@ -1,0 +1,241 @@
+"""Rounds of coalesced requests (shim.backends.coalescing) and the Triton backend's call handling, without servers."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from tritonclient.utils import InferenceServerException, deserialize_bytes_tensor
+
+from fos_runtime.spec import ModelSpec
+from shim.backends.coalescing import Coalescer
+from shim.backends.triton import TritonBackend, _Rows
+from shim.errors import BackendFailed, BackendTimeout
+
+
+class Recorder:
+    """A round runner that records each round and takes ``delay`` seconds."""
+
+    def __init__(self, delay: float = 0.05, fail: set[str] | None = None):
+        self.delay = delay
+        self.fail = fail or set()
+        self.rounds: list[list[str]] = []
+        self.finished: list[list[str]] = []
+
+    async def __call__(self, payloads):
+        self.rounds.append(list(payloads))
+        await asyncio.sleep(self.delay)
+        self.finished.append(list(payloads))
+        return [ValueError(p) if p in self.fail else p.upper() for p in payloads]
+
+
+async def _with(coalescer: Coalescer, body):
+    coalescer.start()
+    try:
+        return await body()
+    finally:
+        await coalescer.close()
+
+
+async def test_requests_that_wait_share_one_round():
+    run = Recorder()
+    rounds = Coalescer(run, max_rows=100, max_cost=100, name="t")
+
+    async def body():
+        first = asyncio.create_task(rounds.submit("a", rows=1, cost=1))
+        await asyncio.sleep(0.01)  # "a" runs alone: nothing waited for it
+        rest = [asyncio.create_task(rounds.submit(x, rows=1, cost=1)) for x in "bcdef"]
+        return await asyncio.gather(first, *rest)
+
+    assert await _with(rounds, body) == list("ABCDEF")
+    assert run.rounds == [["a"], list("bcdef")]
+    assert rounds.stats.rounds == 2 and rounds.stats.rows_per_round == 3.0
+
+
+async def test_a_lone_request_is_not_delayed():
+    run = Recorder(delay=0.0)
+    rounds = Coalescer(run, max_rows=100, max_cost=100)
+
+    async def body():
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await rounds.submit("x", rows=1, cost=1)
+        return loop.time() - start
+
+    assert await _with(rounds, body) < 0.05
+
+
+async def test_rounds_are_cut_by_budget_and_a_large_request_still_runs():
+    run = Recorder()
+    rounds = Coalescer(run, max_rows=3, max_cost=10, name="t")
+
+    async def body():
+        blocker = asyncio.create_task(rounds.submit("z", rows=1, cost=1))
+        await asyncio.sleep(0.01)
+        waiting = [asyncio.create_task(rounds.submit(x, rows=1, cost=4)) for x in "abc"]
+        waiting += [asyncio.create_task(rounds.submit("big", rows=50, cost=500))]
+        waiting += [asyncio.create_task(rounds.submit(x, rows=1, cost=1)) for x in "de"]
+        return await asyncio.gather(blocker, *waiting)
+
+    await _with(rounds, body)
+    assert run.rounds == [["z"], ["a", "b"], ["c"], ["big"], ["d", "e"]]
+
+
+async def test_one_failure_fails_only_its_request():
+    rounds = Coalescer(Recorder(fail={"b"}), max_rows=100, max_cost=100)
+
+    async def body():
+        await asyncio.sleep(0)
+        return await asyncio.gather(*(rounds.submit(x, rows=1, cost=1) for x in "abc"), return_exceptions=True)
+
+    a, b, c = await _with(rounds, body)
+    assert (a, c) == ("A", "C") and isinstance(b, ValueError)
+
+
+async def test_a_request_that_leaves_before_its_round_is_never_run():
+    run = Recorder(delay=0.1)
+    rounds = Coalescer(run, max_rows=100, max_cost=100)
+
+    async def body():
+        first = asyncio.create_task(rounds.submit("a", rows=1, cost=1))
+        await asyncio.sleep(0.01)
+        gone = asyncio.create_task(rounds.submit("gone", rows=1, cost=1))
+        kept = asyncio.create_task(rounds.submit("kept", rows=1, cost=1))
+        await asyncio.sleep(0.01)
+        gone.cancel()
+        return await asyncio.gather(first, kept)
+
+    assert await _with(rounds, body) == ["A", "KEPT"]
+    assert run.rounds == [["a"], ["kept"]]
+
+
+async def test_a_request_that_leaves_mid_round_waits_for_the_round_to_end():
+    # Admission is released when the request's task ends; ending before the round does would admit new
+    # work while this work still runs.
+    run = Recorder(delay=0.2)
+    rounds = Coalescer(run, max_rows=100, max_cost=100)
+
+    async def body():
+        task = asyncio.create_task(rounds.submit("a", rows=1, cost=1))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return run.finished
+
+    assert await _with(rounds, body) == [["a"]]
+
+
+async def test_several_rounds_in_flight():
+    run = Recorder(delay=0.1)
+    rounds = Coalescer(run, max_rows=100, max_cost=100, concurrency=2)
+
+    async def body():
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        a = asyncio.create_task(rounds.submit("a", rows=1, cost=1))
+        await asyncio.sleep(0.01)
+        await asyncio.gather(a, rounds.submit("b", rows=1, cost=1))
+        return loop.time() - start
+
+    assert await _with(rounds, body) < 0.18  # b did not wait for a's round
+    assert run.rounds == [["a"], ["b"]]
+
+
+# The Triton backend's handling of call outcomes, against a stand-in gRPC client.
+
+SPEC = ModelSpec(
+    served_name="t/embed", task="embed", source="t", max_length=16, encoder_inputs=("input_ids",), pad_token_id=0,
+    vocab_size=10, dimension=2,
+)  # fmt: skip
+
+
+class _Result:
+    def __init__(self, arrays):
+        self.arrays = arrays
+
+    def as_numpy(self, name):
+        return self.arrays[name]
+
+
+class FakeClient:
+    """Answers each ensemble call with one row per text; ``status`` makes every call fail that way."""
+
+    def __init__(self, status: str | None = None, bad_text: str | None = None, delay: float = 0.0):
+        self.status = status
+        self.bad_text = bad_text
+        self.delay = delay
+        self.calls = 0
+        self.cancelled = 0
+
+    async def infer(self, model, inputs, outputs, client_timeout):
+        self.calls += 1
+        texts = [t.decode() for t in deserialize_bytes_tensor(inputs[0]._raw_content)] if inputs else []
+        try:
+            await asyncio.sleep(self.delay)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        if self.status:
+            raise InferenceServerException(msg="fake", status=self.status)
+        rows = int(inputs[0].shape()[0])
+        if self.bad_text is not None and self.bad_text in texts:
+            raise InferenceServerException(msg="tokenizer: bad input", status="StatusCode.INTERNAL")
+        return _Result({
+            "EMBEDDING": np.ones((rows, 2), np.float32),
+            "NUM_TOKENS": np.full((rows, 1), 3, np.int64),
+            "TRUNCATED": np.zeros((rows, 1), np.bool_),
+        })  # fmt: skip
+
+    async def close(self):
+        pass
+
+
+def _backend(*clients: FakeClient) -> TritonBackend:
+    backend = TritonBackend([f"fake:{i}" for i in range(len(clients))], timeout_s=1.0)
+    backend.endpoints = []
+    for i, client in enumerate(clients):
+        e = type("E", (), {})()
+        e.url, e.client, e.healthy, e.down_since = f"fake:{i}", client, True, 0.0
+        backend.endpoints.append(e)
+    return backend
+
+
+async def test_a_deadline_is_a_504_and_keeps_the_endpoint():
+    backend = _backend(FakeClient(status="StatusCode.DEADLINE_EXCEEDED"), FakeClient())
+    backend._next = -1  # the slow endpoint first
+    with pytest.raises(BackendTimeout):
+        await backend._ensemble(SPEC, _Rows(["猫"], None, False))
+    assert all(e.healthy for e in backend.endpoints)
+    assert backend.endpoints[1].client.calls == 0  # a slow call is not retried elsewhere: that multiplies the load
+
+
+async def test_an_unreachable_endpoint_is_dropped_and_the_call_retried():
+    backend = _backend(FakeClient(status="StatusCode.UNAVAILABLE"), FakeClient())
+    backend._next = -1
+    out = await backend._ensemble(SPEC, _Rows(["猫"], None, False))
+    assert out.values.shape == (1, 2)
+    assert [e.healthy for e in backend.endpoints] == [False, True]
+
+
+async def test_a_failed_call_cancels_its_siblings():
+    backend = _backend(FakeClient(delay=0.5))
+
+    async def call(g):
+        if g == [0]:
+            raise BackendFailed("boom")
+        return await backend._infer("m", [], ["EMBEDDING"], 5.0)
+
+    with pytest.raises(BackendFailed):
+        await backend._fan_out([[0], [1], [2]], call, 3)
+    assert backend.endpoints[0].client.cancelled == 2
+
+
+async def test_in_a_failed_round_only_the_request_at_fault_fails():
+    backend = _backend(FakeClient(bad_text="壊"))
+    results = await backend._run_round(
+        SPEC, [_Rows(["猫"], None, False), _Rows(["壊"], None, False), _Rows(["犬", "鳥"], None, False)]
+    )
+    assert isinstance(results[1], BackendFailed)
+    assert results[0].values.shape == (1, 2) and results[2].values.shape == (2, 2)
