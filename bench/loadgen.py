@@ -15,6 +15,7 @@ import asyncio
 import dataclasses
 import ipaddress
 import json
+import multiprocessing
 import random
 import time
 import urllib.parse
@@ -111,33 +112,49 @@ def make_items(
     return items
 
 
-async def run_level(
-    url: str, label: str, workload: str, items: list[Item], concurrency: int, duration: float, max_requests: int, warmup: int = 2
-) -> Level:
-    import httpx
+@dataclasses.dataclass
+class Sample:
+    """What one load process saw."""
 
+    latencies: list[float]
+    errors: Counter[str]
+    inputs: int
+    tokens: int
+    seconds: float
+
+
+async def _drive(url: str, items: list[Item], concurrency: int, start_at: float, duration: float, max_requests: int) -> Sample:
+    """``concurrency`` clients, each sending its next request as soon as the last is answered, from ``start_at``
+    (wall clock, so that several processes start together) for ``duration`` seconds."""
+    import aiohttp
+
+    bodies = [(item, json.dumps(item.body, ensure_ascii=False).encode()) for item in items]
     latencies: list[float] = []
     errors: Counter[str] = Counter()
     done_inputs = done_tokens = 0
     next_item = 0
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
-        for item in items[:warmup]:  # load models, fill caches; not measured
-            await http.post(item.path, json=item.body)
+    headers = {"Content-Type": "application/json"}
+    connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
+    async with aiohttp.ClientSession(url, connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as http:
+        for item, body in bodies[:2]:  # load models, open connections; not measured
+            async with http.post(item.path, data=body, headers=headers) as r:
+                await r.read()
+        await asyncio.sleep(max(0.0, start_at - time.time()))
         start = time.perf_counter()
         deadline = start + duration
 
-        async def worker() -> None:
+        async def client() -> None:
             nonlocal next_item, done_inputs, done_tokens
             while time.perf_counter() < deadline and len(latencies) + sum(errors.values()) < max_requests:
-                item = items[next_item % len(items)]
+                item, body = bodies[next_item % len(bodies)]
                 next_item += 1
                 t0 = time.perf_counter()
                 status: int | str
                 try:
-                    r = await http.post(item.path, json=item.body)
-                    status = r.status_code
-                except httpx.HTTPError as exc:
+                    async with http.post(item.path, data=body, headers=headers) as r:
+                        await r.read()
+                        status = r.status
+                except (TimeoutError, aiohttp.ClientError) as exc:
                     status = type(exc).__name__
                 if status == 200:
                     latencies.append(time.perf_counter() - t0)
@@ -148,8 +165,43 @@ async def run_level(
                     if not latencies and sum(errors.values()) >= 20:
                         return  # a server that refuses everything: stop, the report shows why
 
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(*(client() for _ in range(concurrency)))
         seconds = time.perf_counter() - start
+    return Sample(latencies, errors, done_inputs, done_tokens, seconds)
+
+
+def _drive_in_process(args: tuple) -> Sample:
+    return asyncio.run(_drive(*args))
+
+
+def run_level(
+    url: str,
+    label: str,
+    workload: str,
+    items: list[Item],
+    concurrency: int,
+    duration: float,
+    max_requests: int,
+    processes: int = 1,
+) -> Level:
+    """One concurrency level, its clients spread over ``processes`` processes: one Python process cannot send
+    more than a thousand or so requests a second, which a server on a GPU answers."""
+    processes = max(1, min(processes, concurrency))
+    shares = [concurrency // processes + (k < concurrency % processes) for k in range(processes)]
+    start_at = time.time() + (1.0 if processes > 1 else 0.0)
+    jobs = [
+        (url, items[k::processes] or items, c, start_at, duration, max(1, max_requests // processes))
+        for k, c in enumerate(shares)
+    ]
+    if processes == 1:
+        samples = [_drive_in_process(jobs[0])]
+    else:
+        with multiprocessing.get_context("fork").Pool(processes) as pool:
+            samples = pool.map(_drive_in_process, jobs)
+    latencies = [x for s in samples for x in s.latencies]
+    errors: Counter[str] = Counter()
+    for s in samples:
+        errors.update(s.errors)
     lat = np.array(latencies or [float("nan")]) * 1000
     return Level(
         label,
@@ -157,9 +209,9 @@ async def run_level(
         concurrency,
         len(latencies),
         dict(errors),
-        seconds,
-        done_inputs,
-        done_tokens,
+        max(s.seconds for s in samples),
+        sum(s.inputs for s in samples),
+        sum(s.tokens for s in samples),
         float(np.percentile(lat, 50)),
         float(np.percentile(lat, 95)),
         float(np.percentile(lat, 99)),
@@ -179,6 +231,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--corpus", type=Path, help="JGLUE folder (default ../shared/data/jglue; generated text if absent)")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for <label>.json")
+    p.add_argument("--processes", type=int, default=1, help="load-generating processes (for thousands of requests a second)")
+    p.add_argument(
+        "--triton-metrics",
+        metavar="URL",
+        help="Triton's metrics endpoint (e.g. http://127.0.0.1:8002/metrics): report rows per execution of each model",
+    )
+
+
+def triton_counts(url: str) -> dict[str, tuple[float, float]]:
+    """Per Triton model: (inferences, executions) so far. Their ratio over an interval is the rows per execution
+    that dynamic batching achieved."""
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as r:
+        text = r.read().decode()
+    counts: dict[str, list[float]] = {}
+    for line in text.splitlines():
+        for metric, k in (("nv_inference_count{", 0), ("nv_inference_exec_count{", 1)):
+            if line.startswith(metric):
+                model = line.split('model="', 1)[1].split('"', 1)[0]
+                counts.setdefault(model, [0.0, 0.0])[k] += float(line.rsplit(" ", 1)[1])
+    return {m: (c[0], c[1]) for m, c in counts.items()}
+
+
+def rows_per_execution(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> dict[str, dict]:
+    out = {}
+    for model, (rows, execs) in after.items():
+        rows0, execs0 = before.get(model, (0.0, 0.0))
+        if execs > execs0:
+            out[model] = {
+                "rows": rows - rows0,
+                "executions": execs - execs0,
+                "rows_per_execution": (rows - rows0) / (execs - execs0),
+            }
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -193,14 +280,20 @@ def run(args: argparse.Namespace) -> int:
         model = args.rerank_model if workload == "rerank" and args.rerank_model else args.model
         items = make_items(workload, model, corpus, tokenizer, args.max_length, count=400)
         for c in levels:
-            level = asyncio.run(run_level(args.url, args.label, workload, items, c, args.duration, args.max_requests))
-            results.append(level.as_dict())
+            before = triton_counts(args.triton_metrics) if args.triton_metrics else {}
+            level = run_level(args.url, args.label, workload, items, c, args.duration, args.max_requests, args.processes)
+            result = level.as_dict()
+            if args.triton_metrics:
+                result["triton"] = rows_per_execution(before, triton_counts(args.triton_metrics))
+            results.append(result)
             print(
                 f"{args.label:>24} {workload:>12} c={c:<3} {level.requests_per_s:8.2f} req/s {level.inputs_per_s:8.1f} inputs/s "
                 f"{level.tokens_per_s:9.1f} tokens/s  p50 {level.p50_ms:8.1f} p95 {level.p95_ms:8.1f} p99 {level.p99_ms:8.1f} ms"
                 f"  errors {level.errors or 0}",
                 flush=True,
             )
+            for model, figures in result.get("triton", {}).items():
+                print(f"{'':>24} Triton {model}: {figures['rows_per_execution']:.2f} rows per execution", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"{args.label}.json"
     existing = json.loads(out.read_text()) if out.exists() else {"label": args.label, "levels": []}

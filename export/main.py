@@ -27,6 +27,7 @@ class ExportOptions:
     encoder_backend: str = "onnxruntime"
     device: str = "cpu"
     tensorrt: bool = False
+    tokenizer_instances: int | None = None  # None: the device's default (fos_runtime.batching)
     normalize: bool = True
     prefixes: dict[str, str] | None = None
     trust_remote_code: bool = False
@@ -95,7 +96,14 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> spec.Mode
 
         t = _step(log, 4, total, f"writing the Triton models into {opts.repository}")
         repository.write(
-            s, Path(opts.repository), final, source.tokenizer, opts.encoder_backend, opts.tensorrt, sample_texts=parity.SENTENCES
+            s,
+            Path(opts.repository),
+            final,
+            source.tokenizer,
+            opts.encoder_backend,
+            opts.tensorrt,
+            tokenizer_instances=opts.tokenizer_instances,
+            sample_texts=parity.SENTENCES,
         )
         log(f"      {s.name} (ensemble), {spec.tokenizer_model(s.name)}, {spec.encoder_model(s.name)} [{opts.encoder_backend}]")
 
@@ -129,6 +137,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="container on GPU: let ONNX Runtime run the encoder through TensorRT (fp16 engines)",
     )
+    p.add_argument(
+        "--tokenizer-instances",
+        type=int,
+        metavar="N",
+        help="Triton tokenizer model instances (processes); default 1 with --device cpu, 4 with --device gpu",
+    )
     p.add_argument("--raw", action="store_true", help="serve raw vectors instead of L2-normalised ones")
     p.add_argument(
         "--prefix",
@@ -159,6 +173,7 @@ def options_from_args(args: argparse.Namespace) -> ExportOptions:
         encoder_backend=args.encoder_backend,
         device=args.device,
         tensorrt=args.tensorrt,
+        tokenizer_instances=args.tokenizer_instances,
         normalize=not args.raw,
         prefixes=prefixes,
         trust_remote_code=args.trust_remote_code,

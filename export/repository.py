@@ -39,7 +39,7 @@ def _detect_truncation_input(c: mc.ModelConfig) -> None:
     c.input.add(name=spec.DETECT_TRUNCATION, data_type=mc.TYPE_BOOL, dims=[1], optional=True)
 
 
-def tokenizer_config(s: spec.ModelSpec) -> mc.ModelConfig:
+def tokenizer_config(s: spec.ModelSpec, instances: int | None = None) -> mc.ModelConfig:
     c = mc.ModelConfig(name=spec.tokenizer_model(s.name), backend="python", max_batch_size=batching.plan_for(s.device).max_rows)
     for name in _text_inputs(s):
         _tensor(c.input, name, mc.TYPE_STRING, [1])
@@ -48,7 +48,7 @@ def tokenizer_config(s: spec.ModelSpec) -> mc.ModelConfig:
         _tensor(c.output, name, mc.TYPE_INT64, [-1])
     _tensor(c.output, spec.NUM_TOKENS, mc.TYPE_INT64, [1])
     _tensor(c.output, spec.TRUNCATED, mc.TYPE_BOOL, [1])
-    c.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
+    c.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=instances or batching.plan_for(s.device).tokenizer_instances)
     c.dynamic_batching.max_queue_delay_microseconds = 0
     c.parameters[spec.SPEC_PARAMETER].string_value = s.to_json()
     return c
@@ -148,6 +148,7 @@ def write(
     tokenizer,
     encoder_backend: str = "onnxruntime",
     tensorrt: bool = False,
+    tokenizer_instances: int | None = None,
     sample_texts: Sequence[str] = ("東京は日本の首都です。",),
 ) -> Path:
     """Write the three models, replacing any earlier export of the same name only once all is written."""
@@ -162,7 +163,7 @@ def write(
         for d in (tok_dir, enc_dir, ens_dir):
             (d / "1").mkdir(parents=True)
 
-        (tok_dir / "config.pbtxt").write_text(render(tokenizer_config(s)), encoding="utf-8")
+        (tok_dir / "config.pbtxt").write_text(render(tokenizer_config(s, tokenizer_instances)), encoding="utf-8")
         _save_tokenizer(tokenizer, tok_dir / "1" / "tokenizer")
         _copy_runtime(tok_dir / "1", "tokenizer_model.py")
 

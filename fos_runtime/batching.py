@@ -29,6 +29,7 @@ class BatchPlan:
     max_tokens: int  # padded tokens per encoder run
     round_tokens: int  # real tokens gathered from waiting requests into one round
     queue_delay_us: int  # how long Triton's dynamic batcher waits for more requests
+    tokenizer_instances: int  # Triton tokenizer processes: MeCab + WordPiece does ~130k tokens/s on one core
 
     def runs(self, lengths: Sequence[int]) -> list[list[int]]:
         return length_batches(lengths, self.max_rows, self.max_tokens)
@@ -37,8 +38,9 @@ class BatchPlan:
 # A CPU is saturated by 32 rows; a GPU is not: on an H200, ruri-large fp16 ran 1.33x faster in runs of
 # up to 256 rows / 65536 tokens than of 32 / 8192 (bench/gpu.py, docs/benchmarks.md).
 PLANS = {
-    "cpu": BatchPlan(max_rows=32, max_tokens=8192, round_tokens=32768, queue_delay_us=2_000),
-    "gpu": BatchPlan(max_rows=256, max_tokens=65536, round_tokens=65536, queue_delay_us=500),
+    # On a CPU the encoder wants every core; on a GPU host the cores feed the GPU.
+    "cpu": BatchPlan(max_rows=32, max_tokens=8192, round_tokens=32768, queue_delay_us=2_000, tokenizer_instances=1),
+    "gpu": BatchPlan(max_rows=256, max_tokens=65536, round_tokens=65536, queue_delay_us=500, tokenizer_instances=4),
 }
 DEVICES = tuple(PLANS)
 

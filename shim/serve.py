@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fos_runtime import spec
 
 from .auth import load_keys
 from .backends.base import Backend
 from .service import Limits
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+ARGS_ENV = "FOS_SERVE_ARGS"  # the parent's arguments, for worker processes
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,8 +31,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="Triton gRPC address(es), repeatable or comma-separated; requests spread over the healthy ones. "
         "Without it, the embedded backend serves",
     )
+    p.add_argument(
+        "--triton-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="how long a Triton call of up to max_batch_size inputs may take (a request of k such calls gets k times it); "
+        "past it, 504 (default 60)",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8081)
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes sharing the port (with --triton: one process answers about a thousand small requests a "
+        "second; the embedded backend batches within one process and needs one)",
+    )
     p.add_argument(
         "--model",
         action="append",
@@ -74,21 +96,15 @@ def ensure_exported(models: list[str], repository: Path, precision: str) -> None
         )
 
 
-def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
+def build_app(args: argparse.Namespace) -> FastAPI:
     from .app import create_app
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.model:
-        if args.triton:
-            raise SystemExit("--model exports for the embedded backend; with --triton, run `fos export` for Triton's repository")
-        ensure_exported(args.model, args.repository, args.precision)
     backend: Backend
     if args.triton:
         from .backends.triton import TritonBackend
 
-        backend = TritonBackend([u.strip() for item in args.triton for u in item.split(",") if u.strip()])
+        urls = [u.strip() for item in args.triton for u in item.split(",") if u.strip()]
+        backend = TritonBackend(urls, **({"timeout_s": args.triton_timeout} if args.triton_timeout else {}))
     else:
         from .backends.embedded import EmbeddedBackend
 
@@ -101,12 +117,40 @@ def run(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         truncate=args.truncate,
     )
-    keys = load_keys(args.api_key, args.api_key_file)
-    uvicorn.run(
-        create_app(backend, limits, keys),
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level.lower(),
-        timeout_graceful_shutdown=args.graceful_timeout,
+    return create_app(backend, limits, load_keys(args.api_key, args.api_key_file))
+
+
+def app_from_environment() -> FastAPI:
+    """uvicorn's factory in each worker process (--workers): the parent's arguments come through the environment."""
+    args = argparse.Namespace(**json.loads(os.environ[ARGS_ENV]))
+    args.repository = Path(args.repository)
+    args.api_key_file = Path(args.api_key_file) if args.api_key_file else None
+    _configure_logging(args)
+    return build_app(args)
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    _configure_logging(args)
+    if args.workers < 1:
+        raise SystemExit("--workers must be at least 1")
+    if args.workers > 1 and not args.triton:
+        raise SystemExit("--workers needs --triton: the embedded backend batches requests within one process")
+    if args.model:
+        if args.triton:
+            raise SystemExit("--model exports for the embedded backend; with --triton, run `fos export` for Triton's repository")
+        ensure_exported(args.model, args.repository, args.precision)
+    options = dict(
+        host=args.host, port=args.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=args.graceful_timeout
     )
+    if args.workers == 1:
+        uvicorn.run(build_app(args), **options)
+    else:
+        os.environ[ARGS_ENV] = json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
+        uvicorn.run("shim.serve:app_from_environment", factory=True, workers=args.workers, **options)
     return 0

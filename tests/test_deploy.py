@@ -116,3 +116,17 @@ def test_gpu_encoder_config_for_the_container():
     assert not any(i.allow_ragged_batch for i in c.input)  # the ORT backend batches equal shapes only
     with pytest.raises(ValueError):
         encoder_config(dataclasses.replace(s, device="cpu"), "python", tensorrt=True)
+
+
+def test_tokenizer_instances_follow_the_device_unless_given():
+    from export.repository import tokenizer_config
+
+    s = spec.ModelSpec(
+        served_name="m", task="embed", source="m", max_length=512, encoder_inputs=("input_ids",), pad_token_id=0,
+        vocab_size=10, dimension=4,
+    )  # fmt: skip
+    assert tokenizer_config(s).instance_group[0].count == 1  # a CPU's cores belong to the encoder
+    gpu = dataclasses.replace(s, device="gpu")
+    assert tokenizer_config(gpu).instance_group[0].count == 4  # one MeCab process cannot feed a GPU
+    assert tokenizer_config(gpu, 7).instance_group[0].count == 7
+    assert tokenizer_config(gpu).max_batch_size == encoder_config(gpu, "onnxruntime").max_batch_size == 256
