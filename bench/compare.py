@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,8 +21,14 @@ import time
 import urllib.request
 from pathlib import Path
 
+from fos_runtime import spec
+
 EMBED = "cl-nagoya/ruri-large"
 RERANK = "cl-nagoya/ruri-reranker-large"
+# Triton behind the shim: (ragged batching as exported, rounds in flight per model). Without ragged batching the
+# Python encoder schedules as the container's ONNX Runtime backend does; 4096 rounds in flight is no coalescing
+# (every request its own call), the shim as it was before rounds.
+TRITON_VARIANTS = {"triton-fp32": (True, 2), "triton-fp32-ort": (False, 2), "triton-fp32-ort-uncoalesced": (False, 4096)}
 PLAN = {"dify-embed": "1,4,16", "batch-embed": "2", "rerank": "2"}  # concurrency levels
 
 
@@ -53,7 +60,19 @@ def _server(cmd: list[str], health: str, log: Path):
                 os.killpg(proc.pid, signal.SIGKILL)
 
 
-def _bench(label: str, url: str, tokenizer: Path, args) -> None:
+def _without_ragged_batching(repo: Path, copy: Path) -> Path:
+    """The repository with its encoders' ragged batching off: the Python encoder then batches only requests of
+    equal shape, as the container's ONNX Runtime backend does. Files are hard links, configs rewritten."""
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(repo, copy, copy_function=os.link)
+    for config in copy.glob(f"*{spec.ENCODER_SUFFIX}/config.pbtxt"):
+        text = config.read_text().replace("allow_ragged_batch: true", "allow_ragged_batch: false")
+        config.unlink()
+        config.write_text(text)
+    return copy
+
+
+def _bench(label: str, url: str, tokenizer: Path, args, triton_metrics: str | None = None) -> None:
     for workload in args.workloads.split(","):
         levels = args.dify_levels if workload == "dify-embed" else PLAN[workload]
         subprocess.run(
@@ -81,7 +100,8 @@ def _bench(label: str, url: str, tokenizer: Path, args) -> None:
                 "--out",
                 str(args.out),
             ]
-            + (["--corpus", str(args.corpus)] if args.corpus else []),
+            + (["--corpus", str(args.corpus)] if args.corpus else [])
+            + (["--triton-metrics", triton_metrics] if triton_metrics else []),
             check=True,
         )
 
@@ -139,22 +159,17 @@ def main() -> None:
             ):
                 _bench(server, url, tokenizer, args)
                 _save_metrics(server, url, args.out)
-        elif server == "triton-fp32":
-            triton = [
-                *fos,
-                "triton",
-                "--repository",
-                str(args.repo_fp32),
-                "--http-port",
-                "18000",
-                "--grpc-port",
-                "18001",
-                "--metrics-port",
-                "18002",
-            ]
+        elif server in TRITON_VARIANTS:
+            ragged, rounds = TRITON_VARIANTS[server]
+            repo = args.repo_fp32 if ragged else _without_ragged_batching(args.repo_fp32, args.out / "repo-no-ragged")
+            triton = [*fos, "triton", "--repository", str(repo), "--http-port", "18000", "--grpc-port", "18001"]
             shim = [*fos, "serve", "--triton", "127.0.0.1:18001", "--port", str(port), "--log-level", "warning"]
-            with _server(triton, "http://127.0.0.1:18000/v2/health/ready", log), _server(shim, url + "/health", log):
-                _bench(server, url, tokenizer, args)
+            shim += ["--triton-rounds-in-flight", str(rounds)]
+            with (
+                _server([*triton, "--metrics-port", "18002"], "http://127.0.0.1:18000/v2/health/ready", log),
+                _server(shim, url + "/health", log),
+            ):
+                _bench(server, url, tokenizer, args, triton_metrics="http://127.0.0.1:18002/metrics")
                 _save_metrics(server, url, args.out)
         elif server.startswith("infinity-"):
             engine = server.removeprefix("infinity-")

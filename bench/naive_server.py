@@ -1,12 +1,13 @@
 """The baseline users run today: sentence-transformers in a plain synchronous FastAPI app.
 
-fp32, one worker, ``encode`` / ``predict`` per request, no batching across requests.
+One worker, ``encode`` / ``predict`` per request, no batching across requests; fp32 on the CPU, or fp16 on a
+GPU (``--device cuda``), as a user would run it there.
 """
 
 import argparse
 
 
-def create_app(embed_dir: str | None, rerank_dir: str | None, name_embed: str, name_rerank: str):
+def create_app(embed_dir: str | None, rerank_dir: str | None, name_embed: str, name_rerank: str, device: str = "cpu"):
     from fastapi import FastAPI
     from pydantic import BaseModel
 
@@ -15,11 +16,15 @@ def create_app(embed_dir: str | None, rerank_dir: str | None, name_embed: str, n
     if embed_dir:
         from sentence_transformers import SentenceTransformer
 
-        embedder = SentenceTransformer(embed_dir, device="cpu")
+        embedder = SentenceTransformer(embed_dir, device=device)
+        if device != "cpu":
+            embedder.half()
     if rerank_dir:
         from sentence_transformers import CrossEncoder
 
-        reranker = CrossEncoder(rerank_dir, device="cpu")
+        reranker = CrossEncoder(rerank_dir, device=device)
+        if device != "cpu":
+            reranker.model.half()
 
     class EmbeddingRequest(BaseModel):
         input: str | list[str]
@@ -66,9 +71,10 @@ def main() -> None:
     p.add_argument("--embed-name", default="cl-nagoya/ruri-large")
     p.add_argument("--rerank-name", default="cl-nagoya/ruri-reranker-large")
     p.add_argument("--port", type=int, default=8091)
+    p.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (fp16)")
     args = p.parse_args()
     uvicorn.run(
-        create_app(args.embed, args.rerank, args.embed_name, args.rerank_name),
+        create_app(args.embed, args.rerank, args.embed_name, args.rerank_name, args.device),
         host="127.0.0.1",
         port=args.port,
         workers=1,

@@ -12,13 +12,17 @@ from pathlib import Path
 from . import random_models
 from .corpus import load as load_corpus
 
+SHAPES = {"ruri-large": random_models.RURI_LARGE, "tiny": random_models.TINY}
 
-def build(folder: Path, corpus_path: Path | None = None, reranker: bool = False, seed: int = 0) -> Path:
+
+def build(
+    folder: Path, corpus_path: Path | None = None, reranker: bool = False, seed: int = 0, shape: str = "ruri-large"
+) -> Path:
     corpus = load_corpus(corpus_path)
     texts = corpus.short[:4000] + corpus.long[:1500]
     if reranker:
-        return random_models.reranker(folder / "hf", texts, random_models.RURI_LARGE, seed=seed)
-    return random_models.embedder(folder, texts, random_models.RURI_LARGE, seed=seed)
+        return random_models.reranker(folder / "hf", texts, SHAPES[shape], seed=seed)
+    return random_models.embedder(folder, texts, SHAPES[shape], seed=seed)
 
 
 def main() -> None:
@@ -26,8 +30,9 @@ def main() -> None:
     p.add_argument("folder", type=Path)
     p.add_argument("--corpus", type=Path)
     p.add_argument("--reranker", action="store_true")
+    p.add_argument("--shape", choices=SHAPES, default="ruri-large", help="tiny: to try a script out quickly")
     args = p.parse_args()
-    print(build(args.folder, args.corpus, args.reranker))
+    print(build(args.folder, args.corpus, args.reranker, shape=args.shape))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ encoder both use this, so they behave the same."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,6 +16,17 @@ def available_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def _load_cuda_libraries(ort) -> None:
+    """onnxruntime-gpu wheels find CUDA and cuDNN in the nvidia-* wheels (those torch installs) only once asked to;
+    where the libraries are on the system's path instead (the NGC container), asking is harmless."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        try:
+            preload()
+        except Exception as exc:  # the session then reports what it cannot load
+            logging.getLogger("fos.encoder").warning("onnxruntime.preload_dlls: %s", exc)
 
 
 class Encoder:
@@ -32,6 +44,7 @@ class Encoder:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = ["CPUExecutionProvider"]
         if device in ("auto", "gpu") and "CUDAExecutionProvider" in ort.get_available_providers():
+            _load_cuda_libraries(ort)
             providers.insert(0, "CUDAExecutionProvider")
         elif device == "gpu":
             raise RuntimeError("device=gpu asked for, but this onnxruntime has no CUDAExecutionProvider")

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# The GPU production path end to end, in one run on a GPU machine, against the naive server on the same GPU.
+#
+#   bash bench/gpu_bundle.sh pack                          # here, once: what the GPU machine lacks, in pieces
+#   bash bench/gpu_bundle.sh unpack .carry                 # there, one call per piece (each ≤ 58 MiB)
+#   OUT=/some/dir bash bench/gpu_run.sh                    # there, last: about five minutes
+#
+# Steps: a random model of cl-nagoya/ruri-large's exact shape (BertModel 24×1024, MeCab + WordPiece vocabulary
+# from JGLUE), `fos export --device gpu --precision fp16 --encoder-backend python`, the encoder alone against
+# sentence-transformers fp16 (bench/gpu.py), then the served path: the pip tritonserver (tokenizer instances on
+# the CPU, the fp16 encoder on the GPU through onnxruntime CUDA), `fos serve --triton --workers`, and `fos bench`
+# with several load processes, Triton's rows per encoder execution and nvidia-smi's utilisation; last, the naive
+# sentence-transformers server in fp16 on the same GPU at the same concurrency. Results: $OUT/*.json and logs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/fos-gpu-out}
+WORK=${FOS_GPU_WORK:-/tmp/fos-gpu}
+CORPUS=${FOS_CORPUS:-.carry/jglue}               # JGLUE's jsts/jsquad validation files, carried beside the bundle
+DURATION=${FOS_DURATION:-20}                     # seconds per measured level
+DIFY_C=${FOS_DIFY_C:-256}                        # dify-embed concurrency
+BATCH_C=${FOS_BATCH_C:-32}                       # batch-embed concurrency
+WORKERS=${FOS_WORKERS:-4}                        # fos serve processes
+TOKENIZERS=${FOS_TOKENIZERS:-6}                  # Triton tokenizer instances
+LOADGEN=${FOS_LOADGEN:-4}                        # fos bench processes
+NAME=cl-nagoya/ruri-large
+# To try the script out on a CPU: FOS_DEVICE=cpu FOS_PRECISION=fp32 FOS_SHAPE=tiny FOS_DURATION=3 (no GPU figures).
+DEVICE=${FOS_DEVICE:-gpu}
+PRECISION=${FOS_PRECISION:-fp16}
+SHAPE=${FOS_SHAPE:-ruri-large}
+mkdir -p "$OUT" "$WORK"
+[ "$DEVICE" = cpu ] || eval "$(bash bench/gpu_bundle.sh env)"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY=${FOS_PYTHON:-python3}
+log() { echo "[$(date +%T)] $*"; }
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+wait_http() { for _ in $(seq 1 "$2"); do curl -fs -o /dev/null "$1" && return 0; sleep 1; done; echo "not ready: $1"; return 1; }
+
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; lscpu | grep -E 'Model name|^CPU\(s\)';
+  grep -o -w -E 'avx512_bf16|amx_tile|avx512f' /proc/cpuinfo | sort -u | tr '\n' ' '; echo; } > "$OUT/machine.txt" 2>&1 || true
+cat "$OUT/machine.txt"
+
+log "model: ruri-large shape, random weights"
+[ -d "$WORK/model/st" ] || $PY -m bench.ruri_shape "$WORK/model" --corpus "$CORPUS" --shape "$SHAPE" > "$OUT/build.log" 2>&1
+log "export: $PRECISION, $DEVICE, Python-backend encoder, $TOKENIZERS tokenizer instances"
+[ -f "$WORK/repo/${NAME/\//--}/config.pbtxt" ] || $PY -m shim.cli export --model "$WORK/model/st" --task embed --name "$NAME" \
+  --repository "$WORK/repo" --precision "$PRECISION" --device "$DEVICE" --encoder-backend python \
+  --tokenizer-instances "$TOKENIZERS" > "$OUT/export.log" 2>&1
+grep -E 'fused|parity|max \||min cosine|check' "$OUT/export.log" || true
+
+log "encoder alone and sentence-transformers fp16"
+$PY -m bench.gpu --repository "$WORK/repo" --name "$NAME" --st "$WORK/model/st" --corpus "$CORPUS" --out "$OUT" \
+  --device "$DEVICE" > "$OUT/encoder.log" 2>&1 || { tail -20 "$OUT/encoder.log"; exit 1; }
+grep -E 'tokens/s' "$OUT/encoder.log"
+
+log "tritonserver + fos serve --workers $WORKERS"
+$PY -m shim.cli triton --repository "$WORK/repo" --http-port 8000 --grpc-port 8001 --metrics-port 8002 > "$OUT/triton.log" 2>&1 &
+pids+=($!)
+wait_http http://127.0.0.1:8000/v2/health/ready 300 || { tail -40 "$OUT/triton.log"; exit 1; }
+$PY -m shim.cli serve --triton 127.0.0.1:8001 --port 8081 --workers "$WORKERS" --log-level warning > "$OUT/serve.log" 2>&1 &
+pids+=($!)
+wait_http http://127.0.0.1:8081/health 120 || { tail -40 "$OUT/serve.log"; exit 1; }
+
+nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -lms 500 > "$OUT/gpu-util.csv" 2>/dev/null &
+smi=$!
+pids+=($smi)
+TOK="$WORK/repo/${NAME/\//--}__tokenizer/1/tokenizer"
+bench() {  # label workload concurrency [extra...]
+  $PY -m shim.cli bench --url http://127.0.0.1:8081 --label "$1" --model "$NAME" --workload "$2" --concurrency "$3" \
+    --duration "$DURATION" --max-requests 10000000 --tokenizer "$TOK" --corpus "$CORPUS" --out "$OUT" "${@:4}"
+}
+log "fos (Triton) dify-embed c=$DIFY_C, batch-embed c=$BATCH_C"
+bench fos-triton dify-embed "$DIFY_C" --processes "$LOADGEN" --triton-metrics http://127.0.0.1:8002/metrics
+bench fos-triton batch-embed "$BATCH_C" --processes "$LOADGEN" --triton-metrics http://127.0.0.1:8002/metrics
+kill "$smi" 2>/dev/null || true
+curl -fsS http://127.0.0.1:8002/metrics > "$OUT/triton-metrics.txt" || true
+curl -fsS http://127.0.0.1:8081/metrics > "$OUT/fos-metrics.txt" || true
+cleanup
+pids=()
+
+log "naive sentence-transformers server, fp16 on the same GPU"
+$PY -m bench.naive_server --embed "$WORK/model/st" --device "$([ "$DEVICE" = gpu ] && echo cuda || echo cpu)" --port 8081 > "$OUT/naive.log" 2>&1 &
+pids+=($!)
+wait_http http://127.0.0.1:8081/health 300 || { tail -40 "$OUT/naive.log"; exit 1; }
+bench naive-fp16 dify-embed "$DIFY_C" --processes "$LOADGEN"
+log "done: $OUT"
