@@ -28,7 +28,9 @@ DEVICE=${FOS_DEVICE:-gpu}
 PRECISION=${FOS_PRECISION:-fp16}
 SHAPE=${FOS_SHAPE:-ruri-large}
 mkdir -p "$OUT" "$WORK"
-[ "$DEVICE" = cpu ] || eval "$(bash bench/gpu_bundle.sh env)"
+# What bench/gpu_bundle.sh brought (none of it where the machine has it all, e.g. this project's own venv).
+[ -d "${FOS_SITE:-/tmp/fos-site}" ] && eval "$(bash bench/gpu_bundle.sh env)"
+EXTRA=${FOS_TOOLS:-/tmp/fos-tools}/extra  # numpy 1.26 for Triton's Python stub (FOS_EXTRA=numpy==1.26.4 at pack)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${FOS_PYTHON:-python3}
 log() { echo "[$(date +%T)] $*"; }
@@ -55,7 +57,8 @@ $PY -m bench.gpu --repository "$WORK/repo" --name "$NAME" --st "$WORK/model/st" 
 grep -E 'tokens/s' "$OUT/encoder.log"
 
 log "tritonserver + fos serve --workers $WORKERS"
-$PY -m shim.cli triton --repository "$WORK/repo" --http-port 8000 --grpc-port 8001 --metrics-port 8002 > "$OUT/triton.log" 2>&1 &
+PYTHONPATH="$([ -d "$EXTRA" ] && echo "$EXTRA:")$PYTHONPATH" \
+  $PY -m shim.cli triton --repository "$WORK/repo" --http-port 8000 --grpc-port 8001 --metrics-port 8002 > "$OUT/triton.log" 2>&1 &
 pids+=($!)
 wait_http http://127.0.0.1:8000/v2/health/ready 300 || { tail -40 "$OUT/triton.log"; exit 1; }
 $PY -m shim.cli serve --triton 127.0.0.1:8001 --port 8081 --workers "$WORKERS" --log-level warning > "$OUT/serve.log" 2>&1 &

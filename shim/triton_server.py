@@ -74,8 +74,10 @@ def environment() -> dict[str, str]:
     if system_python:
         env["PATH"] = os.pathsep.join([str(Path(system_python).parent), env.get("PATH", "")])
     env.pop("VIRTUAL_ENV", None)
+    # An explicit PYTHONPATH goes first, as it does for Python itself: it can give the stub packages of the
+    # versions it was built for (nvidia-pytriton 0.7.0's stub returns empty outputs with numpy 2).
     site = sysconfig.get_paths()["purelib"]
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (site, env.get("PYTHONPATH", "")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH", ""), site) if p)
     # The copied stub no longer finds the wheel's bundled libraries through its relative RPATH.
     libs = str(_dist().parent.parent / "nvidia_pytriton.libs")
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libs, env.get("LD_LIBRARY_PATH", "")) if p)
