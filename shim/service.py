@@ -8,6 +8,7 @@ import dataclasses
 
 import numpy as np
 
+from fos_runtime import text as texts_
 from fos_runtime.spec import ModelSpec
 from fos_runtime.tokenization import truncate_ids
 
@@ -108,9 +109,7 @@ class Service:
         if len(raw) > self.limits.max_inputs and not isinstance(raw[0], int):
             raise InvalidRequest(f"'input' has {len(raw)} items; at most {self.limits.max_inputs} per request", param="input")
         if isinstance(raw[0], str):
-            texts = list(raw)
-            for i, t in enumerate(texts):
-                self._check_text(t, f"input[{i}]", "input")
+            texts = [self._text(t, f"input[{i}]", "input") for i, t in enumerate(raw)]
             prefix = self._prefix(s, req.input_type)
             with self.admission.admit(len(texts)):
                 out = await self.backend.embed(s, texts=[prefix + t for t in texts], detect_truncation=not truncate)
@@ -132,11 +131,17 @@ class Service:
             vectors = vectors / np.maximum(norms, 1e-12)
         return EmbeddingResponse.of(s.served_name, vectors, req.encoding_format, int(sum(out.tokens)))
 
-    def _check_text(self, text: str, what: str, param: str) -> None:
-        if not text.strip():
-            raise InvalidRequest(f"{what} is empty", param=param)
+    def _text(self, text: str, what: str, param: str) -> str:
+        """Every text the service accepts passes here: refused if it says nothing or is too long,
+        else cleaned of control characters (``fos_runtime.text``). The backends' tokenizers clean
+        too; this also covers a Triton repository exported before that rule."""
+        if texts_.blank(text):
+            raise InvalidRequest(
+                f"{what} is empty: it has no visible character, only whitespace, control or format characters", param=param
+            )
         if len(text) > self.limits.max_input_chars:
             raise InvalidRequest(f"{what} has {len(text)} characters; at most {self.limits.max_input_chars}", param=param)
+        return texts_.clean(text)
 
     @staticmethod
     def _prefix(s: ModelSpec, input_type: str | None) -> str:
@@ -180,7 +185,7 @@ class Service:
 
     async def rerank(self, req: RerankRequest) -> Ranking:
         s = await self.resolve(req.model, "rerank")
-        self._check_text(req.query, "'query'", "query")
+        query = self._text(req.query, "'query'", "query")
         if not req.documents:
             raise InvalidRequest("'documents' must not be empty", param="documents")
         if len(req.documents) > self.limits.max_documents:
@@ -189,10 +194,9 @@ class Service:
             )
         docs = [d.text if isinstance(d, RerankDocument) else d for d in req.documents]
         truncate = self._truncate(req.truncate)
-        for i, d in enumerate(docs):
-            self._check_text(d, f"documents[{i}]", "documents")
+        cleaned = [self._text(d, f"documents[{i}]", "documents") for i, d in enumerate(docs)]
         with self.admission.admit(len(docs)):
-            out = await self.backend.rerank(s, req.query, docs, detect_truncation=not truncate)
+            out = await self.backend.rerank(s, query, cleaned, detect_truncation=not truncate)
         self._check_truncation(s, out.truncated, truncate, "documents", "'query' with documents[{}]")
         self._count(s, out.tokens)
         scores = [float(x) for x in out.values]

@@ -183,3 +183,32 @@ def test_over_long_token_ids_refused_before_any_compute():
             http.post("/v1/embeddings", json={"model": "fake/embed", "input": [[5] * 16], "truncate": False}).status_code == 200
         )
         assert backend.calls == 1
+
+
+BLANK = ["", " ", "\u3000", "\u00a0", "\u200b", "\ufeff", "\x00", "\t\r\n", "\u200b\u3000\ufeff\u2060"]
+
+
+def test_blank_text_is_refused_naming_it():
+    # One rule for embeddings input, rerank query and documents: no visible character, no embedding;
+    # zero-width spaces and BOMs were embedded as [UNK], ideographic spaces refused without an index.
+    backend = FakeBackend()
+    with TestClient(create_app(backend)) as http:
+        for blank in BLANK:
+            for path, body, param, where in [
+                ("/v1/embeddings", {"model": "fake/embed", "input": ["猫", blank]}, "input", "input[1]"),
+                ("/v1/embeddings", {"model": "fake/embed", "input": blank}, "input", "input[0]"),
+                (
+                    "/v1/rerank",
+                    {"model": "fake/rerank", "query": "q", "documents": ["猫", {"text": blank}]},
+                    "documents",
+                    "documents[1]",
+                ),
+                ("/v1/rerank", {"model": "fake/rerank", "query": blank, "documents": ["猫"]}, "query", "'query'"),
+            ]:
+                r = http.post(path, json=body)
+                assert r.status_code == 400, (blank, path, r.text)
+                error = r.json()["error"]
+                assert error["param"] == param and error["message"].startswith(where + " is empty"), (blank, error)
+        assert backend.calls == 0
+        # Visible text around those characters is kept and served.
+        assert http.post("/v1/embeddings", json={"model": "fake/embed", "input": "\u200b猫\u3000"}).status_code == 200
