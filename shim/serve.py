@@ -43,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--max-inputs-in-flight",
         type=int,
         default=defaults.max_inputs_in_flight,
-        help="inputs admitted at once over all requests; past it, 429 with Retry-After",
+        help="inputs admitted at once over all requests; past it, 429 with Retry-After; a request with more is a 400",
     )
     p.add_argument(
         "--no-truncate",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 
 import numpy as np
 
@@ -16,6 +17,8 @@ from .backends.base import Backend
 from .errors import BackendUnavailable, InvalidRequest, ModelNotFound, Overloaded
 from .observability import Metrics
 from .protocol import EmbeddingRequest, EmbeddingResponse, ModelCard, ModelList, Ranking, RerankDocument, RerankRequest
+
+log = logging.getLogger("fos.service")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +35,15 @@ class Limits:
     # Inputs longer than the model's context are cut (Dify never truncates and expects the server
     # to); False rejects them unless the request itself sends truncate=true.
     truncate: bool = True
+
+    def never_admitted(self) -> list[str]:
+        """Per-request limits above the admission capacity: requests that big are refused with a 400."""
+        return [
+            f"--{name.replace('_', '-')} {value} is above --max-inputs-in-flight {self.max_inputs_in_flight}: "
+            f"requests with more than {self.max_inputs_in_flight} inputs will be refused"
+            for name, value in (("max_inputs", self.max_inputs), ("max_documents", self.max_documents))
+            if value > self.max_inputs_in_flight
+        ]
 
 
 class Admission:
@@ -65,6 +77,8 @@ class Service:
         self.limits = limits or Limits()
         self.metrics = metrics
         self.admission = Admission(self.limits.max_inputs_in_flight, metrics)
+        for warning in self.limits.never_admitted():
+            log.warning(warning)
 
     def _count(self, s: ModelSpec, counts: list[int]) -> None:
         if self.metrics:
@@ -108,6 +122,7 @@ class Service:
             raise InvalidRequest("'input' must not be empty", param="input")
         if len(raw) > self.limits.max_inputs and not isinstance(raw[0], int):
             raise InvalidRequest(f"'input' has {len(raw)} items; at most {self.limits.max_inputs} per request", param="input")
+        self._admissible(1 if isinstance(raw[0], int) else len(raw), "input")
         if isinstance(raw[0], str):
             texts = [self._text(t, f"input[{i}]", "input") for i, t in enumerate(raw)]
             prefix = self._prefix(s, req.input_type)
@@ -130,6 +145,17 @@ class Service:
             norms = np.linalg.norm(vectors, axis=1, keepdims=True)
             vectors = vectors / np.maximum(norms, 1e-12)
         return EmbeddingResponse.of(s.served_name, vectors, req.encoding_format, int(sum(out.tokens)))
+
+    def _admissible(self, n: int, param: str) -> None:
+        """A request larger than the admission capacity would get 429 "retry shortly" forever, even
+        on an idle server: it is a 400 instead, naming the limit."""
+        capacity = self.limits.max_inputs_in_flight
+        if n > capacity:
+            raise InvalidRequest(
+                f"'{param}' has {n} items; this server admits at most {capacity} inputs at once "
+                "(--max-inputs-in-flight), so send fewer per request",
+                param=param,
+            )
 
     def _text(self, text: str, what: str, param: str) -> str:
         """Every text the service accepts passes here: refused if it says nothing or is too long,
@@ -192,6 +218,7 @@ class Service:
             raise InvalidRequest(
                 f"'documents' has {len(req.documents)} items; at most {self.limits.max_documents} per request", param="documents"
             )
+        self._admissible(len(req.documents), "documents")
         docs = [d.text if isinstance(d, RerankDocument) else d for d in req.documents]
         truncate = self._truncate(req.truncate)
         cleaned = [self._text(d, f"documents[{i}]", "documents") for i, d in enumerate(docs)]

@@ -75,6 +75,25 @@ def test_overload_is_a_429_with_retry_after_and_recovers():
     asyncio.run(scenario())
 
 
+def test_request_larger_than_the_admission_capacity_is_a_400_naming_it(caplog):
+    from shim.service import Limits
+
+    limits = Limits(max_inputs_in_flight=4, max_inputs=10, max_documents=6)
+    with caplog.at_level("WARNING", logger="fos.service"), TestClient(create_app(FakeBackend(), limits=limits)) as http:
+        for path, body, param in [
+            ("/v1/embeddings", {"model": "fake/embed", "input": ["猫"] * 5}, "input"),
+            ("/v1/embeddings", {"model": "fake/embed", "input": [[5]] * 5}, "input"),
+            ("/v1/rerank", {"model": "fake/rerank", "query": "q", "documents": ["猫"] * 5}, "documents"),
+        ]:
+            r = http.post(path, json=body)  # an idle server: a 429 "retry shortly" would be retried forever
+            assert r.status_code == 400, r.text
+            assert r.json()["error"]["param"] == param and "--max-inputs-in-flight" in r.json()["error"]["message"]
+            assert "retry-after" not in r.headers
+        assert http.post("/v1/embeddings", json={"model": "fake/embed", "input": ["猫"] * 4}).status_code == 200
+    warned = [r.getMessage() for r in caplog.records if r.name == "fos.service"]
+    assert len(warned) == 2 and "--max-inputs 10" in warned[0] and "--max-documents 6" in warned[1]
+
+
 def test_request_id_is_echoed_and_metrics_count_requests():
     with TestClient(create_app(FakeBackend())) as http:
         r = http.post("/v1/embeddings", json=BODY, headers={"X-Request-Id": "abc-123"})
