@@ -166,6 +166,75 @@ def test_sigterm_finishes_requests_in_flight(tmp_path):
         proc.kill()
 
 
+def test_requests_cut_off_by_the_graceful_timeout_get_a_503_envelope(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    import httpx
+
+    from helpers import free_port, wait_for
+
+    port = free_port()
+    script = tmp_path / "serve_slow.py"
+    script.write_text(
+        "import logging, sys, uvicorn\n"
+        f"sys.path.insert(0, {str(__import__('pathlib').Path(__file__).parent)!r})\n"
+        "from fakes import FakeBackend\nfrom shim.app import create_app\n"
+        "logging.basicConfig(level='INFO')\n"
+        f"uvicorn.run(create_app(FakeBackend(delay=30)), host='127.0.0.1', port={port}, timeout_graceful_shutdown=1)\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/health", 30, proc)
+        answers: list[httpx.Response] = []
+
+        def ask() -> None:
+            answers.append(httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json=BODY, timeout=20))
+
+        clients = [threading.Thread(target=ask) for _ in range(2)]
+        for c in clients:
+            c.start()
+        time.sleep(0.5)  # both requests are in the backend now
+        proc.send_signal(signal.SIGTERM)
+        for c in clients:
+            c.join(timeout=20)
+        output = proc.communicate(timeout=20)[0]
+    finally:
+        proc.kill()
+    assert [a.status_code for a in answers] == [503, 503], [a.text for a in answers]
+    for a in answers:
+        assert a.headers["content-type"] == "application/json"
+        assert a.json()["error"]["code"] == "shutting_down" and a.json()["error"]["type"] == "server_error"
+    assert "Traceback" not in output and "Exception in ASGI application" not in output, output
+    assert output.count("cut off") == 2, output  # one line per request
+
+
+def test_client_gone_during_upload_counts_as_499_not_400():
+    import socket
+    import time
+
+    import httpx
+
+    from helpers import ServerThread
+
+    with ServerThread(create_app(FakeBackend())) as server:
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(
+                b"POST /v1/embeddings HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 1000\r\n\r\n{"model": "fake/embed", "input": "'
+            )
+            time.sleep(0.3)  # the app is reading the body
+        deadline = time.monotonic() + 5
+        while 'route="/v1/embeddings"' not in (text := httpx.get(server.url + "/metrics").text):
+            assert time.monotonic() < deadline, text
+            time.sleep(0.05)
+    assert 'fos_requests_total{route="/v1/embeddings",status="499"} 1.0' in text, text
+    assert 'status="400"' not in text
+
+
 def test_body_size_cap_announced_or_chunked():
     from shim.service import Limits
 
