@@ -34,6 +34,34 @@ def wait_for(url: str, timeout: float, proc: subprocess.Popen | None = None) -> 
     raise TimeoutError(f"{url} not ready after {timeout}s")
 
 
+def _stat(pid: int) -> list[str] | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie waiting to be reaped."""
+    stat = _stat(pid)
+    return stat is not None and stat[0] != "Z"
+
+
+def children(pid: int) -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and (_stat(int(p.name)) or ["", "0"])[1] == str(pid)]
+
+
+def stubs(under: Path) -> list[int]:
+    """Live Triton Python backend stubs whose command line names a path under ``under``."""
+    found = []
+    for p in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            cmdline = (p / "cmdline").read_bytes().decode(errors="replace")
+            if "triton_python_backend_stub" in cmdline and str(under) in cmdline and alive(int(p.name)):
+                found.append(int(p.name))
+    return found
+
+
 class ServerThread:
     """uvicorn serving an app in a background thread of the test process."""
 
@@ -71,18 +99,17 @@ class ServerThread:
 
 @contextlib.contextmanager
 def run_tritonserver(repository: Path, work: Path, ports: tuple[int, int, int] | None = None):
-    """A real tritonserver (from the nvidia-pytriton wheel), ready; killed on exit."""
+    """A real tritonserver (from the nvidia-pytriton wheel), ready; killed on exit with its stubs."""
     from shim import triton_server
 
     http, grpc, metrics = ports or (free_port(), free_port(), free_port())
     work = work / f"triton-{grpc}"
     work.mkdir(exist_ok=True)
     log = open(work / f"tritonserver-{time.monotonic_ns()}.log", "wb")
-    proc = triton_server.start(repository, work, http, grpc, metrics, stdout=log, stderr=subprocess.STDOUT)
+    server = triton_server.Triton(repository, work, http, grpc, metrics, stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_for(f"http://127.0.0.1:{http}/v2/health/ready", timeout=180, proc=proc)
-        yield {"grpc": f"127.0.0.1:{grpc}", "http": f"127.0.0.1:{http}", "proc": proc, "ports": (http, grpc, metrics)}
+        wait_for(f"http://127.0.0.1:{http}/v2/health/ready", timeout=180, proc=server.proc)
+        yield {"grpc": f"127.0.0.1:{grpc}", "http": f"127.0.0.1:{http}", "proc": server.proc, "ports": (http, grpc, metrics)}
     finally:
-        proc.kill()
-        proc.wait()
+        server.stop()  # its Python stubs too, even those of a tritonserver a test killed
         log.close()
