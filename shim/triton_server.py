@@ -24,6 +24,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import NamedTuple
 
 SYSTEM_BIN_DIRS = ("/usr/bin", "/usr/local/bin")
 
@@ -93,22 +94,28 @@ def environment() -> dict[str, str]:
     return env
 
 
-def _stat(pid: str) -> tuple[str, int] | None:
-    """(state, process group) of a process, None if it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return fields[0], int(fields[2])
+class Process(NamedTuple):
+    pid: int
+    ppid: int
+    pgid: int
+
+
+def processes() -> list[Process]:
+    """The live processes (zombies left out: they hold nothing but their exit status)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:  # "pid (comm) state ppid pgrp ...", where comm may hold spaces and parentheses
+                state, ppid, pgid = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[:3]
+            except (OSError, ValueError):  # gone meanwhile
+                continue
+            if state != "Z":
+                found.append(Process(int(entry), int(ppid), int(pgid)))
+    return found
 
 
 def group_members(pgid: int) -> list[int]:
-    """Live (not zombie) processes of a process group."""
-    members = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit() and (stat := _stat(pid)) is not None and stat[1] == pgid and stat[0] != "Z":
-            members.append(int(pid))
-    return members
+    return [p.pid for p in processes() if p.pgid == pgid]
 
 
 class Triton:

@@ -11,6 +11,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from shim.triton_server import processes
+
 EMBED = "test/ruri-tiny"
 RERANK = "test/ruri-reranker-tiny"
 
@@ -34,31 +36,23 @@ def wait_for(url: str, timeout: float, proc: subprocess.Popen | None = None) -> 
     raise TimeoutError(f"{url} not ready after {timeout}s")
 
 
-def _stat(pid: int) -> list[str] | None:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
+def children(pid: int) -> list[int]:
+    return [p.pid for p in processes() if p.ppid == pid]
 
 
 def alive(pid: int) -> bool:
     """Running, not a zombie waiting to be reaped."""
-    stat = _stat(pid)
-    return stat is not None and stat[0] != "Z"
-
-
-def children(pid: int) -> list[int]:
-    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and (_stat(int(p.name)) or ["", "0"])[1] == str(pid)]
+    return any(p.pid == pid for p in processes())
 
 
 def stubs(under: Path) -> list[int]:
     """Live Triton Python backend stubs whose command line names a path under ``under``."""
     found = []
-    for p in Path("/proc").iterdir():
+    for p in processes():
         with contextlib.suppress(OSError):
-            cmdline = (p / "cmdline").read_bytes().decode(errors="replace")
-            if "triton_python_backend_stub" in cmdline and str(under) in cmdline and alive(int(p.name)):
-                found.append(int(p.name))
+            cmdline = Path(f"/proc/{p.pid}/cmdline").read_bytes().decode(errors="replace")
+            if "triton_python_backend_stub" in cmdline and str(under) in cmdline:
+                found.append(p.pid)
     return found
 
 
