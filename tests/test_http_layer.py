@@ -197,7 +197,10 @@ def test_requests_cut_off_by_the_graceful_timeout_get_a_503_envelope(tmp_path):
         clients = [threading.Thread(target=ask) for _ in range(2)]
         for c in clients:
             c.start()
-        time.sleep(0.5)  # both requests are in the backend now
+        deadline = time.monotonic() + 10
+        while "fos_inputs_in_flight 2.0" not in httpx.get(f"http://127.0.0.1:{port}/metrics").text:
+            assert time.monotonic() < deadline, "the requests never reached the backend"
+            time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
         for c in clients:
             c.join(timeout=20)
