@@ -9,8 +9,8 @@ import logging
 
 import numpy as np
 
-from fos_runtime import text as texts_
 from fos_runtime.spec import ModelSpec
+from fos_runtime.text import blank, clean
 from fos_runtime.tokenization import truncate_ids
 
 from .backends.base import Backend
@@ -161,13 +161,11 @@ class Service:
         """Every text the service accepts passes here: refused if it says nothing or is too long,
         else cleaned of control characters (``fos_runtime.text``). The backends' tokenizers clean
         too; this also covers a Triton repository exported before that rule."""
-        if texts_.blank(text):
-            raise InvalidRequest(
-                f"{what} is empty: it has no visible character, only whitespace, control or format characters", param=param
-            )
+        if blank(text):
+            raise InvalidRequest(f"{what} is empty or has only whitespace, control or format characters", param=param)
         if len(text) > self.limits.max_input_chars:
             raise InvalidRequest(f"{what} has {len(text)} characters; at most {self.limits.max_input_chars}", param=param)
-        return texts_.clean(text)
+        return clean(text)
 
     @staticmethod
     def _prefix(s: ModelSpec, input_type: str | None) -> str:
