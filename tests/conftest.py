@@ -20,12 +20,11 @@ def no_process_left_behind(tmp_path_factory):
     """Fails the run if a Triton Python stub started by a test outlives the tests (each holds its
     model in memory, and a busy one ignores SIGTERM), killing it first."""
     yield
-    base = tmp_path_factory.getbasetemp()
-    left = {pid: Path(f"/proc/{pid}/cmdline").read_bytes()[:200] for pid in stubs(base)}
+    left = stubs(tmp_path_factory.getbasetemp())
     for pid in left:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    assert not left, f"Triton stubs left running: {left}"
+    assert not left, f"Triton Python stubs left running by the tests: {left}"
 
 
 @pytest.fixture(scope="session")
