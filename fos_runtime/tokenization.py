@@ -3,6 +3,8 @@ embedded backend and export's parity check.
 
 The tokenizer is called exactly as sentence-transformers calls it (``truncation="longest_first"``,
 ``max_length``), one sequence per input, so token counts are real and padding (``padding``) is ours to choose.
+Text first goes through ``text.clean``, which sentence-transformers does not do: its MeCab tokenizer
+drops everything after a NUL.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import spec
+from . import spec, text
 
 
 @dataclasses.dataclass
@@ -62,6 +64,8 @@ class Tokenizer:
         it is asked for only by requests that refuse truncation."""
         if pairs is not None and len(pairs) != len(texts):
             raise ValueError(f"{len(texts)} texts but {len(pairs)} pairs")
+        texts = [text.clean(t) for t in texts]  # a NUL would end the text for MeCab
+        pairs = [text.clean(t) for t in pairs] if pairs is not None else None
         out = self._call(texts, pairs, self.max_length)
         types = out.get(spec.TOKEN_TYPE_IDS)
         encoded = Encoded(input_ids=list(out[spec.INPUT_IDS]), token_type_ids=list(types) if types is not None else None)

@@ -29,6 +29,9 @@ async def until_disconnected(request: Request, work: Coroutine):
     watcher = asyncio.ensure_future(_disconnect(request))
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the request itself is cut off (graceful shutdown): so is its work
+        task.cancel()
+        raise
     finally:
         watcher.cancel()
     if not task.done():
@@ -86,6 +89,7 @@ def create_app(backend: Backend, limits: Limits | None = None, api_keys: list[st
         app.add_middleware(APIKeyMiddleware, keys=api_keys)
     app.add_middleware(errors.BodyLimitMiddleware, max_bytes=limits.max_body_bytes)
     app.add_middleware(AdmissionGate, admission=admission)
+    app.add_middleware(errors.ShutdownCutoffMiddleware)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)  # outermost: sees every answer, 401s too
 
     def service(request: Request) -> Service:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import ClassVar
 
@@ -9,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from .protocol import ErrorBody, ErrorResponse
 
@@ -78,6 +80,13 @@ class NotReady(APIError):
     status = 503
     type = "server_error"
     code = "not_ready"
+
+
+class ShuttingDown(APIError):
+    # A request still running when the server's graceful shutdown timeout ends.
+    status = 503
+    type = "server_error"
+    code = "shutting_down"
 
 
 class BackendFailed(APIError):
@@ -161,6 +170,36 @@ class BodyLimitMiddleware:
                 raise
 
 
+class ShutdownCutoffMiddleware:
+    """uvicorn cancels the requests still running when ``--graceful-timeout`` ends; without this,
+    each logs a traceback and its client gets uvicorn's ``500 text/plain``. Each gets the envelope's
+    503 instead, and one log line."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except asyncio.CancelledError:
+            # Nothing else cancels a request's task: a client that goes away cancels only its work
+            # (app.until_disconnected). Swallowed, the task ends here, as uvicorn meant it to.
+            rid = scope.get("state", {}).get("request_id", "-")
+            log.warning("%s %s (request %s) cut off by the graceful shutdown timeout: 503", scope["method"], scope["path"], rid)
+            if not started:
+                await error_response(ShuttingDown("the server is shutting down; retry the request"))(scope, receive, send)
+
+
 def _validation_param(loc: tuple) -> str | None:
     """The top-level field at fault: 'documents', not 'documents.0.RerankDocument.text'."""
     fields = [str(p) for p in loc if p != "body"]
@@ -197,6 +236,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException):
+        if isinstance(exc.__cause__, ClientDisconnect):  # FastAPI's 400 for a body the client never finished
+            return error_response(ClientDisconnected("the client closed the connection during the upload"))
         return error_response(RoutingError(exc.status_code, str(exc.detail), getattr(exc, "headers", None)))
 
     @app.exception_handler(Exception)

@@ -12,11 +12,13 @@ import uuid
 from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, WithJsonSchema
 from starlette.responses import Response
 
 # Constraints in the types, so the OpenAPI document says what the server accepts.
-Text = Annotated[str, StringConstraints(strict=True, min_length=1, pattern=r"\S")]  # not empty, not only spaces
+# Not empty, as documented; whether a text says anything (not only spaces, control or format
+# characters) is checked by the service, which names the input at fault (fos_runtime.text).
+Text = Annotated[StrictStr, WithJsonSchema({"type": "string", "minLength": 1})]
 TokenId = Annotated[StrictInt, Field(ge=0)]
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 

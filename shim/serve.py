@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from fos_runtime import spec
 
+from . import repository as repo
 from .auth import load_keys
 from .backends.base import Backend
 from .service import Limits
@@ -61,7 +62,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="HF_ID_OR_DIR",
         help="export this model into the repository first if it is not there (embed or rerank is detected)",
     )
-    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32", help="for models exported by --model")
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "fp16", "int8"),
+        help="for --model: export at this precision (default fp32), again if the repository holds another one; "
+        "without it, a model already exported is served as it is",
+    )
     p.add_argument("--threads", type=int, help="onnxruntime threads (default: all cores)")
     defaults = Limits()
     p.add_argument("--max-inputs", type=int, default=defaults.max_inputs, help="inputs per embeddings request")
@@ -72,7 +78,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--max-inputs-in-flight",
         type=int,
         default=defaults.max_inputs_in_flight,
-        help="inputs admitted at once over all requests; past it, 429 with Retry-After",
+        help="inputs admitted at once over all requests; past it, 429 with Retry-After; a request with more is a 400",
     )
     p.add_argument(
         "--no-truncate",
@@ -86,21 +92,49 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info")
 
 
-def ensure_exported(models: list[str], repository: Path, precision: str) -> None:
+def ensure_exported(models: list[str], repository: Path, precision: str | None) -> None:
+    """Export each model the repository lacks, or holds at another precision than ``precision``:
+    asked for int8, serving the fp32 export already there would be serving something else."""
     for model in models:
         name = spec.triton_name(spec.default_served_name(model))
-        if (repository / name / "config.pbtxt").exists():
-            print(f"{model}: already in {repository}", flush=True)
+        config = repository / name / "config.pbtxt"
+        stored = repo.spec_of(repo.parse(config.read_text(encoding="utf-8"))) if config.exists() else None
+        if config.exists() and (precision is None or stored is None or stored.precision == precision):
+            print(f"{model}: already in {repository}" + (f" ({stored.precision})" if stored else ""), flush=True)
             continue
-        from export.load import detect_task
         from export.main import ExportOptions, export
 
-        task = detect_task(model)
-        print(f"{model}: not in {repository}; exporting it (task {task}, {precision})", flush=True)
-        export(
-            ExportOptions(model=model, task=task, repository=repository, precision=precision),
-            log=lambda line: print(line, flush=True),
-        )
+        if stored is not None:
+            print(f"{model}: in {repository} as {stored.precision}, not {precision}: exporting it again", flush=True)
+            options = _same_choices(repository, stored, model, precision or "fp32")
+        else:
+            from export.load import detect_task
+
+            task = detect_task(model)
+            print(f"{model}: not in {repository}; exporting it (task {task}, {precision or 'fp32'})", flush=True)
+            options = ExportOptions(model=model, task=task, repository=repository, precision=precision or "fp32")
+        export(options, log=lambda line: print(line, flush=True))
+
+
+def _same_choices(repository: Path, stored: spec.ModelSpec, model: str, precision: str):
+    """Options for exporting ``stored`` again at another precision, and otherwise as it was (a
+    repository also served by Triton keeps its encoder backend, the prefixes stay...)."""
+    from export.main import ExportOptions
+
+    encoder = repo.parse((repository / spec.encoder_model(stored.name) / "config.pbtxt").read_text(encoding="utf-8"))
+    accelerators = encoder.optimization.execution_accelerators.gpu_execution_accelerator
+    return ExportOptions(
+        model=model,
+        task=stored.task,
+        repository=repository,
+        precision=precision,
+        max_length=stored.max_length,
+        encoder_backend=encoder.backend or "onnxruntime",
+        device=stored.device,
+        tensorrt=any(a.name == "tensorrt" for a in accelerators),
+        normalize=stored.normalize,
+        prefixes=stored.prefixes,
+    )
 
 
 def build_app(args: argparse.Namespace) -> FastAPI:

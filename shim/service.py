@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 
 import numpy as np
 
 from fos_runtime.spec import ModelSpec
+from fos_runtime.text import blank, clean
 from fos_runtime.tokenization import truncate_ids
 
 from .backends.base import Backend
 from .errors import BackendUnavailable, InvalidRequest, ModelNotFound, Overloaded
 from .observability import Metrics
 from .protocol import EmbeddingRequest, EmbeddingResponse, ModelCard, ModelList, Ranking, RerankDocument, RerankRequest
+
+log = logging.getLogger("fos.service")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +35,15 @@ class Limits:
     # Inputs longer than the model's context are cut (Dify never truncates and expects the server
     # to); False rejects them unless the request itself sends truncate=true.
     truncate: bool = True
+
+    def never_admitted(self) -> list[str]:
+        """Per-request limits above the admission capacity: requests that big are refused with a 400."""
+        return [
+            f"--{name.replace('_', '-')} {value} is above --max-inputs-in-flight {self.max_inputs_in_flight}: "
+            f"requests with more than {self.max_inputs_in_flight} inputs will be refused"
+            for name, value in (("max_inputs", self.max_inputs), ("max_documents", self.max_documents))
+            if value > self.max_inputs_in_flight
+        ]
 
 
 class Admission:
@@ -71,6 +84,8 @@ class Service:
         self.limits = limits or Limits()
         self.metrics = metrics
         self.admission = admission or Admission(self.limits.max_inputs_in_flight, metrics)
+        for warning in self.limits.never_admitted():
+            log.warning(warning)
 
     def _count(self, s: ModelSpec, counts: list[int]) -> None:
         if self.metrics:
@@ -114,10 +129,9 @@ class Service:
             raise InvalidRequest("'input' must not be empty", param="input")
         if len(raw) > self.limits.max_inputs and not isinstance(raw[0], int):
             raise InvalidRequest(f"'input' has {len(raw)} items; at most {self.limits.max_inputs} per request", param="input")
+        self._admissible(1 if isinstance(raw[0], int) else len(raw), "input")
         if isinstance(raw[0], str):
-            texts = list(raw)
-            for i, t in enumerate(texts):
-                self._check_text(t, f"input[{i}]", "input")
+            texts = [self._text(t, f"input[{i}]", "input") for i, t in enumerate(raw)]
             prefix = self._prefix(s, req.input_type)
             with self.admission.admit(len(texts)):
                 out = await self.backend.embed(s, texts=[prefix + t for t in texts], detect_truncation=not truncate)
@@ -139,11 +153,26 @@ class Service:
             vectors = vectors / np.maximum(norms, 1e-12)
         return EmbeddingResponse.of(s.served_name, vectors, req.encoding_format, int(sum(out.tokens)))
 
-    def _check_text(self, text: str, what: str, param: str) -> None:
-        if not text.strip():
-            raise InvalidRequest(f"{what} is empty", param=param)
+    def _admissible(self, n: int, param: str) -> None:
+        """A request larger than the admission capacity would get 429 "retry shortly" forever, even
+        on an idle server: it is a 400 instead, naming the limit."""
+        capacity = self.limits.max_inputs_in_flight
+        if n > capacity:
+            raise InvalidRequest(
+                f"'{param}' has {n} items; this server admits at most {capacity} inputs at once "
+                "(--max-inputs-in-flight), so send fewer per request",
+                param=param,
+            )
+
+    def _text(self, text: str, what: str, param: str) -> str:
+        """Every text the service accepts passes here: refused if it says nothing or is too long,
+        else cleaned of control characters (``fos_runtime.text``). The backends' tokenizers clean
+        too; this also covers a Triton repository exported before that rule."""
+        if blank(text):
+            raise InvalidRequest(f"{what} is empty or has only whitespace, control or format characters", param=param)
         if len(text) > self.limits.max_input_chars:
             raise InvalidRequest(f"{what} has {len(text)} characters; at most {self.limits.max_input_chars}", param=param)
+        return clean(text)
 
     @staticmethod
     def _prefix(s: ModelSpec, input_type: str | None) -> str:
@@ -187,19 +216,19 @@ class Service:
 
     async def rerank(self, req: RerankRequest) -> Ranking:
         s = await self.resolve(req.model, "rerank")
-        self._check_text(req.query, "'query'", "query")
+        query = self._text(req.query, "'query'", "query")
         if not req.documents:
             raise InvalidRequest("'documents' must not be empty", param="documents")
         if len(req.documents) > self.limits.max_documents:
             raise InvalidRequest(
                 f"'documents' has {len(req.documents)} items; at most {self.limits.max_documents} per request", param="documents"
             )
+        self._admissible(len(req.documents), "documents")
         docs = [d.text if isinstance(d, RerankDocument) else d for d in req.documents]
         truncate = self._truncate(req.truncate)
-        for i, d in enumerate(docs):
-            self._check_text(d, f"documents[{i}]", "documents")
+        cleaned = [self._text(d, f"documents[{i}]", "documents") for i, d in enumerate(docs)]
         with self.admission.admit(len(docs)):
-            out = await self.backend.rerank(s, req.query, docs, detect_truncation=not truncate)
+            out = await self.backend.rerank(s, query, cleaned, detect_truncation=not truncate)
         self._check_truncation(s, out.truncated, truncate, "documents", "'query' with documents[{}]")
         self._count(s, out.tokens)
         scores = [float(x) for x in out.values]

@@ -2,11 +2,18 @@
 
 That build has the Python backend only (export with ``--encoder-backend python``) and runs on the
 CPU, on Linux x86-64 or aarch64; Docker users run the NGC container instead (compose.yaml).
+
+``fos triton`` supervises it: each Python model runs in a ``triton_python_backend_stub`` process,
+a child of tritonserver holding its model in memory, and a busy stub outlives a tritonserver that
+dies hard (the OOM killer's SIGKILL) for as long as nobody kills it. tritonserver therefore runs
+in a process group of its own, and whenever it exits, whatever is left of that group goes too.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -14,7 +21,10 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import time
+import uuid
 from pathlib import Path
+from typing import NamedTuple
 
 SYSTEM_BIN_DIRS = ("/usr/bin", "/usr/local/bin")
 
@@ -50,7 +60,7 @@ def prepare_backends(workdir: Path) -> Path:
     return workdir / "backends"
 
 
-def command(repository: Path, backends: Path, http_port: int, grpc_port: int, metrics_port: int) -> list[str]:
+def command(repository: Path, backends: Path, http_port: int, grpc_port: int, metrics_port: int, shm_prefix: str) -> list[str]:
     return [
         str(_dist() / "bin" / "tritonserver"),
         f"--model-repository={Path(repository).resolve()}",
@@ -60,6 +70,8 @@ def command(repository: Path, backends: Path, http_port: int, grpc_port: int, me
         f"--metrics-port={metrics_port}",
         "--log-verbose=0",
         "--exit-timeout-secs=10",
+        # The stubs' shared memory lives in /dev/shm under this prefix; it is removed on exit.
+        f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
     ]
 
 
@@ -84,9 +96,68 @@ def environment() -> dict[str, str]:
     return env
 
 
-def start(repository: Path, workdir: Path, http_port: int, grpc_port: int, metrics_port: int, **popen) -> subprocess.Popen:
-    backends = prepare_backends(workdir)
-    return subprocess.Popen(command(repository, backends, http_port, grpc_port, metrics_port), env=environment(), **popen)
+class Process(NamedTuple):
+    pid: int
+    ppid: int
+    pgid: int
+
+
+def processes() -> list[Process]:
+    """The live processes (zombies left out: they hold nothing but their exit status)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:  # "pid (comm) state ppid pgrp ...", where comm may hold spaces and parentheses
+                state, ppid, pgid = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[:3]
+            except (OSError, ValueError):  # gone meanwhile
+                continue
+            if state != "Z":
+                found.append(Process(int(entry), int(ppid), int(pgid)))
+    return found
+
+
+def group_members(pgid: int) -> list[int]:
+    return [p.pid for p in processes() if p.pgid == pgid]
+
+
+class Triton:
+    """tritonserver and its Python backend stubs, in a process group that ends as one."""
+
+    def __init__(self, repository: Path, workdir: Path, http_port: int, grpc_port: int, metrics_port: int, **popen):
+        backends = prepare_backends(workdir)
+        self.shm_prefix = f"fos_triton_{uuid.uuid4().hex[:12]}_"
+        self.proc = subprocess.Popen(
+            command(repository, backends, http_port, grpc_port, metrics_port, self.shm_prefix),
+            env=environment(),
+            # A process group of its own, which its stubs inherit. Not a session of its own: that group
+            # would be orphaned, and the kernel wakes a stopped orphaned group (SIGCONT) whenever a
+            # member exits, such as a stub giving up on a tritonserver that stopped answering.
+            process_group=0,
+            **popen,
+        )
+
+    def stop(self) -> int:
+        """Kill tritonserver if it still runs, then every process left in its group, and remove their
+        shared memory. Returns tritonserver's exit status."""
+        self.proc.kill()
+        code = self.proc.wait()
+        # tritonserver is gone: its stubs have nobody left to serve, and one that is busy ignores SIGTERM.
+        pgid = self.proc.pid
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while group_members(pgid) and time.monotonic() < deadline:
+            with contextlib.suppress(ChildProcessError):
+                while os.waitpid(-pgid, os.WNOHANG)[0]:  # the stubs are our children if we are their reaper
+                    pass
+            time.sleep(0.02)
+        for region in Path("/dev/shm").glob(self.shm_prefix + "*"):
+            region.unlink(missing_ok=True)
+        return code
+
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -97,11 +168,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # Linux, as the wheel's tritonserver
+    # Stubs orphaned by a dead tritonserver become our children, to be reaped rather than left to
+    # an init that may not reap (a container's).
+    prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     with tempfile.TemporaryDirectory(prefix="fos-triton-") as tmp:
-        proc = start(args.repository, Path(tmp), args.http_port, args.grpc_port, args.metrics_port)
-        signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
-        try:
-            return proc.wait()
-        except KeyboardInterrupt:
-            proc.terminate()
-            return proc.wait()
+        # In tritonserver before it runs: should `fos triton` itself be killed, tritonserver gets a
+        # SIGTERM and stops cleanly, its stubs with it.
+        def stop_with_parent() -> None:
+            prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+        server = Triton(
+            args.repository, Path(tmp), args.http_port, args.grpc_port, args.metrics_port, preexec_fn=stop_with_parent
+        )
+        asked: list[int] = []
+
+        def stop(signum: int, _frame) -> None:
+            # tritonserver has a process group of its own: a terminal's Ctrl-C reaches only us. The first
+            # signal lets it unload its models (--exit-timeout-secs); a second one kills it.
+            asked.append(signum)
+            if len(asked) == 1:
+                server.proc.terminate()
+            else:
+                server.proc.kill()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, stop)
+        server.proc.wait()
+        code = server.stop()
+    if code < 0:
+        print(
+            f"fos triton: tritonserver was killed by {signal.Signals(-code).name}; its Python stubs are stopped", file=sys.stderr
+        )
+        return 128 - code
+    return code

@@ -5,12 +5,26 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+import signal
 from pathlib import Path
 
 import pytest
 
 import tiny_models
-from helpers import EMBED, RERANK, ServerThread, run_tritonserver
+from helpers import EMBED, RERANK, ServerThread, run_tritonserver, stubs
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_left_behind(tmp_path_factory):
+    """Fails the run if a Triton Python stub started by a test outlives the tests (each holds its
+    model in memory, and a busy one ignores SIGTERM), killing it first."""
+    yield
+    left = stubs(tmp_path_factory.getbasetemp())
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert not left, f"Triton Python stubs left running by the tests: {left}"
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from shim.triton_server import processes
+
 EMBED = "test/ruri-tiny"
 RERANK = "test/ruri-reranker-tiny"
 
@@ -32,6 +34,26 @@ def wait_for(url: str, timeout: float, proc: subprocess.Popen | None = None) -> 
                     return
         time.sleep(0.3)
     raise TimeoutError(f"{url} not ready after {timeout}s")
+
+
+def children(pid: int) -> list[int]:
+    return [p.pid for p in processes() if p.ppid == pid]
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie waiting to be reaped."""
+    return any(p.pid == pid for p in processes())
+
+
+def stubs(under: Path) -> list[int]:
+    """Live Triton Python backend stubs whose command line names a path under ``under``."""
+    found = []
+    for p in processes():
+        with contextlib.suppress(OSError):
+            cmdline = Path(f"/proc/{p.pid}/cmdline").read_bytes().decode(errors="replace")
+            if "triton_python_backend_stub" in cmdline and str(under) in cmdline:
+                found.append(p.pid)
+    return found
 
 
 class ServerThread:
@@ -71,18 +93,17 @@ class ServerThread:
 
 @contextlib.contextmanager
 def run_tritonserver(repository: Path, work: Path, ports: tuple[int, int, int] | None = None):
-    """A real tritonserver (from the nvidia-pytriton wheel), ready; killed on exit."""
+    """A real tritonserver (from the nvidia-pytriton wheel), ready; killed on exit with its stubs."""
     from shim import triton_server
 
     http, grpc, metrics = ports or (free_port(), free_port(), free_port())
     work = work / f"triton-{grpc}"
     work.mkdir(exist_ok=True)
     log = open(work / f"tritonserver-{time.monotonic_ns()}.log", "wb")
-    proc = triton_server.start(repository, work, http, grpc, metrics, stdout=log, stderr=subprocess.STDOUT)
+    server = triton_server.Triton(repository, work, http, grpc, metrics, stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_for(f"http://127.0.0.1:{http}/v2/health/ready", timeout=180, proc=proc)
-        yield {"grpc": f"127.0.0.1:{grpc}", "http": f"127.0.0.1:{http}", "proc": proc, "ports": (http, grpc, metrics)}
+        wait_for(f"http://127.0.0.1:{http}/v2/health/ready", timeout=180, proc=server.proc)
+        yield {"grpc": f"127.0.0.1:{grpc}", "http": f"127.0.0.1:{http}", "proc": server.proc, "ports": (http, grpc, metrics)}
     finally:
-        proc.kill()
-        proc.wait()
+        server.stop()  # its Python stubs too, even those of a tritonserver a test killed
         log.close()

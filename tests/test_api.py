@@ -128,6 +128,27 @@ def test_server_may_turn_truncation_off(exported):
         assert httpx.post(srv.url + "/v1/embeddings", json={"model": EMBED, "input": TEXTS[0]}).status_code == 200
 
 
+def test_control_characters_are_spaces_never_the_end_of_the_text(server, references):
+    # MeCab reads C strings: "テスト\x00テスト" was embedded as "テスト", by sentence-transformers too.
+    sent = ["テスト\x00テスト", "テスト\x01テスト", "テスト\x7fテスト", "テスト\x9fテスト"]
+    body = {"model": EMBED, "input": [*sent, "テスト"], "encoding_format": "float"}
+    r = httpx.post(server.url + "/v1/embeddings", json=body)
+    assert r.status_code == 200, r.text
+    got = np.array([d["embedding"] for d in r.json()["data"]])
+    want = normalized(references["embed"].encode(["テスト テスト"], convert_to_numpy=True))[0]
+    assert np.max(np.abs(got[: len(sent)] - want)) <= 1e-4
+    assert np.max(np.abs(got[0] - got[-1])) > 1e-2  # not the prefix
+    assert r.json()["usage"]["prompt_tokens"] == len(sent) * hf_token_counts(references["embed"], ["テスト テスト"])[0] + 5
+    # The reranker's query and documents alike; the documents come back as they were sent.
+    query, doc = "日本で\x00一番高い山は？", "富士山は\x00日本で一番高い山です。"
+    body = {"model": RERANK, "query": query, "documents": [doc, "ラーメン"], "return_documents": True}
+    results = httpx.post(server.url + "/v1/rerank", json=body).json()["results"]
+    want_scores = references["rerank"].predict([(query.replace("\x00", " "), doc.replace("\x00", " "))])
+    top = next(x for x in results if x["index"] == 0)
+    assert abs(top["relevance_score"] - float(want_scores[0])) <= 1e-5
+    assert top["document"]["text"] == doc
+
+
 def test_token_id_input_matches_text_input(server, references):
     ids = references["embed"].tokenizer([TEXTS[0], TEXTS[1]])["input_ids"]
     by_ids = httpx.post(server.url + "/v1/embeddings", json={"model": EMBED, "input": ids}).json()

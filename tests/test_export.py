@@ -160,3 +160,22 @@ def test_serve_exports_what_the_repository_lacks(tiny_dirs, tmp_path, capsys):
     assert [s.served_name for s in specs] == [tiny_dirs["rerank"].name]  # a local directory serves under its name
     ensure_exported([str(tiny_dirs["rerank"])], repo, "fp32")
     assert "already in" in capsys.readouterr().out
+
+
+def test_serve_never_serves_another_precision_than_asked(tiny_dirs, tmp_path, capsys):
+    # `fos serve --model X --precision int8` used to serve the fp32 export X already had.
+    from shim.serve import ensure_exported
+
+    repo, model = tmp_path / "repo", str(tiny_dirs["embed"])
+    # An fp32 export with choices of its own, which a new precision must not undo.
+    options = ExportOptions(model=model, task="embed", repository=repo, encoder_backend="python", prefixes={"query": "q: "})
+    run_export(options, log=lambda _: None)
+    ensure_exported([model], repo, None)  # no precision asked: whatever is there
+    assert "already in" in capsys.readouterr().out
+    ensure_exported([model], repo, "int8")
+    assert "fp32, not int8: exporting it again" in capsys.readouterr().out
+    (s,) = read_specs(repo)
+    assert s.precision == "int8" and s.prefixes == {"query": "q: "}
+    assert parse((repo / spec.encoder_model(s.name) / "config.pbtxt").read_text()).backend == "python"
+    ensure_exported([model], repo, "int8")
+    assert "already in" in capsys.readouterr().out

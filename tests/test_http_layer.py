@@ -75,6 +75,25 @@ def test_overload_is_a_429_with_retry_after_and_recovers():
     asyncio.run(scenario())
 
 
+def test_request_larger_than_the_admission_capacity_is_a_400_naming_it(caplog):
+    from shim.service import Limits
+
+    limits = Limits(max_inputs_in_flight=4, max_inputs=10, max_documents=6)
+    with caplog.at_level("WARNING", logger="fos.service"), TestClient(create_app(FakeBackend(), limits=limits)) as http:
+        for path, body, param in [
+            ("/v1/embeddings", {"model": "fake/embed", "input": ["猫"] * 5}, "input"),
+            ("/v1/embeddings", {"model": "fake/embed", "input": [[5]] * 5}, "input"),
+            ("/v1/rerank", {"model": "fake/rerank", "query": "q", "documents": ["猫"] * 5}, "documents"),
+        ]:
+            r = http.post(path, json=body)  # an idle server: a 429 "retry shortly" would be retried forever
+            assert r.status_code == 400, r.text
+            assert r.json()["error"]["param"] == param and "--max-inputs-in-flight" in r.json()["error"]["message"]
+            assert "retry-after" not in r.headers
+        assert http.post("/v1/embeddings", json={"model": "fake/embed", "input": ["猫"] * 4}).status_code == 200
+    warned = [r.getMessage() for r in caplog.records if r.name == "fos.service"]
+    assert len(warned) == 2 and "--max-inputs 10" in warned[0] and "--max-documents 6" in warned[1]
+
+
 def test_request_id_is_echoed_and_metrics_count_requests():
     with TestClient(create_app(FakeBackend())) as http:
         r = http.post("/v1/embeddings", json=BODY, headers={"X-Request-Id": "abc-123"})
@@ -147,6 +166,78 @@ def test_sigterm_finishes_requests_in_flight(tmp_path):
         proc.kill()
 
 
+def test_requests_cut_off_by_the_graceful_timeout_get_a_503_envelope(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    import httpx
+
+    from helpers import free_port, wait_for
+
+    port = free_port()
+    script = tmp_path / "serve_slow.py"
+    script.write_text(
+        "import logging, sys, uvicorn\n"
+        f"sys.path.insert(0, {str(__import__('pathlib').Path(__file__).parent)!r})\n"
+        "from fakes import FakeBackend\nfrom shim.app import create_app\n"
+        "logging.basicConfig(level='INFO')\n"
+        f"uvicorn.run(create_app(FakeBackend(delay=30)), host='127.0.0.1', port={port}, timeout_graceful_shutdown=1)\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/health", 30, proc)
+        answers: list[httpx.Response] = []
+
+        def ask() -> None:
+            answers.append(httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json=BODY, timeout=20))
+
+        clients = [threading.Thread(target=ask) for _ in range(2)]
+        for c in clients:
+            c.start()
+        deadline = time.monotonic() + 10
+        while "fos_inputs_in_flight 2.0" not in httpx.get(f"http://127.0.0.1:{port}/metrics").text:
+            assert time.monotonic() < deadline, "the requests never reached the backend"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        for c in clients:
+            c.join(timeout=20)
+        output = proc.communicate(timeout=20)[0]
+    finally:
+        proc.kill()
+    assert [a.status_code for a in answers] == [503, 503], [a.text for a in answers]
+    for a in answers:
+        assert a.headers["content-type"] == "application/json"
+        assert a.json()["error"]["code"] == "shutting_down" and a.json()["error"]["type"] == "server_error"
+    assert "Traceback" not in output and "Exception in ASGI application" not in output, output
+    assert output.count("cut off") == 2, output  # one line per request
+
+
+def test_client_gone_during_upload_counts_as_499_not_400():
+    import socket
+    import time
+
+    import httpx
+
+    from helpers import ServerThread
+
+    with ServerThread(create_app(FakeBackend())) as server:
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(
+                b"POST /v1/embeddings HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 1000\r\n\r\n{"model": "fake/embed", "input": "'
+            )
+            time.sleep(0.3)  # the app is reading the body
+        deadline = time.monotonic() + 5
+        while 'route="/v1/embeddings"' not in (text := httpx.get(server.url + "/metrics").text):
+            assert time.monotonic() < deadline, text
+            time.sleep(0.05)
+    assert 'fos_requests_total{route="/v1/embeddings",status="499"} 1.0' in text, text
+    assert 'status="400"' not in text
+
+
 def test_body_size_cap_announced_or_chunked():
     from shim.service import Limits
 
@@ -183,3 +274,32 @@ def test_over_long_token_ids_refused_before_any_compute():
             http.post("/v1/embeddings", json={"model": "fake/embed", "input": [[5] * 16], "truncate": False}).status_code == 200
         )
         assert backend.calls == 1
+
+
+BLANK = ["", " ", "\u3000", "\u00a0", "\u200b", "\ufeff", "\x00", "\t\r\n", "\u200b\u3000\ufeff\u2060"]
+
+
+def test_blank_text_is_refused_naming_it():
+    # One rule for embeddings input, rerank query and documents: no visible character, no embedding;
+    # zero-width spaces and BOMs were embedded as [UNK], ideographic spaces refused without an index.
+    backend = FakeBackend()
+    with TestClient(create_app(backend)) as http:
+        for blank in BLANK:
+            for path, body, param, where in [
+                ("/v1/embeddings", {"model": "fake/embed", "input": ["猫", blank]}, "input", "input[1]"),
+                ("/v1/embeddings", {"model": "fake/embed", "input": blank}, "input", "input[0]"),
+                (
+                    "/v1/rerank",
+                    {"model": "fake/rerank", "query": "q", "documents": ["猫", {"text": blank}]},
+                    "documents",
+                    "documents[1]",
+                ),
+                ("/v1/rerank", {"model": "fake/rerank", "query": blank, "documents": ["猫"]}, "query", "'query'"),
+            ]:
+                r = http.post(path, json=body)
+                assert r.status_code == 400, (blank, path, r.text)
+                error = r.json()["error"]
+                assert error["param"] == param and error["message"].startswith(where + " is empty"), (blank, error)
+        assert backend.calls == 0
+        # Visible text around those characters is kept and served.
+        assert http.post("/v1/embeddings", json={"model": "fake/embed", "input": "\u200b猫\u3000"}).status_code == 200

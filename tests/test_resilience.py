@@ -115,6 +115,56 @@ def test_triton_killed_and_restarted_under_load(exported, tmp_path):
     print(f"\ncodes seen: {sorted(seen)}; recovered {after[0] - ready:.2f}s after Triton was ready again")
 
 
+def test_fos_triton_takes_its_stubs_down_when_tritonserver_dies_hard(exported, tmp_path):
+    # As the OOM killer would: SIGKILL tritonserver under load. Its busy Python stubs, each holding
+    # a model in memory, outlived it for minutes; `fos triton` must end them and exit non-zero.
+    import os
+    import signal
+
+    from helpers import alive, children
+
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    log = open(tmp_path / "fos-triton.log", "wb")
+    cmd = [sys.executable, "-m", "shim.cli", "triton", "--repository", str(exported["repository"])]
+    ports = ["--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
+    proc = subprocess.Popen([*cmd, *ports], stdout=log, stderr=subprocess.STDOUT)
+    stubs: list[int] = []
+    stop = threading.Event()
+    try:
+        wait_for(f"http://127.0.0.1:{http}/v2/health/ready", 180, proc)
+        (tritonserver,) = children(proc.pid)
+        stubs = children(tritonserver)
+        assert len(stubs) == 4  # tokenizer and encoder models of the embedder and the reranker
+        with ServerThread(create_app(TritonBackend(f"127.0.0.1:{grpc}", timeout_s=10))) as shim:
+
+            def load() -> None:
+                with httpx.Client(base_url=shim.url, timeout=30) as client:
+                    while not stop.is_set():
+                        client.post("/v1/embeddings", json={"model": EMBED, "input": ["猫が寝ている。" * 3] * 64})
+
+            workers = [threading.Thread(target=load) for _ in range(4)]
+            for w in workers:
+                w.start()
+            time.sleep(2)
+            os.kill(tritonserver, signal.SIGKILL)
+            code = proc.wait(timeout=15)
+            left = [pid for pid in stubs if alive(pid)]
+            stop.set()
+            for w in workers:
+                w.join(timeout=30)
+    finally:
+        stop.set()
+        proc.kill()
+        proc.wait()
+        for pid in stubs:  # what the fix is for, so that a failure here leaks nothing either
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        log.close()
+    assert code != 0
+    assert not left, f"stubs outlived tritonserver: {left}"
+    print(f"\nfos triton exited {code}; its {len(stubs)} stubs with it")
+
+
 def test_ten_times_capacity_memory_stays_flat(exported, tmp_path):
     port = free_port()
     proc = subprocess.Popen(

@@ -59,6 +59,20 @@ def test_tokenizer_tells_which_inputs_it_cut(tmp_path):
     assert Tokenizer(tmp_path, max_length=m - 1).encode(["猫"], [text], detect_truncation=True).truncated == [True]
 
 
+def test_tokenizer_reads_past_control_characters(tmp_path):
+    # Every tokenization path (Triton's tokenizer model too, for clients that call Triton directly)
+    # sees a control character as a space; MeCab alone stops at a NUL.
+    from fos_runtime.tokenization import Tokenizer
+
+    import tiny_models
+
+    tiny_models.build_tokenizer(tmp_path).save_pretrained(str(tmp_path))
+    tok = Tokenizer(tmp_path, max_length=64)
+    spaced = tok.encode(["テスト テスト"], ["猫 犬"]).input_ids
+    assert tok.encode(["テスト\x00テスト"], ["猫\x1f犬"]).input_ids == spaced
+    assert tok.hf(["テスト\x00テスト"])["input_ids"] != tok.hf(["テスト テスト"])["input_ids"]  # what it fixes
+
+
 @given(st.lists(st.integers(1, 600), max_size=200), st.integers(1, 40), st.integers(1, 5000))
 def test_length_batches_cover_every_input_once_within_limits(lengths, max_batch, max_tokens):
     batches = length_batches(lengths, max_batch, max_tokens)

@@ -1,0 +1,32 @@
+"""The one rule for text before any tokenizer sees it, and for text that says nothing.
+
+MeCab (ruri v1's word splitter, through fugashi) reads C strings, so a NUL ends the text: the
+sentence-transformers model itself embeds ``"テスト\\x00テスト"`` as ``"テスト"``, and other control
+characters become ``[UNK]``. Text extracted from PDFs carries such characters where spaces or line
+breaks were; the meaning is in the text around them. So every C0/C1 control character other than
+tab, line feed and carriage return becomes a space, for every model and tokenizer alike.
+
+Format characters (zero-width space, BOM, joiners, soft hyphen) are kept: they can carry meaning
+next to visible text. A text with nothing but whitespace, control and format characters has
+nothing to embed and is refused by the caller.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+# Category Cc, less \t \n \r.
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_INVISIBLE = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
+
+
+def clean(text: str) -> str:
+    """``text`` with each control character (NUL included) replaced by a space."""
+    return _CONTROL.sub(" ", text)
+
+
+def blank(text: str) -> bool:
+    """True if ``text`` has no visible character: only whitespace (U+3000 and NBSP included),
+    control and format characters (U+200B, U+FEFF...), or nothing at all."""
+    return all(c.isspace() or unicodedata.category(c) in _INVISIBLE for c in text)
