@@ -10,11 +10,13 @@
 # sentence-transformers fp16 (bench/gpu.py), then the served path: the pip tritonserver (tokenizer instances on
 # the CPU, the fp16 encoder on the GPU through onnxruntime CUDA), `fos serve --triton --workers`, and `fos bench`
 # with several load processes, Triton's rows per encoder execution and nvidia-smi's utilisation; last, the naive
-# sentence-transformers server in fp16 on the same GPU at the same concurrency. Results: $OUT/*.json and logs.
+# sentence-transformers server in fp16 on the same GPU at the same concurrency. Results and logs: one archive,
+# $OUT/gpu-results.tar.gz (the device tool brings back at most eight files), written even when a step fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/fos-gpu-out}
+DEST=${OUT:-/tmp/fos-gpu-out}
 WORK=${FOS_GPU_WORK:-/tmp/fos-gpu}
+OUT=$WORK/results
 CORPUS=${FOS_CORPUS:-.carry/jglue}               # JGLUE's jsts/jsquad validation files, carried beside the bundle
 DURATION=${FOS_DURATION:-20}                     # seconds per measured level
 DIFY_C=${FOS_DIFY_C:-256}                        # dify-embed concurrency
@@ -27,7 +29,7 @@ NAME=cl-nagoya/ruri-large
 DEVICE=${FOS_DEVICE:-gpu}
 PRECISION=${FOS_PRECISION:-fp16}
 SHAPE=${FOS_SHAPE:-ruri-large}
-mkdir -p "$OUT" "$WORK"
+mkdir -p "$OUT" "$DEST"
 # What bench/gpu_bundle.sh brought (none of it where the machine has it all, e.g. this project's own venv).
 [ -d "${FOS_SITE:-/tmp/fos-site}" ] && eval "$(bash bench/gpu_bundle.sh env)"
 EXTRA=${FOS_TOOLS:-/tmp/fos-tools}/extra  # numpy 1.26 for Triton's Python stub (FOS_EXTRA=numpy==1.26.4 at pack)
@@ -36,7 +38,8 @@ PY=${FOS_PYTHON:-python3}
 log() { echo "[$(date +%T)] $*"; }
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
+finish() { cleanup; tar czf "$DEST/gpu-results.tar.gz" -C "$OUT" .; }
+trap finish EXIT
 wait_http() { for _ in $(seq 1 "$2"); do curl -fs -o /dev/null "$1" && return 0; sleep 1; done; echo "not ready: $1"; return 1; }
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; lscpu | grep -E 'Model name|^CPU\(s\)';
@@ -88,3 +91,32 @@ pids+=($!)
 wait_http http://127.0.0.1:8081/health 300 || { tail -40 "$OUT/naive.log"; exit 1; }
 bench naive-fp16 dify-embed "$DIFY_C" --processes "$LOADGEN"
 log "done: $OUT"
+
+# The figures the issue asks for, on stdout (the device tool returns its tail).
+$PY - "$OUT" <<'PY'
+import json, pathlib, sys
+
+out = pathlib.Path(sys.argv[1])
+levels = {}
+for f in ("fos-triton.json", "naive-fp16.json"):
+    if (out / f).exists():
+        for lv in json.loads((out / f).read_text())["levels"]:
+            levels[(lv["label"], lv["workload"])] = lv
+            enc = {m: v["rows_per_execution"] for m, v in lv.get("triton", {}).items() if m.endswith("__encoder")}
+            print(f"{lv['label']:>12} {lv['workload']:>12} c={lv['concurrency']:<4} {lv['tokens_per_s']:>10,.0f} tokens/s "
+                  f"{lv['requests_per_s']:>8,.0f} req/s  p50 {lv['p50_ms']:.1f} p95 {lv['p95_ms']:.1f} p99 {lv['p99_ms']:.1f} ms "
+                  f"errors {lv['errors'] or 0}  rows/encoder execution {enc}")
+enc = json.loads((out / "encoder.json").read_text()) if (out / "encoder.json").exists() else {}
+if enc:
+    print("encoder alone", round(enc["encoder_alone"]["tokens_per_s"]), "tokens/s; sentence-transformers fp16 bs32",
+          round(enc.get("st_fp16_bs32", {}).get("tokens_per_s", 0)), enc.get("min_cosine_vs_st_fp32"))
+fos, naive = levels.get(("fos-triton", "dify-embed")), levels.get(("naive-fp16", "dify-embed"))
+if fos and naive:
+    print(f"dify-embed fos / naive: {fos['tokens_per_s'] / naive['tokens_per_s']:.1f}x; p99/p50 {fos['p99_ms'] / fos['p50_ms']:.2f}")
+batch = levels.get(("fos-triton", "batch-embed"))
+if batch and enc:
+    print(f"batch-embed / encoder alone: {batch['tokens_per_s'] / enc['encoder_alone']['tokens_per_s']:.2f}")
+util = [float(r.split(",")[1].split()[0]) for r in (out / "gpu-util.csv").read_text().splitlines() if r.count(",") >= 2] if (out / "gpu-util.csv").exists() else []
+if util:
+    print(f"GPU utilisation while fos was measured: mean {sum(util) / len(util):.0f}%, max {max(util):.0f}% ({len(util)} samples)")
+PY
