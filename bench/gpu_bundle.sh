@@ -249,6 +249,12 @@ unpack() {
     rm -rf "$tmp"
     touch "$TOOLS/installed/$key"
   done
+  # onnxruntime-gpu's preload_dlls looks for CUDA and cuDNN in nvidia/ beside itself ($SITE); they are in the
+  # plain python3's site-packages (torch's nvidia-* wheels). Without this link its CUDA provider cannot load
+  # libcublasLt.so.13 in a process that has not imported torch (Triton's encoder) and the session runs on the CPU.
+  local nv
+  nv=$(env -u PYTHONPATH "$PY" -c 'import nvidia; print(next(iter(nvidia.__path__)))' 2>/dev/null) || nv=
+  if [ -n "$nv" ] && [ ! -e "$SITE/nvidia" ]; then ln -s "$nv" "$SITE/nvidia" && echo "  $SITE/nvidia -> $nv"; fi
   echo "installed in $SITE: $(ls "$SITE" | grep -v -e dist-info -e '^__' | tr '\n' ' ')"
 }
 

@@ -40,7 +40,10 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 finish() { cleanup; tar czf "$DEST/gpu-results.tar.gz" -C "$OUT" .; }
 trap finish EXIT
-wait_http() { for _ in $(seq 1 "$2"); do curl -fs -o /dev/null "$1" && return 0; sleep 1; done; echo "not ready: $1"; return 1; }
+wait_http() {  # url seconds: the server last started must answer, and must not have exited meanwhile
+  for _ in $(seq 1 "$2"); do curl -fs -o /dev/null "$1" && return 0; kill -0 "${pids[-1]}" 2>/dev/null || break; sleep 1; done
+  echo "not ready: $1"; return 1
+}
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; lscpu | grep -E 'Model name|^CPU\(s\)';
   grep -o -w -E 'avx512_bf16|amx_tile|avx512f' /proc/cpuinfo | sort -u | tr '\n' ' '; echo; } > "$OUT/machine.txt" 2>&1 || true

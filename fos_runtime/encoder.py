@@ -50,6 +50,8 @@ class Encoder:
             raise RuntimeError("device=gpu asked for, but this onnxruntime has no CUDAExecutionProvider")
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         self.device = "gpu" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        if device == "gpu" and self.device != "gpu":  # onnxruntime falls back to the CPU with only a log line
+            raise RuntimeError("device=gpu asked for, but onnxruntime could not start its CUDAExecutionProvider (see its log)")
         self.input_names = tuple(i.name for i in self.session.get_inputs())
         self.output_name = self.session.get_outputs()[0].name
 

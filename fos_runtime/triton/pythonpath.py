@@ -8,6 +8,10 @@ import sys
 
 
 def honour_pythonpath() -> None:
+    # transformers imports scikit-learn (hence scipy) whenever it is installed, for assisted generation only;
+    # the numpy this stub may be given (1.26: nvidia-pytriton 0.7.0's stub mangles string tensors under
+    # numpy 2) can be older than what the environment's scipy was built for. Tokenizers never need it.
+    sys.modules.setdefault("sklearn", None)  # type: ignore[arg-type]
     entries = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
     if not entries:
         return
