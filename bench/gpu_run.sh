@@ -35,7 +35,10 @@ mkdir -p "$OUT" "$DEST"
 EXTRA=${FOS_TOOLS:-/tmp/fos-tools}/extra  # numpy 1.26 for Triton's Python stub (FOS_EXTRA=numpy==1.26.4 at pack)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${FOS_PYTHON:-python3}
-log() { echo "[$(date +%T)] $*"; }
+log() {  # a step begins: say so, and keep the archive current in case the run is cut short
+  echo "[$(date +%T)] $*"
+  tar czf "$DEST/gpu-results.tar.gz" -C "$OUT" . 2>/dev/null || true
+}
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 finish() { cleanup; tar czf "$DEST/gpu-results.tar.gz" -C "$OUT" .; }
