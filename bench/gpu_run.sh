@@ -24,6 +24,8 @@ BATCH_C=${FOS_BATCH_C:-32}                       # batch-embed concurrency
 WORKERS=${FOS_WORKERS:-4}                        # fos serve processes
 TOKENIZERS=${FOS_TOKENIZERS:-6}                  # Triton tokenizer instances
 LOADGEN=${FOS_LOADGEN:-4}                        # fos bench processes
+STEPS=${FOS_STEPS:-encoder,triton,naive}         # which measurements to run
+export FOS_ENCODER_TIMING=${FOS_ENCODER_TIMING:-200}  # Triton's encoder logs where its time goes
 NAME=cl-nagoya/ruri-large
 # To try the script out on a CPU: FOS_DEVICE=cpu FOS_PRECISION=fp32 FOS_SHAPE=tiny FOS_DURATION=3 (no GPU figures).
 DEVICE=${FOS_DEVICE:-gpu}
@@ -60,11 +62,14 @@ log "export: $PRECISION, $DEVICE, Python-backend encoder, $TOKENIZERS tokenizer 
   --tokenizer-instances "$TOKENIZERS" > "$OUT/export.log" 2>&1
 grep -E 'fused|parity|max \||min cosine|check' "$OUT/export.log" || true
 
+if [[ $STEPS == *encoder* ]]; then
 log "encoder alone and sentence-transformers fp16"
 $PY -m bench.gpu --repository "$WORK/repo" --name "$NAME" --st "$WORK/model/st" --corpus "$CORPUS" --out "$OUT" \
   --device "$DEVICE" > "$OUT/encoder.log" 2>&1 || { tail -20 "$OUT/encoder.log"; exit 1; }
 grep -E 'tokens/s' "$OUT/encoder.log"
+fi
 
+if [[ $STEPS == *triton* ]]; then
 log "tritonserver + fos serve --workers $WORKERS"
 PYTHONPATH="$([ -d "$EXTRA" ] && echo "$EXTRA:")$PYTHONPATH" \
   $PY -m shim.cli triton --repository "$WORK/repo" --http-port 8000 --grpc-port 8001 --metrics-port 8002 > "$OUT/triton.log" 2>&1 &
@@ -88,14 +93,18 @@ bench fos-triton batch-embed "$BATCH_C" --processes "$LOADGEN" --triton-metrics 
 kill "$smi" 2>/dev/null || true
 curl -fsS http://127.0.0.1:8002/metrics > "$OUT/triton-metrics.txt" || true
 curl -fsS http://127.0.0.1:8081/metrics > "$OUT/fos-metrics.txt" || true
+grep "fos encoder" "$OUT/triton.log" | tail -3 || true
 cleanup
 pids=()
+fi
 
+if [[ $STEPS == *naive* ]]; then
 log "naive sentence-transformers server, fp16 on the same GPU"
 $PY -m bench.naive_server --embed "$WORK/model/st" --device "$([ "$DEVICE" = gpu ] && echo cuda || echo cpu)" --port 8081 > "$OUT/naive.log" 2>&1 &
 pids+=($!)
 wait_http http://127.0.0.1:8081/health 300 || { tail -40 "$OUT/naive.log"; exit 1; }
 bench naive-fp16 dify-embed "$DIFY_C" --processes "$LOADGEN"
+fi
 log "done: $OUT"
 
 # The figures the issue asks for, on stdout (the device tool returns its tail).

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -57,6 +58,7 @@ class Stats:
     rows: int = 0
     real_tokens: int = 0
     computed_tokens: int = 0
+    seconds: float = 0.0  # inside the encoder's runs
 
     @property
     def padding_efficiency(self) -> float:
@@ -121,7 +123,9 @@ def run(
     result: np.ndarray | None = None
     for batch in plan.runs(lengths):
         feeds = pad(merged, pad_token_id, inputs, order=batch)
+        started = time.perf_counter()
         out = encoder.run(feeds)
+        elapsed = time.perf_counter() - started
         if result is None:
             result = np.empty((len(lengths), out.shape[1]), dtype=np.float32)
         result[batch] = out
@@ -130,6 +134,7 @@ def run(
             stats.rows += len(batch)
             stats.real_tokens += sum(lengths[i] for i in batch)
             stats.computed_tokens += feeds[spec.INPUT_IDS].size
+            stats.seconds += elapsed
     if result is None:
         return [np.zeros((0, 0), dtype=np.float32) for _ in encodeds]
     bounds = np.cumsum([0] + [len(e.input_ids) for e in encodeds])

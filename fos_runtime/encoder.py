@@ -35,19 +35,20 @@ class Encoder:
     def __init__(self, path: str | Path, threads: int | None = None, device: str = "auto"):
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # One session per process, fed one batch at a time: give it every core, no spinning
-        # threads left burning CPU between requests.
-        options.intra_op_num_threads = threads or available_cores()
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = ["CPUExecutionProvider"]
         if device in ("auto", "gpu") and "CUDAExecutionProvider" in ort.get_available_providers():
             _load_cuda_libraries(ort)
             providers.insert(0, "CUDAExecutionProvider")
         elif device == "gpu":
             raise RuntimeError("device=gpu asked for, but this onnxruntime has no CUDAExecutionProvider")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # On a CPU, one session per process, fed one batch at a time: every core, no spinning threads
+        # left burning CPU between requests. On a GPU the CPU only launches kernels and runs a few shape
+        # operations: a pool of threads there only waits on cores that tokenizers and HTTP workers need.
+        options.intra_op_num_threads = threads or (1 if len(providers) > 1 else available_cores())
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         self.device = "gpu" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         if device == "gpu" and self.device != "gpu":  # onnxruntime falls back to the CPU with only a log line

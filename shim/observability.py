@@ -55,6 +55,7 @@ class _BackendCollector:
         depth = GaugeMetricFamily("fos_queue_depth", "Requests waiting for a round", labels=model)
         runs = CounterMetricFamily("fos_encoder_runs", "Padded batches run by the in-process encoder", labels=model)
         eff = GaugeMetricFamily("fos_padding_efficiency", "Real tokens / computed tokens (in-process encoder)", labels=model)
+        busy = CounterMetricFamily("fos_encoder_seconds", "Time inside the in-process encoder's runs", labels=model)
         for name, s in self.backend.stats().items():
             rounds.add_metric([name], s.rounds)
             requests.add_metric([name], s.requests)
@@ -64,7 +65,9 @@ class _BackendCollector:
                 runs.add_metric([name], s.encoder_runs)
             if s.padding_efficiency is not None:
                 eff.add_metric([name], s.padding_efficiency)
-        yield from (rounds, requests, rows, depth, runs, eff)
+            if s.encoder_seconds is not None:
+                busy.add_metric([name], s.encoder_seconds)
+        yield from (rounds, requests, rows, depth, runs, eff, busy)
 
 
 class RequestContextMiddleware:

@@ -322,5 +322,7 @@ def test_metrics_endpoint(server, request):
     text = httpx.get(server.url + "/metrics").text
     assert 'fos_requests_total{route="/v1/embeddings",status="200"}' in text
     assert f'fos_tokens_total{{model="{EMBED}"}}' in text
+    assert f'fos_round_rows_total{{model="{EMBED}"}}' in text  # both backends coalesce
     if "embedded" in request.node.name:
         assert f'fos_padding_efficiency{{model="{EMBED}"}}' in text
+        assert f'fos_encoder_seconds_total{{model="{EMBED}"}}' in text

@@ -39,6 +39,7 @@ class BatchingStats:
     queued: int  # requests waiting for a round now
     encoder_runs: int | None = None  # padded batches the encoder ran (known where it runs in process)
     padding_efficiency: float | None = None  # real tokens / computed tokens, likewise
+    encoder_seconds: float | None = None  # time inside the encoder's runs, likewise
 
     @classmethod
     def of(cls, rounds: RoundStats, queued: int, encoder: Stats | None = None) -> BatchingStats:
@@ -49,6 +50,7 @@ class BatchingStats:
             queued=queued,
             encoder_runs=encoder.runs if encoder else None,
             padding_efficiency=encoder.padding_efficiency if encoder else None,
+            encoder_seconds=encoder.seconds if encoder else None,
         )
 
 
