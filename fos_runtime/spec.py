@@ -18,6 +18,7 @@ TEXT_PAIR = "TEXT_PAIR"
 NUM_TOKENS = "NUM_TOKENS"  # tokens the input was computed with
 TRUNCATED = "TRUNCATED"  # whether the input was cut to max_length (only when DETECT_TRUNCATION is sent)
 DETECT_TRUNCATION = "DETECT_TRUNCATION"  # optional input: tell which inputs were cut (costs a second tokenization)
+MAX_DOC_TOKENS = "MAX_DOC_TOKENS"  # optional rerank input: cut each document to this many tokens first
 EMBEDDING = "EMBEDDING"
 SCORE = "SCORE"
 

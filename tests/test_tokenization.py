@@ -124,3 +124,42 @@ def test_tokenizer_is_safe_to_share_between_threads(tmp_path):
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda _: tok.encode(texts).input_ids, range(200)))
     assert all(r == want for r in results)
+
+
+def _both_kinds_of_tokenizer(tmp_path):
+    """ruri v1's Python tokenizer (MeCab + WordPiece) and ruri v3's fast SentencePiece-style one."""
+    from bench import random_models
+
+    import tiny_models
+
+    tiny_models.build_tokenizer(tmp_path / "v1").save_pretrained(str(tmp_path / "v1"))
+    random_models.sentencepiece_tokenizer(tmp_path / "v3", tiny_models.corpus(), random_models.TINY_V3)
+    return [tmp_path / "v1", tmp_path / "v3"]
+
+
+def test_documents_cut_to_max_pair_tokens(tmp_path):
+    from fos_runtime.tokenization import Tokenizer
+
+    import tiny_models
+
+    text = "".join(tiny_models.corpus())
+    queries, docs = ["猫", text[:40], text, "東京"], [text, "犬", text[:200], "京都"]
+    cap = 5
+    for folder in _both_kinds_of_tokenizer(tmp_path):
+        for max_length in (32, 64, 4096):
+            tok = Tokenizer(folder, max_length=max_length)
+            plain = tok.encode(queries, docs)
+            # A cap nothing reaches changes nothing.
+            assert tok.encode(queries, docs, max_pair_tokens=100_000).input_ids == plain.input_ids, (folder, max_length)
+            capped = tok.encode(queries, docs, max_pair_tokens=cap, detect_truncation=True)
+            specials = tok.hf.num_special_tokens_to_add(pair=True)
+            for i, (q, d) in enumerate(zip(queries, docs, strict=True)):
+                ids = capped.input_ids[i]
+                q_tokens = tok.hf(q, add_special_tokens=False)["input_ids"]
+                kept = tok.hf(d, add_special_tokens=False)["input_ids"][:cap]
+                fits = len(q_tokens) + len(kept) + specials <= max_length
+                assert len(ids) == min(len(q_tokens) + len(kept) + specials, max_length)
+                if fits:  # the document's first tokens, before the pair's closing special token
+                    assert ids[-1 - len(kept) : -1] == kept, (folder, max_length, i)
+                # The client's cut is not truncation; the context's still is.
+                assert capped.truncated[i] == (not fits), (folder, max_length, i)

@@ -138,7 +138,16 @@ class EmbeddedBackend:
             encoded = await asyncio.to_thread(model.tokenizer.encode, list(texts or []), None, detect_truncation)
         return Output.of(await model.submit(encoded), encoded)
 
-    async def rerank(self, s: ModelSpec, query: str, documents: Sequence[str], detect_truncation: bool = False) -> Output:
+    async def rerank(
+        self,
+        s: ModelSpec,
+        query: str,
+        documents: Sequence[str],
+        detect_truncation: bool = False,
+        max_doc_tokens: int | None = None,
+    ) -> Output:
         model = self._model(s)
-        encoded = await asyncio.to_thread(model.tokenizer.encode, [query] * len(documents), list(documents), detect_truncation)
+        encoded = await asyncio.to_thread(
+            model.tokenizer.encode, [query] * len(documents), list(documents), detect_truncation, max_doc_tokens
+        )
         return Output.of((await model.submit(encoded)).reshape(-1), encoded)

@@ -60,6 +60,13 @@ def _detect(rows: int, wanted: bool) -> list[grpcclient.InferInput]:
     return [tensor]
 
 
+def _doc_tokens(rows: int, cap: int | None) -> list[grpcclient.InferInput]:
+    """The rerank ensemble's optional MAX_DOC_TOKENS input, sent only when a cap is asked for."""
+    if cap is None:
+        return []
+    return [_ints(specs.MAX_DOC_TOKENS, np.full((rows, 1), cap, dtype=np.int64))]
+
+
 def _ints(name: str, arr: np.ndarray) -> grpcclient.InferInput:
     tensor = grpcclient.InferInput(name, list(arr.shape), "INT64")
     tensor.set_data_from_numpy(arr)
@@ -222,7 +229,14 @@ class TritonBackend:
             )
         )
 
-    async def rerank(self, s: ModelSpec, query: str, documents: Sequence[str], detect_truncation: bool = False) -> Output:
+    async def rerank(
+        self,
+        s: ModelSpec,
+        query: str,
+        documents: Sequence[str],
+        detect_truncation: bool = False,
+        max_doc_tokens: int | None = None,
+    ) -> Output:
         docs = list(documents)
         scores, tokens, truncated = await self._fan_out(
             _sub_batches(s, [len(d) for d in docs]),
@@ -232,6 +246,7 @@ class TritonBackend:
                     _strings(specs.TEXT, [query] * len(g)),
                     _strings(specs.TEXT_PAIR, [docs[i] for i in g]),
                     *_detect(len(g), detect_truncation),
+                    *_doc_tokens(len(g), max_doc_tokens),
                 ],
                 [specs.SCORE, *_COUNTS],
             ),
