@@ -25,7 +25,11 @@ class Source:
     dimension: int
     model_normalizes: bool
     hf_config: Any
-    reference: Callable[..., np.ndarray]  # sentence-transformers' own answer, for parity
+    # sentence-transformers' own answer, for parity: reference(items, prompt), the prompt given
+    # explicitly ("" for none) so that the one the spec resolves is the one compared.
+    reference: Callable[..., np.ndarray]
+    prompts: dict[str, str] = dataclasses.field(default_factory=dict)  # the model's own, as sentence-transformers has them
+    default_prompt_name: str | None = None
 
 
 def _fix_token_types(tokenizer, hf_config) -> None:
@@ -66,10 +70,17 @@ def _load_embed(model_id: str, max_length: int | None, trust_remote_code: bool) 
     get_dimension = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
     dimension = get_dimension() or 0
 
-    def reference(texts: Sequence[str]) -> np.ndarray:
+    _check_pooling_keeps_prompts(model, model_id)
+
+    def reference(texts: Sequence[str], prompt: str = "") -> np.ndarray:
         with torch.inference_mode():
             return model.encode(
-                list(texts), batch_size=8, convert_to_numpy=True, normalize_embeddings=False, show_progress_bar=False
+                list(texts),
+                prompt=prompt,
+                batch_size=1,  # each text alone, unpadded: the plainest reference
+                convert_to_numpy=True,
+                normalize_embeddings=False,
+                show_progress_bar=False,
             )
 
     return Source(
@@ -85,7 +96,18 @@ def _load_embed(model_id: str, max_length: int | None, trust_remote_code: bool) 
         model_normalizes=any(isinstance(m, Normalize) for m in model),
         hf_config=hf_config,
         reference=reference,
+        prompts={name: text or "" for name, text in model.prompts.items()},
+        default_prompt_name=model.default_prompt_name,
     )
+
+
+def _check_pooling_keeps_prompts(model, model_id: str) -> None:
+    # The served graph pools every token; a model that leaves its prompt out of the mean would be
+    # answered wrongly whenever a prompt is put before the text.
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    if any(model.prompts.values()) and any(isinstance(m, Pooling) and not m.include_prompt for m in model):
+        raise ValueError(f"{model_id} pools without its prompt tokens (include_prompt=false); such models cannot be served")
 
 
 def _load_rerank(model_id: str, max_length: int | None, trust_remote_code: bool) -> Source:
@@ -101,9 +123,10 @@ def _load_rerank(model_id: str, max_length: int | None, trust_remote_code: bool)
     hf_config: Any = model[0].model.config
     _fix_token_types(tokenizer, hf_config)
 
-    def reference(pairs: Sequence[tuple[str, str]]) -> np.ndarray:
+    def reference(pairs: Sequence[tuple[str, str]], prompt: str = "") -> np.ndarray:
         with torch.inference_mode():
-            return np.asarray(model.predict([tuple(p) for p in pairs], batch_size=8, show_progress_bar=False), dtype=np.float32)
+            scores = model.predict([tuple(p) for p in pairs], prompt=prompt, batch_size=1, show_progress_bar=False)
+        return np.asarray(scores, dtype=np.float32)
 
     return Source(
         task="rerank",
@@ -118,6 +141,8 @@ def _load_rerank(model_id: str, max_length: int | None, trust_remote_code: bool)
         model_normalizes=False,
         hf_config=hf_config,
         reference=reference,
+        prompts={name: text or "" for name, text in model.prompts.items()},
+        default_prompt_name=model.default_prompt_name,
     )
 
 

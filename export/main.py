@@ -28,7 +28,8 @@ class ExportOptions:
     device: str = "cpu"
     tensorrt: bool = False
     normalize: bool = True
-    prefixes: dict[str, str] | None = None
+    prompts: dict[str, str] | None = None  # set or replace these of the model's prompts
+    default_prompt_name: str | None = None  # None: the model's own; "" : none
     trust_remote_code: bool = False
 
 
@@ -72,7 +73,7 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> spec.Mode
         dimension=source.dimension,
         normalize=opts.normalize,
         model_normalizes=source.model_normalizes,
-        prefixes=opts.prefixes if opts.prefixes is not None else spec.known_prefixes(opts.model),
+        **prompts_of(source, opts),
     )
 
     with tempfile.TemporaryDirectory(prefix="fos-export-") as tmp:
@@ -108,6 +109,19 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> spec.Mode
     return s
 
 
+def prompts_of(source, opts: ExportOptions) -> dict:
+    """The model's own prompts (sentence-transformers' config), ruri's by model id where it has none,
+    then the user's; and the default prompt, the user's over the model's."""
+    prompts = dict(source.prompts)
+    if not any(prompts.values()):
+        prompts.update(spec.known_prompts(opts.model))
+    prompts.update(opts.prompts or {})
+    default = source.default_prompt_name if opts.default_prompt_name is None else opts.default_prompt_name or None
+    if default is not None and default not in prompts:
+        raise ValueError(f"default prompt {default!r} is not one of the model's prompts ({', '.join(sorted(prompts)) or 'none'})")
+    return {"prompts": prompts, "default_prompt_name": default}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="Hugging Face id (e.g. cl-nagoya/ruri-large) or local directory")
     p.add_argument("--task", required=True, choices=spec.TASKS)
@@ -131,24 +145,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--raw", action="store_true", help="serve raw vectors instead of L2-normalised ones")
     p.add_argument(
+        "--prompt",
         "--prefix",
+        dest="prompt",
         action="append",
         default=None,
-        metavar="INPUT_TYPE=TEXT",
-        help="text put before inputs of that input_type (ruri's are known)",
+        metavar="NAME=TEXT",
+        help="text put before inputs of input_type NAME, over the model's own prompts (repeatable)",
+    )
+    p.add_argument(
+        "--default-prompt",
+        metavar="NAME",
+        help="the prompt for requests without input_type (default: the model's default_prompt_name; '' for none)",
     )
     p.add_argument("--trust-remote-code", action="store_true")
 
 
 def options_from_args(args: argparse.Namespace) -> ExportOptions:
-    prefixes = None
-    if args.prefix is not None:
-        prefixes = {}
-        for item in args.prefix:
+    prompts = None
+    if args.prompt is not None:
+        prompts = {}
+        for item in args.prompt:
             key, sep, value = item.partition("=")
             if not sep or not key:
-                raise SystemExit(f"--prefix wants INPUT_TYPE=TEXT, got {item!r}")
-            prefixes[key] = value
+                raise SystemExit(f"--prompt wants NAME=TEXT, got {item!r}")
+            prompts[key] = value
     return ExportOptions(
         model=args.model,
         task=cast(spec.Task, args.task),
@@ -160,7 +181,8 @@ def options_from_args(args: argparse.Namespace) -> ExportOptions:
         device=args.device,
         tensorrt=args.tensorrt,
         normalize=not args.raw,
-        prefixes=prefixes,
+        prompts=prompts,
+        default_prompt_name=args.default_prompt,
         trust_remote_code=args.trust_remote_code,
     )
 

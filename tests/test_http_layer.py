@@ -183,3 +183,10 @@ def test_over_long_token_ids_refused_before_any_compute():
             http.post("/v1/embeddings", json={"model": "fake/embed", "input": [[5] * 16], "truncate": False}).status_code == 200
         )
         assert backend.calls == 1
+
+
+def test_model_may_be_left_out_when_one_of_its_task_is_served():
+    with TestClient(create_app(FakeBackend())) as http:
+        assert http.post("/v1/embeddings", json={"input": "猫"}).json()["model"] == "fake/embed"
+        assert http.post("/v1/rerank", json={"query": "猫", "documents": ["犬"]}).json()["model"] == "fake/rerank"
+        assert http.post("/v2/rerank", json={"query": "猫", "documents": ["犬"]}).status_code == 200

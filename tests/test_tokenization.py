@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 from hypothesis import given
 from hypothesis import strategies as st
 
 from fos_runtime import spec
 from fos_runtime.batching import length_batches
 from fos_runtime.padding import pad
-from fos_runtime.spec import ModelSpec, known_prefixes, triton_name
+from fos_runtime.spec import ModelSpec, known_prompts, triton_name
 from fos_runtime.tokenization import Encoded, truncate_ids
 
 ALL = spec.ENCODER_INPUTS_ALL
@@ -80,7 +82,7 @@ def test_length_batches_group_similar_lengths():
     assert length_batches([12, 14, 15, 193], max_batch=32, max_tokens=8192) == [[0, 1, 2], [3]]
 
 
-def test_triton_names_and_prefixes():
+def test_triton_names_and_known_prompts():
     assert triton_name("cl-nagoya/ruri-large") == "cl-nagoya--ruri-large"
     for bad in ("a b", "../x", "x__encoder", ""):
         try:
@@ -88,9 +90,9 @@ def test_triton_names_and_prefixes():
         except ValueError:
             continue
         raise AssertionError(bad)
-    assert known_prefixes("cl-nagoya/ruri-large") == {"query": "クエリ: ", "document": "文章: "}
-    assert known_prefixes("cl-nagoya/ruri-v3-310m")["query"] == "検索クエリ: "
-    assert known_prefixes("cl-nagoya/ruri-reranker-large") == {}
+    assert known_prompts("cl-nagoya/ruri-large") == {"query": "クエリ: ", "document": "文章: "}
+    assert known_prompts("cl-nagoya/ruri-v3-310m")["query"] == "検索クエリ: "
+    assert known_prompts("cl-nagoya/ruri-reranker-large") == {}
 
 
 def test_spec_round_trip():
@@ -103,9 +105,53 @@ def test_spec_round_trip():
         pad_token_id=0,
         vocab_size=32768,
         dimension=1024,
-        prefixes=known_prefixes("cl-nagoya/ruri-large"),
+        prompts=known_prompts("cl-nagoya/ruri-large"),
+        default_prompt_name="document",
     )
     assert ModelSpec.from_json(s.to_json()) == s
+
+
+def test_specs_exported_before_prompts_read_their_prefixes():
+    raw = json.loads(_spec().to_json())
+    raw.pop("prompts")
+    raw.pop("default_prompt_name")
+    raw["prefixes"] = {"query": "クエリ: "}
+    assert ModelSpec.from_json(json.dumps(raw)).prompts == {"query": "クエリ: "}
+
+
+def _spec(**kw) -> ModelSpec:
+    return ModelSpec(
+        served_name="m",
+        task="embed",
+        source="m",
+        max_length=8192,
+        encoder_inputs=("input_ids", "attention_mask"),
+        pad_token_id=3,
+        vocab_size=100,
+        **kw,
+    )
+
+
+def test_prompts_resolve_as_sentence_transformers_does_and_are_never_doubled():
+    v3 = {"query": "検索クエリ: ", "document": "検索文書: ", "topic": "トピック: ", "": ""}
+    s = _spec(prompts=v3)
+    assert s.with_prompt(["猫", "犬"], "query") == ["検索クエリ: 猫", "検索クエリ: 犬"]
+    assert s.with_prompt(["猫"], None) == ["猫"]  # no default prompt: nothing
+    assert s.with_prompt(["猫"], "") == ["猫"]
+    # Dify's query_prefix "検索クエリ:" joined with a space already gave the text its prompt.
+    assert s.with_prompt(["検索クエリ: 猫"], "query") == ["検索クエリ: 猫"]
+    # ... and a text that carries another of the model's prompts is not given a second one.
+    assert s.with_prompt(["検索クエリ: 猫"], "document") == ["検索クエリ: 猫"]
+    assert s.with_prompt(["検索クエリ:猫"], "query") == ["検索クエリ: 検索クエリ:猫"]  # not the prompt: prepended
+    with_default = _spec(prompts=v3, default_prompt_name="document")
+    assert with_default.with_prompt(["猫", "検索クエリ: 犬"], None) == ["検索文書: 猫", "検索クエリ: 犬"]
+    assert with_default.with_prompt(["猫"], "query") == ["検索クエリ: 猫"]
+    try:
+        s.prompt("nonsense")
+    except KeyError:
+        pass
+    else:
+        raise AssertionError("unknown prompt names must not resolve")
 
 
 def test_tokenizer_is_safe_to_share_between_threads(tmp_path):
