@@ -31,6 +31,7 @@ class ExportOptions:
     prompts: dict[str, str] | None = None  # set or replace these of the model's prompts
     default_prompt_name: str | None = None  # None: the model's own; "" : none
     trust_remote_code: bool = False
+    local_files_only: bool | None = None  # None: found out (load.locate)
 
 
 class ParityError(RuntimeError):
@@ -53,8 +54,10 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> spec.Mode
     if opts.tensorrt and (opts.encoder_backend, opts.device) != ("onnxruntime", "gpu"):
         raise ValueError("--tensorrt needs --encoder-backend onnxruntime --device gpu")
     total = 5
-    t = _step(log, 1, total, f"loading {opts.model} ({opts.task}) with sentence-transformers")
-    source = load.load(opts.model, opts.task, opts.max_length, opts.trust_remote_code)
+    local_only = load.locate(opts.model) if opts.local_files_only is None else opts.local_files_only
+    where = " from the local cache (the hub is not used)" if local_only else ""
+    t = _step(log, 1, total, f"loading {opts.model} ({opts.task}) with sentence-transformers{where}")
+    source = load.load(opts.model, opts.task, opts.max_length, opts.trust_remote_code, local_only)
     log(
         f"      done in {time.perf_counter() - t:.1f}s: max_length={source.max_length}, inputs={list(source.encoder_inputs)}"
         + (f", dimension={source.dimension}" if opts.task == "embed" else "")
@@ -188,9 +191,11 @@ def options_from_args(args: argparse.Namespace) -> ExportOptions:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .load import ModelUnavailable
+
     try:
         export(options_from_args(args), log=lambda line: print(line, flush=True))
-    except (ParityError, ValueError, OSError) as exc:
+    except (ParityError, ModelUnavailable, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print("export finished", flush=True)

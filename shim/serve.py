@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 from fos_runtime import spec
@@ -58,20 +59,42 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def ensure_exported(models: list[str], repository: Path, precision: str) -> None:
+    """Export each model the repository lacks; raises export's errors (``ModelUnavailable`` first of
+    all, before anything slow, when the model can be had from nowhere)."""
     for model in models:
-        name = spec.triton_name(spec.default_served_name(model))
-        if (repository / name / "config.pbtxt").exists():
+        try:
+            name = spec.triton_name(spec.default_served_name(model))
+        except ValueError:
+            from export.load import locate
+
+            locate(model)  # a directory that is not there says so
+            raise
+        if (repository / name / "config.pbtxt").exists():  # served as it is: no hub, no torch
             print(f"{model}: already in {repository}", flush=True)
             continue
-        from export.load import detect_task
+        from export.load import detect_task, locate
         from export.main import ExportOptions, export
 
-        task = detect_task(model)
+        local_only = locate(model)
+        task = detect_task(model, local_only)
         print(f"{model}: not in {repository}; exporting it (task {task}, {precision})", flush=True)
         export(
-            ExportOptions(model=model, task=task, repository=repository, precision=precision),
+            ExportOptions(model=model, task=task, repository=repository, precision=precision, local_files_only=local_only),
             log=lambda line: print(line, flush=True),
         )
+
+
+def configure_logging(level: str) -> None:
+    """One line per record, in one format. huggingface_hub gives its loggers a handler of their own
+    (when its logging module is first imported) and still lets them propagate, so under a configured
+    root each of its lines would print twice, once bare and once formatted: its records go through
+    the root's handler alone."""
+    from huggingface_hub.utils import logging as hub_logging  # installs that handler, if not yet
+
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    hub = hub_logging.get_logger()
+    for handler in list(hub.handlers):
+        hub.removeHandler(handler)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -79,11 +102,18 @@ def run(args: argparse.Namespace) -> int:
 
     from .app import create_app
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)
     if args.model:
         if args.triton:
             raise SystemExit("--model exports for the embedded backend; with --triton, run `fos export` for Triton's repository")
-        ensure_exported(args.model, args.repository, args.precision)
+        from export.load import ModelUnavailable
+        from export.main import ParityError
+
+        try:
+            ensure_exported(args.model, args.repository, args.precision)
+        except (ModelUnavailable, ParityError, ValueError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            return 1
     backend: Backend
     if args.triton:
         from .backends.triton import TritonBackend
