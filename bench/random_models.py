@@ -41,7 +41,7 @@ class Shape:
     intermediate: int
     positions: int
     max_seq_length: int
-    vocab: int | None = None  # None: exactly the pieces the text yields
+    vocab: int | None = None  # None: exactly the pieces (or, for BERT, words) the text yields
     arch: Literal["bert", "modernbert"] = "bert"
     local_attention: int = 128  # modernbert: the window of its local layers
     global_every: int = 3  # modernbert: every n-th layer (the first included) attends globally
@@ -116,11 +116,12 @@ def sentencepiece_tokenizer(folder: Path, texts: Sequence[str], shape: Shape):
     tok.normalizer = normalizers.NFKC()
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    alphabet = sorted({c for t in texts for c in unicodedata.normalize("NFKC", t)})
     trainer = trainers.UnigramTrainer(
-        vocab_size=shape.vocab or 2000,
+        vocab_size=shape.vocab or max(2000, 2 * len(alphabet)),  # pieces beyond what the text yields are dropped
         special_tokens=SENTENCEPIECE_SPECIAL,
         unk_token="<unk>",
-        initial_alphabet=sorted({c for t in texts for c in unicodedata.normalize("NFKC", t)}),
+        initial_alphabet=alphabet,
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
