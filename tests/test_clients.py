@@ -56,6 +56,16 @@ def test_langchain_openai_embeddings(server, st):
     assert close(query, normalized(st.encode([QUERY], prompt_name="query"))[0])
     plain = embeddings.embed_documents(DOCS)
     assert close(plain, normalized(st.encode(DOCS)))
+    # For callers that pass nothing per call (vector stores): one instance per input_type.
+    for_queries = OpenAIEmbeddings(
+        model=EMBED_V3,
+        base_url=server.url + "/v1",
+        api_key="unused",
+        check_embedding_ctx_length=False,
+        max_retries=0,
+        model_kwargs={"extra_body": {"input_type": "query"}},
+    )
+    assert close(for_queries.embed_query(QUERY), normalized(st.encode([QUERY], prompt_name="query"))[0])
 
 
 def test_llamaindex_openai_like_embedding(server, st):
