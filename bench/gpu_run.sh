@@ -27,10 +27,10 @@ LOADGEN=${FOS_LOADGEN:-4}                        # fos bench processes
 STEPS=${FOS_STEPS:-encoder,triton,naive}         # which measurements to run
 export FOS_ENCODER_TIMING=${FOS_ENCODER_TIMING:-200}  # Triton's encoder logs where its time goes
 NAME=cl-nagoya/ruri-large
-# To try the script out on a CPU: FOS_DEVICE=cpu FOS_PRECISION=fp32 FOS_SHAPE=tiny FOS_DURATION=3 (no GPU figures).
+# To try the script out on a CPU: FOS_DEVICE=cpu FOS_PRECISION=fp32 FOS_SIZE=tiny FOS_DURATION=3 (no GPU figures).
 DEVICE=${FOS_DEVICE:-gpu}
 PRECISION=${FOS_PRECISION:-fp16}
-SHAPE=${FOS_SHAPE:-ruri-large}
+SIZE=${FOS_SIZE:-full}
 mkdir -p "$OUT" "$DEST"
 # What bench/gpu_bundle.sh brought (none of it where the machine has it all, e.g. this project's own venv).
 [ -d "${FOS_SITE:-/tmp/fos-site}" ] && eval "$(bash bench/gpu_bundle.sh env)"
@@ -55,7 +55,7 @@ wait_http() {  # url seconds: the server last started must answer, and must not 
 cat "$OUT/machine.txt"
 
 log "model: ruri-large shape, random weights"
-[ -d "$WORK/model/st" ] || $PY -m bench.ruri_shape "$WORK/model" --corpus "$CORPUS" --shape "$SHAPE" > "$OUT/build.log" 2>&1
+[ -d "$WORK/model/st" ] || $PY -m bench.ruri_shape "$WORK/model" --corpus "$CORPUS" --size "$SIZE" > "$OUT/build.log" 2>&1
 log "export: $PRECISION, $DEVICE, Python-backend encoder, $TOKENIZERS tokenizer instances"
 [ -f "$WORK/repo/${NAME/\//--}/config.pbtxt" ] || $PY -m shim.cli export --model "$WORK/model/st" --task embed --name "$NAME" \
   --repository "$WORK/repo" --precision "$PRECISION" --device "$DEVICE" --encoder-backend python \

@@ -1,13 +1,14 @@
-"""Step 1 of export: load the model exactly as sentence-transformers does, and describe it."""
+"""Step 1 of export: find the model (a directory, the Hugging Face hub or its cache), load it exactly
+as sentence-transformers does, and describe it."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from fos_runtime import spec
 
@@ -25,7 +26,11 @@ class Source:
     dimension: int
     model_normalizes: bool
     hf_config: Any
-    reference: Callable[..., np.ndarray]  # sentence-transformers' own answer, for parity
+    # sentence-transformers' own answer, for parity: reference(items, prompt), the prompt given
+    # explicitly ("" for none) so that the one the spec resolves is the one compared.
+    reference: Callable[..., np.ndarray]
+    prompts: dict[str, str] = dataclasses.field(default_factory=dict)  # the model's own, as sentence-transformers has them
+    default_prompt_name: str | None = None
 
 
 def _fix_token_types(tokenizer, hf_config) -> None:
@@ -42,19 +47,78 @@ def _encoder_inputs(tokenizer, pair: bool) -> tuple[str, ...]:
     return tuple(name for name in spec.ENCODER_INPUTS_ALL if name in sample)
 
 
-def load(model_id: str, task: str, max_length: int | None = None, trust_remote_code: bool = False) -> Source:
+class ModelUnavailable(RuntimeError):
+    """The model can be had neither from a directory, nor the hub, nor the local cache; the message
+    says what failed and what to do."""
+
+
+def locate(model_id: str) -> bool:
+    """Check, before anything slow, that the model can be had; True when it must be read from the
+    local cache only (the hub is unreachable or HF_HUB_OFFLINE is set, and the cache has it).
+
+    One metadata request with a timeout and no retries answers whether the hub is reachable;
+    huggingface_hub's downloads would instead retry each file five times with backoff."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
+
+    if Path(model_id).is_dir():
+        return False
+    if model_id.startswith((".", "/", "~")) or model_id.count("/") > 1:
+        raise ModelUnavailable(f"{model_id}: no such directory (and not a Hugging Face id such as cl-nagoya/ruri-large)")
+    try:
+        cached = isinstance(huggingface_hub.try_to_load_from_cache(model_id, "config.json"), str)
+    except HFValidationError as exc:
+        raise ModelUnavailable(f"{model_id!r} is neither a directory nor a Hugging Face model id: {exc}") from exc
+    if constants.HF_HUB_OFFLINE:
+        if cached:
+            return True
+        raise ModelUnavailable(_unreachable(model_id, "HF_HUB_OFFLINE is set"))
+    try:
+        huggingface_hub.model_info(model_id, timeout=HUB_TIMEOUT_S)
+    except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
+        raise ModelUnavailable(
+            f"{model_id} was not found on {constants.ENDPOINT}: check the id; a private or gated model needs "
+            f"HF_TOKEN (or `hf auth login`). ({type(exc).__name__})"
+        ) from exc
+    except Exception as exc:  # no connection, DNS, TLS, proxy, a 5xx from the hub or a mirror
+        if cached:
+            return True
+        raise ModelUnavailable(_unreachable(model_id, f"cannot reach {constants.ENDPOINT} ({exc})")) from exc
+    return False
+
+
+HUB_TIMEOUT_S = 10.0
+
+
+def _unreachable(model_id: str, why: str) -> str:
+    from huggingface_hub import constants
+
+    return (
+        f"cannot get {model_id}: {why}, and it is not in the Hugging Face cache ({constants.HF_HUB_CACHE}).\n"
+        "Do one of:\n"
+        f"  - pass a local directory with the model's files: --model /path/to/{model_id.split('/')[-1]}\n"
+        f"  - download it where the hub is reachable (`hf download {model_id}`), copy that machine's Hugging Face cache "
+        "(HF_HOME, default ~/.cache/huggingface) here and run with HF_HUB_OFFLINE=1\n"
+        "  - use a mirror of the hub: HF_ENDPOINT=https://your-mirror"
+    )
+
+
+def load(
+    model_id: str, task: str, max_length: int | None = None, trust_remote_code: bool = False, local_files_only: bool = False
+) -> Source:
     if task == "embed":
-        return _load_embed(model_id, max_length, trust_remote_code)
+        return _load_embed(model_id, max_length, trust_remote_code, local_files_only)
     if task == "rerank":
-        return _load_rerank(model_id, max_length, trust_remote_code)
+        return _load_rerank(model_id, max_length, trust_remote_code, local_files_only)
     raise ValueError(f"unknown task {task!r}; use embed or rerank")
 
 
-def _load_embed(model_id: str, max_length: int | None, trust_remote_code: bool) -> Source:
+def _load_embed(model_id: str, max_length: int | None, trust_remote_code: bool, local_files_only: bool) -> Source:
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.base.modules.normalize import Normalize
 
-    model = SentenceTransformer(model_id, device="cpu", trust_remote_code=trust_remote_code)
+    model = SentenceTransformer(model_id, device="cpu", trust_remote_code=trust_remote_code, local_files_only=local_files_only)
     model.eval()
     if max_length is not None:
         model.max_seq_length = max_length
@@ -66,10 +130,19 @@ def _load_embed(model_id: str, max_length: int | None, trust_remote_code: bool) 
     get_dimension = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
     dimension = get_dimension() or 0
 
-    def reference(texts: Sequence[str]) -> np.ndarray:
+    _check_pooling_keeps_prompts(model, model_id)
+
+    def reference(texts: Sequence[str], prompt: str = "") -> np.ndarray:
+        import torch  # here: serving imports this module for its errors, without torch
+
         with torch.inference_mode():
             return model.encode(
-                list(texts), batch_size=8, convert_to_numpy=True, normalize_embeddings=False, show_progress_bar=False
+                list(texts),
+                prompt=prompt,
+                batch_size=1,  # each text alone, unpadded: the plainest reference
+                convert_to_numpy=True,
+                normalize_embeddings=False,
+                show_progress_bar=False,
             )
 
     return Source(
@@ -85,13 +158,24 @@ def _load_embed(model_id: str, max_length: int | None, trust_remote_code: bool) 
         model_normalizes=any(isinstance(m, Normalize) for m in model),
         hf_config=hf_config,
         reference=reference,
+        prompts={name: text or "" for name, text in model.prompts.items()},
+        default_prompt_name=model.default_prompt_name,
     )
 
 
-def _load_rerank(model_id: str, max_length: int | None, trust_remote_code: bool) -> Source:
+def _check_pooling_keeps_prompts(model, model_id: str) -> None:
+    # The served graph pools every token; a model that leaves its prompt out of the mean would be
+    # answered wrongly whenever a prompt is put before the text.
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    if any(model.prompts.values()) and any(isinstance(m, Pooling) and not m.include_prompt for m in model):
+        raise ValueError(f"{model_id} pools without its prompt tokens (include_prompt=false); such models cannot be served")
+
+
+def _load_rerank(model_id: str, max_length: int | None, trust_remote_code: bool, local_files_only: bool) -> Source:
     from sentence_transformers import CrossEncoder
 
-    model = CrossEncoder(model_id, device="cpu", trust_remote_code=trust_remote_code)
+    model = CrossEncoder(model_id, device="cpu", trust_remote_code=trust_remote_code, local_files_only=local_files_only)
     model.eval()
     if model.num_labels != 1:
         raise ValueError(f"{model_id} has {model.num_labels} labels; only one-logit rerankers can be served")
@@ -101,9 +185,12 @@ def _load_rerank(model_id: str, max_length: int | None, trust_remote_code: bool)
     hf_config: Any = model[0].model.config
     _fix_token_types(tokenizer, hf_config)
 
-    def reference(pairs: Sequence[tuple[str, str]]) -> np.ndarray:
+    def reference(pairs: Sequence[tuple[str, str]], prompt: str = "") -> np.ndarray:
+        import torch  # here: serving imports this module for its errors, without torch
+
         with torch.inference_mode():
-            return np.asarray(model.predict([tuple(p) for p in pairs], batch_size=8, show_progress_bar=False), dtype=np.float32)
+            scores = model.predict([tuple(p) for p in pairs], prompt=prompt, batch_size=1, show_progress_bar=False)
+        return np.asarray(scores, dtype=np.float32)
 
     return Source(
         task="rerank",
@@ -118,13 +205,14 @@ def _load_rerank(model_id: str, max_length: int | None, trust_remote_code: bool)
         model_normalizes=False,
         hf_config=hf_config,
         reference=reference,
+        prompts={name: text or "" for name, text in model.prompts.items()},
+        default_prompt_name=model.default_prompt_name,
     )
 
 
-def detect_task(model_id: str) -> spec.Task:
+def detect_task(model_id: str, local_files_only: bool = False) -> spec.Task:
     """``rerank`` for sequence-classification models (cross-encoders), else ``embed``."""
     import json
-    from pathlib import Path
 
     local = Path(model_id)
     if local.is_dir():
@@ -132,6 +220,6 @@ def detect_task(model_id: str) -> spec.Task:
     else:
         from huggingface_hub import hf_hub_download
 
-        config_file = Path(hf_hub_download(model_id, "config.json"))
+        config_file = Path(hf_hub_download(model_id, "config.json", local_files_only=local_files_only))
     architectures = json.loads(config_file.read_text(encoding="utf-8")).get("architectures") or []
     return "rerank" if any(a.endswith("ForSequenceClassification") for a in architectures) else "embed"

@@ -29,8 +29,10 @@ class ExportOptions:
     tensorrt: bool = False
     tokenizer_instances: int | None = None  # None: the device's default (fos_runtime.batching)
     normalize: bool = True
-    prefixes: dict[str, str] | None = None
+    prompts: dict[str, str] | None = None  # set or replace these of the model's prompts
+    default_prompt_name: str | None = None  # None: the model's own; "" : none
     trust_remote_code: bool = False
+    local_files_only: bool | None = None  # None: found out (load.locate)
 
 
 class ParityError(RuntimeError):
@@ -53,8 +55,10 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> spec.Mode
     if opts.tensorrt and (opts.encoder_backend, opts.device) != ("onnxruntime", "gpu"):
         raise ValueError("--tensorrt needs --encoder-backend onnxruntime --device gpu")
     total = 5
-    t = _step(log, 1, total, f"loading {opts.model} ({opts.task}) with sentence-transformers")
-    source = load.load(opts.model, opts.task, opts.max_length, opts.trust_remote_code)
+    local_only = load.locate(opts.model) if opts.local_files_only is None else opts.local_files_only
+    where = " from the local cache (the hub is not used)" if local_only else ""
+    t = _step(log, 1, total, f"loading {opts.model} ({opts.task}) with sentence-transformers{where}")
+    source = load.load(opts.model, opts.task, opts.max_length, opts.trust_remote_code, local_only)
     log(
         f"      done in {time.perf_counter() - t:.1f}s: max_length={source.max_length}, inputs={list(source.encoder_inputs)}"
         + (f", dimension={source.dimension}" if opts.task == "embed" else "")
@@ -73,7 +77,7 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> spec.Mode
         dimension=source.dimension,
         normalize=opts.normalize,
         model_normalizes=source.model_normalizes,
-        prefixes=opts.prefixes if opts.prefixes is not None else spec.known_prefixes(opts.model),
+        **prompts_of(source, opts),
     )
 
     with tempfile.TemporaryDirectory(prefix="fos-export-") as tmp:
@@ -116,6 +120,19 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> spec.Mode
     return s
 
 
+def prompts_of(source, opts: ExportOptions) -> dict:
+    """The model's own prompts (sentence-transformers' config), ruri's by model id where it has none,
+    then the user's; and the default prompt, the user's over the model's."""
+    prompts = dict(source.prompts)
+    if not any(prompts.values()):
+        prompts.update(spec.known_prompts(opts.model))
+    prompts.update(opts.prompts or {})
+    default = source.default_prompt_name if opts.default_prompt_name is None else opts.default_prompt_name or None
+    if default is not None and default not in prompts:
+        raise ValueError(f"default prompt {default!r} is not one of the model's prompts ({', '.join(sorted(prompts)) or 'none'})")
+    return {"prompts": prompts, "default_prompt_name": default}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="Hugging Face id (e.g. cl-nagoya/ruri-large) or local directory")
     p.add_argument("--task", required=True, choices=spec.TASKS)
@@ -145,24 +162,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--raw", action="store_true", help="serve raw vectors instead of L2-normalised ones")
     p.add_argument(
+        "--prompt",
         "--prefix",
+        dest="prompt",
         action="append",
         default=None,
-        metavar="INPUT_TYPE=TEXT",
-        help="text put before inputs of that input_type (ruri's are known)",
+        metavar="NAME=TEXT",
+        help="text put before inputs of input_type NAME, over the model's own prompts (repeatable)",
+    )
+    p.add_argument(
+        "--default-prompt",
+        metavar="NAME",
+        help="the prompt for requests without input_type (default: the model's default_prompt_name; '' for none)",
     )
     p.add_argument("--trust-remote-code", action="store_true")
 
 
 def options_from_args(args: argparse.Namespace) -> ExportOptions:
-    prefixes = None
-    if args.prefix is not None:
-        prefixes = {}
-        for item in args.prefix:
+    prompts = None
+    if args.prompt is not None:
+        prompts = {}
+        for item in args.prompt:
             key, sep, value = item.partition("=")
             if not sep or not key:
-                raise SystemExit(f"--prefix wants INPUT_TYPE=TEXT, got {item!r}")
-            prefixes[key] = value
+                raise SystemExit(f"--prompt wants NAME=TEXT, got {item!r}")
+            prompts[key] = value
     return ExportOptions(
         model=args.model,
         task=cast(spec.Task, args.task),
@@ -175,15 +199,18 @@ def options_from_args(args: argparse.Namespace) -> ExportOptions:
         tensorrt=args.tensorrt,
         tokenizer_instances=args.tokenizer_instances,
         normalize=not args.raw,
-        prefixes=prefixes,
+        prompts=prompts,
+        default_prompt_name=args.default_prompt,
         trust_remote_code=args.trust_remote_code,
     )
 
 
 def run(args: argparse.Namespace) -> int:
+    from .load import ModelUnavailable
+
     try:
         export(options_from_args(args), log=lambda line: print(line, flush=True))
-    except (ParityError, ValueError, OSError) as exc:
+    except (ParityError, ModelUnavailable, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print("export finished", flush=True)

@@ -35,15 +35,21 @@ def _text_inputs(s: spec.ModelSpec) -> list[str]:
     return [spec.TEXT, spec.TEXT_PAIR] if s.task == "rerank" else [spec.TEXT]
 
 
-def _detect_truncation_input(c: mc.ModelConfig) -> None:
+def _optional_inputs(s: spec.ModelSpec) -> list[str]:
+    return [spec.DETECT_TRUNCATION, spec.MAX_DOC_TOKENS] if s.task == "rerank" else [spec.DETECT_TRUNCATION]
+
+
+def _add_optional_inputs(c: mc.ModelConfig, s: spec.ModelSpec) -> None:
     c.input.add(name=spec.DETECT_TRUNCATION, data_type=mc.TYPE_BOOL, dims=[1], optional=True)
+    if s.task == "rerank":
+        c.input.add(name=spec.MAX_DOC_TOKENS, data_type=mc.TYPE_INT64, dims=[1], optional=True)
 
 
 def tokenizer_config(s: spec.ModelSpec, instances: int | None = None) -> mc.ModelConfig:
     c = mc.ModelConfig(name=spec.tokenizer_model(s.name), backend="python", max_batch_size=batching.plan_for(s.device).max_rows)
     for name in _text_inputs(s):
         _tensor(c.input, name, mc.TYPE_STRING, [1])
-    _detect_truncation_input(c)
+    _add_optional_inputs(c, s)
     for name in s.encoder_inputs:
         _tensor(c.output, name, mc.TYPE_INT64, [-1])
     _tensor(c.output, spec.NUM_TOKENS, mc.TYPE_INT64, [1])
@@ -87,13 +93,13 @@ def ensemble_config(s: spec.ModelSpec) -> mc.ModelConfig:
     c = mc.ModelConfig(name=s.name, platform="ensemble", max_batch_size=batching.plan_for(s.device).max_rows)
     for name in _text_inputs(s):
         _tensor(c.input, name, mc.TYPE_STRING, [1])
-    _detect_truncation_input(c)
+    _add_optional_inputs(c, s)
     out, dims = _output_dims(s)
     _tensor(c.output, out, mc.TYPE_FP32, dims)
     _tensor(c.output, spec.NUM_TOKENS, mc.TYPE_INT64, [1])
     _tensor(c.output, spec.TRUNCATED, mc.TYPE_BOOL, [1])
     tok = c.ensemble_scheduling.step.add(model_name=spec.tokenizer_model(s.name), model_version=-1)
-    for name in [*_text_inputs(s), spec.DETECT_TRUNCATION]:
+    for name in [*_text_inputs(s), *_optional_inputs(s)]:
         tok.input_map[name] = name
     for name in s.encoder_inputs:
         tok.output_map[name] = f"_{name}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -18,6 +19,7 @@ TEXT_PAIR = "TEXT_PAIR"
 NUM_TOKENS = "NUM_TOKENS"  # tokens the input was computed with
 TRUNCATED = "TRUNCATED"  # whether the input was cut to max_length (only when DETECT_TRUNCATION is sent)
 DETECT_TRUNCATION = "DETECT_TRUNCATION"  # optional input: tell which inputs were cut (costs a second tokenization)
+MAX_DOC_TOKENS = "MAX_DOC_TOKENS"  # optional rerank input: cut each document to this many tokens first
 EMBEDDING = "EMBEDDING"
 SCORE = "SCORE"
 
@@ -80,11 +82,28 @@ class ModelSpec:
     dimension: int = 0  # embed only
     normalize: bool = True  # embed: the shim L2-normalises (OpenAI, TEI); False returns raw vectors
     model_normalizes: bool = False  # the model itself ends with a Normalize module
-    prefixes: dict[str, str] = dataclasses.field(default_factory=dict)  # input_type -> text prefix
+    # Prompt name (a request's input_type) -> the text put before the input, as sentence-transformers'
+    # ``prompts``; ``default_prompt_name`` is used when a request names none.
+    prompts: dict[str, str] = dataclasses.field(default_factory=dict)
+    default_prompt_name: str | None = None
 
     @property
     def name(self) -> str:
         return triton_name(self.served_name)
+
+    def prompt(self, name: str | None) -> str:
+        """The text of prompt ``name`` (KeyError if the model has none of that name); None: the default
+        prompt's, or nothing, as sentence-transformers resolves it."""
+        if name is None:
+            return self.prompts.get(self.default_prompt_name, "") if self.default_prompt_name is not None else ""
+        return self.prompts[name]
+
+    def with_prompt(self, texts: Sequence[str], name: str | None) -> list[str]:
+        """The texts as the model is to read them: the prompt put before each, except before a text that
+        already starts with one of the model's prompts (a client such as Dify may have put it there)."""
+        prompt = self.prompt(name)
+        given = tuple(p for p in self.prompts.values() if p)
+        return [t if not prompt or t.startswith(given) else prompt + t for t in texts]
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), ensure_ascii=False, sort_keys=True)
@@ -92,6 +111,8 @@ class ModelSpec:
     @classmethod
     def from_json(cls, text: str) -> ModelSpec:
         raw = json.loads(text)
+        if "prefixes" in raw and "prompts" not in raw:  # exported before prompts had their name
+            raw["prompts"] = raw["prefixes"]
         known = {f.name for f in dataclasses.fields(cls)}
         raw = {k: v for k, v in raw.items() if k in known}
         raw["encoder_inputs"] = tuple(raw["encoder_inputs"])
@@ -100,14 +121,14 @@ class ModelSpec:
         return cls(**raw)
 
 
-# Prefixes of the ruri family, by the input_type a client may send. Export stores them in the spec
-# when it recognises the model; a user may pass others.
-RURI_V1_PREFIXES = {"query": "クエリ: ", "document": "文章: "}
-RURI_V3_PREFIXES = {"query": "検索クエリ: ", "document": "検索文書: ", "topic": "トピック: "}
+# Prompts of the ruri family by model id: export falls back on them only for a model whose own
+# sentence-transformers config defines none (ruri v1 does not).
+RURI_V1_PROMPTS = {"query": "クエリ: ", "document": "文章: "}
+RURI_V3_PROMPTS = {"query": "検索クエリ: ", "document": "検索文書: ", "topic": "トピック: "}
 
 
-def known_prefixes(source: str) -> dict[str, str]:
+def known_prompts(source: str) -> dict[str, str]:
     low = source.lower()
     if "ruri" not in low or "reranker" in low:
         return {}
-    return dict(RURI_V3_PREFIXES if "ruri-v3" in low else RURI_V1_PREFIXES)
+    return dict(RURI_V3_PROMPTS if "ruri-v3" in low else RURI_V1_PROMPTS)

@@ -14,6 +14,7 @@ import logging
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 from . import spec, text
 
@@ -59,22 +60,33 @@ class Tokenizer:
         self.max_length = max_length
         self.returns_token_types = spec.TOKEN_TYPE_IDS in self.hf.model_input_names
 
-    def encode(self, texts: Sequence[str], pairs: Sequence[str] | None = None, detect_truncation: bool = False) -> Encoded:
+    def encode(
+        self,
+        texts: Sequence[str],
+        pairs: Sequence[str] | None = None,
+        detect_truncation: bool = False,
+        max_pair_tokens: int | None = None,
+    ) -> Encoded:
         """``detect_truncation`` also tells which inputs were cut; it tokenizes those a second time, so
-        it is asked for only by requests that refuse truncation."""
+        it is asked for only by requests that refuse truncation. ``max_pair_tokens`` first cuts each
+        pair's second text (a reranked document) to that many tokens (Cohere's max_tokens_per_doc), a
+        cut the client asked for and so never reported as truncation."""
         if pairs is not None and len(pairs) != len(texts):
             raise ValueError(f"{len(texts)} texts but {len(pairs)} pairs")
         texts = [text.clean(t) for t in texts]  # a NUL would end the text for MeCab
         pairs = [text.clean(t) for t in pairs] if pairs is not None else None
-        out = self._call(texts, pairs, self.max_length)
+        cap = max_pair_tokens if pairs is not None else None
+        out = self._call(texts, pairs, self.max_length, cap)
         types = out.get(spec.TOKEN_TYPE_IDS)
         encoded = Encoded(input_ids=list(out[spec.INPUT_IDS]), token_type_ids=list(types) if types is not None else None)
         if detect_truncation:
-            encoded.truncated = self._truncated(texts, pairs, encoded.lengths)
+            encoded.truncated = self._truncated(texts, pairs, encoded.lengths, cap)
         return encoded
 
-    def _call(self, texts: Sequence[str], pairs: Sequence[str] | None, max_length: int):
+    def _call(self, texts: Sequence[str], pairs: Sequence[str] | None, max_length: int, cap: int | None = None):
         with self._lock:
+            if pairs is not None and cap is not None:
+                return self._capped_pairs(texts, pairs, max_length, cap)
             return self.hf(
                 list(texts),
                 list(pairs) if pairs is not None else None,
@@ -83,14 +95,57 @@ class Tokenizer:
                 padding=False,
             )
 
-    def _truncated(self, texts: Sequence[str], pairs: Sequence[str] | None, lengths: list[int]) -> list[bool]:
+    def _capped_pairs(self, texts: Sequence[str], pairs: Sequence[str], max_length: int, cap: int) -> dict:
+        """Pairs whose second text is cut to ``cap`` tokens, then fitted to ``max_length`` as the plain
+        call fits them. Each text is tokenized alone, as the tokenizer does within a pair, so the
+        tokens are those of the plain call whenever nothing is cut."""
+        if not self.hf.is_fast:  # Python tokenizers (BertJapaneseTokenizer) build pairs from ids
+            rows = [
+                self.hf.prepare_for_model(
+                    self._ids(a),
+                    self._ids(b)[:cap],
+                    truncation="longest_first",
+                    max_length=max_length,
+                    verbose=False,
+                )
+                for a, b in zip(texts, pairs, strict=True)
+            ]
+            return {key: [row[key] for row in rows] for key in rows[0].keys()} if rows else {spec.INPUT_IDS: []}
+        backend = self.hf.backend_tokenizer
+        before = backend.truncation
+        backend.no_truncation()
+        try:
+            firsts = backend.encode_batch(list(texts), add_special_tokens=False)
+            seconds = backend.encode_batch(list(pairs), add_special_tokens=False)
+            backend.enable_truncation(max_length, strategy="longest_first", direction=self.hf.truncation_side)
+            encodings = []
+            for a, b in zip(firsts, seconds, strict=True):
+                b.truncate(cap)
+                encodings.append(backend.post_process(a, b, add_special_tokens=True))
+        finally:
+            if before is None:
+                backend.no_truncation()
+            else:
+                backend.enable_truncation(**before)
+        out = {spec.INPUT_IDS: [e.ids for e in encodings]}
+        if self.returns_token_types:
+            out[spec.TOKEN_TYPE_IDS] = [e.type_ids for e in encodings]
+        return out
+
+    def _ids(self, text: str) -> list[int]:
+        """A text's tokens without special tokens, as a Python tokenizer makes them within a pair."""
+        return cast(list[int], self.hf.convert_tokens_to_ids(self.hf.tokenize(text)))
+
+    def _truncated(
+        self, texts: Sequence[str], pairs: Sequence[str] | None, lengths: list[int], cap: int | None = None
+    ) -> list[bool]:
         """Only an input that came out exactly max_length long can have been cut; tokenizing those
         again with room for one more token tells which were (a pair is cut to exactly max_length too)."""
         full = [i for i, n in enumerate(lengths) if n >= self.max_length]
         truncated = [False] * len(lengths)
         if full:
             again = self._call(
-                [texts[i] for i in full], [pairs[i] for i in full] if pairs is not None else None, self.max_length + 1
+                [texts[i] for i in full], [pairs[i] for i in full] if pairs is not None else None, self.max_length + 1, cap
             )
             for i, ids in zip(full, again[spec.INPUT_IDS], strict=True):
                 truncated[i] = len(ids) > self.max_length

@@ -16,7 +16,17 @@ from . import __version__, errors
 from .auth import APIKeyMiddleware
 from .backends.base import Backend
 from .observability import INFERENCE_ROUTES, Metrics, RequestContextMiddleware
-from .protocol import JSON, EmbeddingRequest, EmbeddingResponse, ErrorResponse, ModelList, RerankRequest, RerankResponse
+from .protocol import (
+    JSON,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    ErrorResponse,
+    ModelList,
+    RerankRequest,
+    RerankResponse,
+    RerankV2Request,
+    RerankV2Response,
+)
 from .service import Admission, Limits, Service
 
 _ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 502, 503, 504)}
@@ -105,6 +115,10 @@ def create_app(backend: Backend, limits: Limits | None = None, api_keys: list[st
     async def rerank(body: RerankRequest, request: Request):
         ranking = await until_disconnected(request, service(request).rerank(body))
         return JSON(RerankResponse.of(ranking, body.return_documents))
+
+    @app.post("/v2/rerank", response_model=RerankV2Response, responses=_ERRORS)
+    async def rerank_v2(body: RerankV2Request, request: Request):
+        return JSON(RerankV2Response.of(await until_disconnected(request, service(request).rerank(body))))
 
     @app.get("/v1/models", response_model=ModelList)
     async def models(request: Request):

@@ -15,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 REQUEST_ID = "x-request-id"
-INFERENCE_ROUTES = frozenset({"/v1/embeddings", "/embeddings", "/v1/rerank", "/rerank"})
+INFERENCE_ROUTES = frozenset({"/v1/embeddings", "/embeddings", "/v1/rerank", "/rerank", "/v2/rerank"})
 ROUTES = INFERENCE_ROUTES | {"/v1/models", "/health", "/metrics"}
 access_log = logging.getLogger("fos.access")
 

@@ -1,4 +1,5 @@
-"""Wire types: OpenAI embeddings, Cohere/Jina-style rerank, model list, and the error envelope.
+"""Wire types: OpenAI embeddings, Cohere/Jina-style rerank (Cohere's v1 and v2), model list, and the
+error envelope.
 
 Requests are validated here; each response type builds itself from the service's wire-agnostic
 result (``of``), so every wire format is shaped in exactly one place.
@@ -36,8 +37,12 @@ class EmbeddingRequest(_Request):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: StrictInt | None = Field(None, description="Must equal the model's dimension if given")
     input_type: StrictStr | None = Field(
-        None, description="Extension: picks the model's prefix, e.g. 'query' or 'document' for ruri ('クエリ: ' / '文章: ')"
+        None,
+        description="Extension: the name of the model's prompt to put before each text, as sentence-transformers' "
+        "prompt_name (ruri v3: 'query', 'document', 'topic'); default: the model's default prompt, if any. "
+        "A text that already starts with one of the model's prompts gets none",
     )
+    prompt_name: StrictStr | None = Field(None, description="Extension (TEI): another spelling of input_type")
     user: StrictStr | None = None
     truncate: StrictBool | None = Field(
         None,
@@ -80,15 +85,29 @@ class RerankDocument(_Request):
     text: Text
 
 
-class RerankRequest(_Request):
+class _RerankFields(_Request):
     model: StrictStr | None = Field(None, description="Served model name; may be left out when one reranker is served")
     query: Text
-    documents: Annotated[list[Text | RerankDocument], Field(min_length=1)]
     top_n: StrictInt | None = Field(None, ge=1, description="Return only the best n results")
-    return_documents: StrictBool = False
     truncate: StrictBool | None = Field(
         None, description="Extension (TEI): false rejects a pair longer than the model's context instead of cutting it"
     )
+    max_tokens_per_doc: StrictInt | None = Field(
+        None, ge=1, description="Cohere v2: cut each document to this many tokens first; default: only the model's context"
+    )
+
+
+class RerankRequest(_RerankFields):
+    """Cohere v1, Jina, Dify and TEI-style rerank."""
+
+    documents: Annotated[list[Text | RerankDocument], Field(min_length=1)]
+    return_documents: StrictBool = False
+
+
+class RerankV2Request(_RerankFields):
+    """Cohere's v2 rerank: documents are strings, and results never carry them."""
+
+    documents: Annotated[list[Text], Field(min_length=1)]
 
 
 class RerankResult(BaseModel):
@@ -136,6 +155,40 @@ class RerankResponse(BaseModel):
         )
 
 
+class RerankV2Result(BaseModel):
+    index: int
+    relevance_score: float
+
+
+class ApiVersion(BaseModel):
+    version: str = "2"
+
+
+class InputTokens(BaseModel):
+    input_tokens: int
+
+
+class RerankV2Meta(BaseModel):
+    api_version: ApiVersion
+    tokens: InputTokens
+
+
+class RerankV2Response(BaseModel):
+    """Cohere's ``V2RerankResponse``."""
+
+    id: str
+    results: list[RerankV2Result]
+    meta: RerankV2Meta
+
+    @classmethod
+    def of(cls, ranking: Ranking) -> RerankV2Response:
+        return cls(
+            id=uuid.uuid4().hex,
+            results=[RerankV2Result(index=i, relevance_score=ranking.scores[i]) for i in ranking.order],
+            meta=RerankV2Meta(api_version=ApiVersion(), tokens=InputTokens(input_tokens=ranking.tokens)),
+        )
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -144,6 +197,8 @@ class ModelCard(BaseModel):
     task: Literal["embed", "rerank"]
     max_length: int
     dimension: int | None = None
+    prompts: dict[str, str] | None = None  # by name, what input_type may pick
+    default_prompt_name: str | None = None
 
 
 class ModelList(BaseModel):

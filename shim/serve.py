@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -93,32 +94,42 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def ensure_exported(models: list[str], repository: Path, precision: str | None) -> None:
-    """Export each model the repository lacks, or holds at another precision than ``precision``:
-    asked for int8, serving the fp32 export already there would be serving something else."""
+    """Export each model the repository lacks, or holds at another precision than ``precision``
+    (asked for int8, serving the fp32 export already there would be serving something else).
+    Raises export's errors: ``ModelUnavailable`` first of all, before anything slow, when the model
+    can be had from nowhere."""
     for model in models:
-        name = spec.triton_name(spec.default_served_name(model))
+        try:
+            name = spec.triton_name(spec.default_served_name(model))
+        except ValueError:
+            from export.load import locate
+
+            locate(model)  # a directory that is not there says so
+            raise
         config = repository / name / "config.pbtxt"
         stored = repo.spec_of(repo.parse(config.read_text(encoding="utf-8"))) if config.exists() else None
         if config.exists() and (precision is None or stored is None or stored.precision == precision):
+            # Served as it is: no hub, no torch.
             print(f"{model}: already in {repository}" + (f" ({stored.precision})" if stored else ""), flush=True)
             continue
+        from export.load import detect_task, locate
         from export.main import ExportOptions, export
 
+        local_only = locate(model)
         if stored is not None:
             print(f"{model}: in {repository} as {stored.precision}, not {precision}: exporting it again", flush=True)
             options = _same_choices(repository, stored, model, precision or "fp32")
         else:
-            from export.load import detect_task
-
-            task = detect_task(model)
+            task = detect_task(model, local_only)
             print(f"{model}: not in {repository}; exporting it (task {task}, {precision or 'fp32'})", flush=True)
             options = ExportOptions(model=model, task=task, repository=repository, precision=precision or "fp32")
+        options.local_files_only = local_only
         export(options, log=lambda line: print(line, flush=True))
 
 
 def _same_choices(repository: Path, stored: spec.ModelSpec, model: str, precision: str):
     """Options for exporting ``stored`` again at another precision, and otherwise as it was (a
-    repository also served by Triton keeps its encoder backend, the prefixes stay...)."""
+    repository also served by Triton keeps its encoder backend, the prompts stay...)."""
     from export.main import ExportOptions
 
     encoder = repo.parse((repository / spec.encoder_model(stored.name) / "config.pbtxt").read_text(encoding="utf-8"))
@@ -133,8 +144,22 @@ def _same_choices(repository: Path, stored: spec.ModelSpec, model: str, precisio
         device=stored.device,
         tensorrt=any(a.name == "tensorrt" for a in accelerators),
         normalize=stored.normalize,
-        prefixes=stored.prefixes,
+        prompts=stored.prompts,
+        default_prompt_name=stored.default_prompt_name or "",
     )
+
+
+def configure_logging(level: str) -> None:
+    """One line per record, in one format. huggingface_hub gives its loggers a handler of their own
+    (when its logging module is first imported) and still lets them propagate, so under a configured
+    root each of its lines would print twice, once bare and once formatted: its records go through
+    the root's handler alone."""
+    from huggingface_hub.utils import logging as hub_logging  # installs that handler, if not yet
+
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    hub = hub_logging.get_logger()
+    for handler in list(hub.handlers):
+        hub.removeHandler(handler)
 
 
 def build_app(args: argparse.Namespace) -> FastAPI:
@@ -167,18 +192,14 @@ def app_from_environment() -> FastAPI:
     args = argparse.Namespace(**json.loads(os.environ[ARGS_ENV]))
     args.repository = Path(args.repository)
     args.api_key_file = Path(args.api_key_file) if args.api_key_file else None
-    _configure_logging(args)
+    configure_logging(args.log_level)
     return build_app(args)
-
-
-def _configure_logging(args: argparse.Namespace) -> None:
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    _configure_logging(args)
+    configure_logging(args.log_level)
     if args.workers < 1:
         raise SystemExit("--workers must be at least 1")
     if args.workers > 1 and not args.triton:
@@ -186,7 +207,14 @@ def run(args: argparse.Namespace) -> int:
     if args.model:
         if args.triton:
             raise SystemExit("--model exports for the embedded backend; with --triton, run `fos export` for Triton's repository")
-        ensure_exported(args.model, args.repository, args.precision)
+        from export.load import ModelUnavailable
+        from export.main import ParityError
+
+        try:
+            ensure_exported(args.model, args.repository, args.precision)
+        except (ModelUnavailable, ParityError, ValueError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            return 1
     options = dict(
         host=args.host, port=args.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=args.graceful_timeout
     )

@@ -16,7 +16,16 @@ from fos_runtime.tokenization import truncate_ids
 from .backends.base import Backend
 from .errors import BackendUnavailable, InvalidRequest, ModelNotFound, Overloaded
 from .observability import Metrics
-from .protocol import EmbeddingRequest, EmbeddingResponse, ModelCard, ModelList, Ranking, RerankDocument, RerankRequest
+from .protocol import (
+    EmbeddingRequest,
+    EmbeddingResponse,
+    ModelCard,
+    ModelList,
+    Ranking,
+    RerankDocument,
+    RerankRequest,
+    RerankV2Request,
+)
 
 log = logging.getLogger("fos.service")
 
@@ -132,14 +141,15 @@ class Service:
         self._admissible(1 if isinstance(raw[0], int) else len(raw), "input")
         if isinstance(raw[0], str):
             texts = [self._text(t, f"input[{i}]", "input") for i, t in enumerate(raw)]
-            prefix = self._prefix(s, req.input_type)
+            texts = s.with_prompt(texts, self._prompt_name(s, req))
             with self.admission.admit(len(texts)):
-                out = await self.backend.embed(s, texts=[prefix + t for t in texts], detect_truncation=not truncate)
+                out = await self.backend.embed(s, texts=texts, detect_truncation=not truncate)
         else:
             seqs = [raw] if isinstance(raw[0], int) else raw
             self._check_ids(s, seqs)
-            if req.input_type is not None:
-                raise InvalidRequest("input_type applies to text input, not token ids", param="input_type")
+            if req.input_type is not None or req.prompt_name is not None:
+                param = "input_type" if req.input_type is not None else "prompt_name"
+                raise InvalidRequest(f"{param} applies to text input, not token ids", param=param)
             encoded = truncate_ids(seqs, s.max_length)
             self._check_truncation(s, encoded.cut, truncate, "input", "input[{}]")  # known before any compute
             with self.admission.admit(len(seqs)):
@@ -175,15 +185,15 @@ class Service:
         return clean(text)
 
     @staticmethod
-    def _prefix(s: ModelSpec, input_type: str | None) -> str:
-        if input_type is None:
-            return ""
-        if input_type not in s.prefixes:
-            known = ", ".join(sorted(s.prefixes)) or "none"
-            raise InvalidRequest(
-                f"input_type {input_type!r} is not known for `{s.served_name}` (known: {known})", param="input_type"
-            )
-        return s.prefixes[input_type]
+    def _prompt_name(s: ModelSpec, req: EmbeddingRequest) -> str | None:
+        """input_type, or TEI's prompt_name for it; None: the model's default prompt."""
+        if req.input_type is not None and req.prompt_name is not None and req.input_type != req.prompt_name:
+            raise InvalidRequest("input_type and prompt_name name different prompts; send one", param="prompt_name")
+        name, param = (req.input_type, "input_type") if req.input_type is not None else (req.prompt_name, "prompt_name")
+        if name is not None and name not in s.prompts:
+            known = ", ".join(repr(k) for k in sorted(s.prompts)) or "none"
+            raise InvalidRequest(f"{param} {name!r} is not a prompt of `{s.served_name}` (its prompts: {known})", param=param)
+        return name
 
     def _check_ids(self, s: ModelSpec, seqs: list[list[int]]) -> None:
         for i, seq in enumerate(seqs):
@@ -214,7 +224,7 @@ class Service:
             code="context_length_exceeded",
         )
 
-    async def rerank(self, req: RerankRequest) -> Ranking:
+    async def rerank(self, req: RerankRequest | RerankV2Request) -> Ranking:
         s = await self.resolve(req.model, "rerank")
         query = self._text(req.query, "'query'", "query")
         if not req.documents:
@@ -227,8 +237,11 @@ class Service:
         docs = [d.text if isinstance(d, RerankDocument) else d for d in req.documents]
         truncate = self._truncate(req.truncate)
         cleaned = [self._text(d, f"documents[{i}]", "documents") for i, d in enumerate(docs)]
+        (query,) = s.with_prompt([query], None)  # a cross-encoder's default prompt, as CrossEncoder.predict
         with self.admission.admit(len(docs)):
-            out = await self.backend.rerank(s, query, cleaned, detect_truncation=not truncate)
+            out = await self.backend.rerank(
+                s, query, cleaned, detect_truncation=not truncate, max_doc_tokens=req.max_tokens_per_doc
+            )
         self._check_truncation(s, out.truncated, truncate, "documents", "'query' with documents[{}]")
         self._count(s, out.tokens)
         scores = [float(x) for x in out.values]
@@ -241,7 +254,12 @@ class Service:
         return ModelList(
             data=[
                 ModelCard(
-                    id=s.served_name, task=s.task, max_length=s.max_length, dimension=s.dimension if s.task == "embed" else None
+                    id=s.served_name,
+                    task=s.task,
+                    max_length=s.max_length,
+                    dimension=s.dimension if s.task == "embed" else None,
+                    prompts=s.prompts or None,
+                    default_prompt_name=s.default_prompt_name,
                 )
                 for s in sorted(self.backend.specs(), key=lambda s: s.served_name)
             ]

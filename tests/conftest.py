@@ -1,5 +1,6 @@
-"""Session fixtures: tiny ruri-shaped models -> ``fos export`` -> a real tritonserver and the embedded
-backend, each behind the shim on loopback."""
+"""Session fixtures: tiny ruri-shaped models (v1's BERT and v3's ModernBERT, an embedder and a reranker
+of each) -> ``fos export`` into one repository -> a real tritonserver and the embedded backend, each
+behind the shim on loopback."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import tiny_models
-from helpers import EMBED, RERANK, ServerThread, run_tritonserver, stubs
+from helpers import SERVED, ServerThread, run_tritonserver, stubs
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -29,33 +30,45 @@ def no_process_left_behind(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
+    # No "ruri" in these paths: the v3 models' prompts must come from the models themselves.
     root = tmp_path_factory.mktemp("models")
-    return {"embed": tiny_models.build_embedder(root / "embed"), "rerank": tiny_models.build_reranker(root / "rerank")}
+    return {
+        "embed": tiny_models.build_embedder(root / "embed"),
+        "rerank": tiny_models.build_reranker(root / "rerank"),
+        "embed_v3": tiny_models.build_embedder_v3(root / "embed_v3"),
+        "rerank_v3": tiny_models.build_reranker_v3(root / "rerank_v3"),
+    }
+
+
+def task_of(key: str) -> str:
+    return key.split("_")[0]
 
 
 @pytest.fixture(scope="session")
 def references(tiny_dirs):
-    """sentence-transformers models, loaded as export loads them (token types asked for)."""
+    """sentence-transformers models by tiny_dirs key, loaded as export loads them (token types asked for)."""
     from export.load import load
 
-    return {task: load(str(tiny_dirs[task]), task).model for task in ("embed", "rerank")}
+    return {key: load(str(folder), task_of(key)).model for key, folder in tiny_dirs.items()}
 
 
 @pytest.fixture(scope="session")
 def exported(tiny_dirs, tmp_path_factory) -> dict:
-    """Both tiny models exported through the ``fos`` command line, with what it printed."""
+    """The tiny models exported through the ``fos`` command line into one repository, with what it
+    printed by tiny_dirs key."""
     from shim.cli import main
 
     repo = tmp_path_factory.mktemp("repo") / "model_repository"
     printed = {}
-    for task, name in (("embed", EMBED), ("rerank", RERANK)):
+    for name, key in SERVED.items():
+        task = task_of(key)
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             code = main(
                 [
                     "export",
                     "--model",
-                    str(tiny_dirs[task]),
+                    str(tiny_dirs[key]),
                     "--task",
                     task,
                     "--name",
@@ -66,8 +79,8 @@ def exported(tiny_dirs, tmp_path_factory) -> dict:
                     "python",
                 ]
             )
-        printed[task] = out.getvalue()
-        assert code == 0, printed[task]
+        printed[key] = out.getvalue()
+        assert code == 0, printed[key]
     return {"repository": repo, "printed": printed}
 
 

@@ -54,7 +54,7 @@ class FakeBackend:
         vectors = np.array([[float(x), 1.0, 0.0, 0.0] for x in lengths], dtype=np.float32).reshape(n, 4)
         return Output(vectors, lengths, [False] * n)
 
-    async def rerank(self, s, query, documents, detect_truncation=False):
+    async def rerank(self, s, query, documents, detect_truncation=False, max_doc_tokens=None):
         self.calls += 1
         await asyncio.sleep(self.delay)
         scores = np.array([1.0 / (1 + len(d)) for d in documents], dtype=np.float32)

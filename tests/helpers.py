@@ -15,6 +15,10 @@ from shim.triton_server import processes
 
 EMBED = "test/ruri-tiny"
 RERANK = "test/ruri-reranker-tiny"
+EMBED_V3 = "test/ruri-v3-tiny"
+RERANK_V3 = "test/ruri-v3-reranker-tiny"
+# Served name -> the tiny_dirs key of the model it serves.
+SERVED = {EMBED: "embed", RERANK: "rerank", EMBED_V3: "embed_v3", RERANK_V3: "rerank_v3"}
 
 
 def free_port() -> int:

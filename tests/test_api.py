@@ -204,11 +204,6 @@ def test_rerank_dify_shape_top_n_and_documents(server, references):
     assert "document" not in r2.json()["results"][0]
 
 
-def test_model_may_be_left_out_when_one_of_its_task_is_served(server):
-    assert httpx.post(server.url + "/v1/embeddings", json={"input": "猫"}).json()["model"] == EMBED
-    assert httpx.post(server.url + "/v1/rerank", json={"query": "猫", "documents": ["犬"]}).json()["model"] == RERANK
-
-
 def test_models_and_health(server):
     assert httpx.get(server.url + "/health").status_code == 200
     models = {m["id"]: m for m in httpx.get(server.url + "/v1/models").json()["data"]}

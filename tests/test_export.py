@@ -17,26 +17,38 @@ from fos_runtime.tokenization import Tokenizer
 from shim.cli import main
 from shim.repository import parse, read_specs
 
-from helpers import EMBED, RERANK
+from helpers import EMBED, EMBED_V3, RERANK, RERANK_V3, SERVED
 
 
-@pytest.mark.parametrize("task", ["embed", "rerank"])
-def test_cli_export_prints_passing_parity(exported, task):
-    printed = exported["printed"][task]
+@pytest.mark.parametrize("key", sorted(SERVED.values()))
+def test_cli_export_prints_passing_parity(exported, key):
+    printed = exported["printed"][key]
     assert "tokens identical: yes" in printed
     assert "-> PASS" in printed and "FAIL" not in printed
     assert "export finished" in printed
+    if key == "embed_v3":  # each of the model's prompts is checked too
+        assert "prompts query, document, topic" in printed
 
 
 def test_specs_in_the_repository(exported):
     specs = {s.served_name: s for s in read_specs(exported["repository"])}
-    assert set(specs) == {EMBED, RERANK}
+    assert set(specs) == set(SERVED)
     e, r = specs[EMBED], specs[RERANK]
     assert (e.task, e.dimension, e.max_length, e.normalize, e.model_normalizes) == ("embed", 32, 32, True, False)
     assert r.task == "rerank" and r.max_length == 32
     # Token types reach the cross-encoder (transformers 5 would drop them for BertJapaneseTokenizer).
     assert spec.TOKEN_TYPE_IDS in r.encoder_inputs
     assert e.name == "test--ruri-tiny"
+    # A model without prompts of its own and not known by id: sentence-transformers' empty query and
+    # document prompts, nothing else.
+    assert e.prompts == {"query": "", "document": ""} and e.default_prompt_name is None
+    # ruri v3: 8192 tokens, no token types, its prompts read from the model (the path has no "ruri").
+    e3, r3 = specs[EMBED_V3], specs[RERANK_V3]
+    assert (e3.max_length, r3.max_length) == (8192, 8192)
+    assert e3.encoder_inputs == r3.encoder_inputs == (spec.INPUT_IDS, spec.ATTENTION_MASK)
+    assert e3.prompts == {"query": "検索クエリ: ", "document": "検索文書: ", "topic": "トピック: "}
+    assert e3.default_prompt_name is None
+    assert "ruri" not in e3.source
 
 
 def test_configs_chain_tokenizer_to_encoder(exported):
@@ -68,6 +80,8 @@ def test_attention_is_fused(exported):
 
     repo = exported["repository"]
     for s in read_specs(repo):
+        if s.served_name not in (EMBED, RERANK):
+            continue  # onnxruntime has no fusion for ModernBERT
         graph = onnx.load(str(repo / spec.encoder_model(s.name) / "1" / "model.onnx")).graph
         ops = [n.op_type for n in graph.node]
         assert ops.count("Attention") == 2 and "Softmax" not in ops, (s.served_name, sorted(set(ops)))
@@ -83,20 +97,23 @@ def test_exported_tokenizer_gives_segment_ids(exported):
 
 
 def test_detect_task(tiny_dirs):
-    assert export.load.detect_task(str(tiny_dirs["embed"])) == "embed"
-    assert export.load.detect_task(str(tiny_dirs["rerank"])) == "rerank"
+    for key in SERVED.values():
+        assert export.load.detect_task(str(tiny_dirs[key])) == key.split("_")[0]
 
 
-@pytest.mark.parametrize(("task", "precision"), [("embed", "fp16"), ("rerank", "fp16"), ("embed", "int8"), ("rerank", "int8")])
-def test_other_precisions(tiny_dirs, tmp_path, task, precision):
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+@pytest.mark.parametrize("key", ["embed", "rerank", "embed_v3", "rerank_v3"])
+def test_other_precisions(tiny_dirs, tmp_path, key, precision):
+    task = key.split("_")[0]
     lines: list[str] = []
     s = run_export(
-        ExportOptions(model=str(tiny_dirs[task]), task=task, name=f"p/{task}", repository=tmp_path / "repo", precision=precision),
+        ExportOptions(model=str(tiny_dirs[key]), task=task, name=f"p/{key}", repository=tmp_path / "repo", precision=precision),
         log=lines.append,
     )
     assert s.precision == precision
     text = "\n".join(lines)
     assert "PASS" in text, text
+    print(f"{key} {precision}:", *(line.strip() for line in lines if "max |diff|" in line or "min cosine" in line))
     if precision == "int8":
         assert "reported only" in text
     enc = parse((tmp_path / "repo" / spec.encoder_model(s.name) / "config.pbtxt").read_text())
@@ -110,7 +127,7 @@ def test_parity_failure_exits_non_zero(tiny_dirs, tmp_path, monkeypatch):
     def skewed(*args, **kwargs):
         source = real_load(*args, **kwargs)
         reference = source.reference
-        source.reference = lambda items: reference(items) + 1e-3  # a model that is off by 1e-3
+        source.reference = lambda items, prompt="": reference(items, prompt) + 1e-3  # a model that is off by 1e-3
         return source
 
     monkeypatch.setattr(export.load, "load", skewed)
@@ -168,14 +185,69 @@ def test_serve_never_serves_another_precision_than_asked(tiny_dirs, tmp_path, ca
 
     repo, model = tmp_path / "repo", str(tiny_dirs["embed"])
     # An fp32 export with choices of its own, which a new precision must not undo.
-    options = ExportOptions(model=model, task="embed", repository=repo, encoder_backend="python", prefixes={"query": "q: "})
+    options = ExportOptions(model=model, task="embed", repository=repo, encoder_backend="python", prompts={"query": "q: "})
     run_export(options, log=lambda _: None)
     ensure_exported([model], repo, None)  # no precision asked: whatever is there
     assert "already in" in capsys.readouterr().out
     ensure_exported([model], repo, "int8")
     assert "fp32, not int8: exporting it again" in capsys.readouterr().out
     (s,) = read_specs(repo)
-    assert s.precision == "int8" and s.prefixes == {"query": "q: "}
+    assert s.precision == "int8" and s.prompts["query"] == "q: "
     assert parse((repo / spec.encoder_model(s.name) / "config.pbtxt").read_text()).backend == "python"
     ensure_exported([model], repo, "int8")
     assert "already in" in capsys.readouterr().out
+
+
+def _prompts(own: dict[str, str], model: str, default: str | None = None, **opts):
+    from types import SimpleNamespace
+
+    from export.main import prompts_of
+
+    source = SimpleNamespace(prompts=own, default_prompt_name=default)
+    return prompts_of(source, ExportOptions(model=model, task="embed", **opts))
+
+
+def test_prompts_come_from_the_model_then_its_id_then_the_user():
+    empty = {"query": "", "document": ""}  # what sentence-transformers has for a model without prompts
+    ruri_v1 = {"query": "クエリ: ", "document": "文章: "}
+    assert _prompts(empty, "cl-nagoya/ruri-large") == {"prompts": ruri_v1, "default_prompt_name": None}
+    assert _prompts(empty, "someone/bert")["prompts"] == empty
+    # A fine-tuned copy or a mirror of ruri v3: its own prompts, whatever its name.
+    own = {**empty, "query": "問: ", "document": "答: "}
+    assert _prompts(own, "cl-nagoya/ruri-v3-310m")["prompts"] == own
+    assert _prompts(own, "/models/my-ruri", default="document")["default_prompt_name"] == "document"
+    # The user's prompts replace those of the same name; the default may be set or cleared.
+    got = _prompts(own, "x", default="document", prompts={"query": "Q: ", "extra": "E: "}, default_prompt_name="")
+    assert got == {"prompts": {"query": "Q: ", "document": "答: ", "extra": "E: "}, "default_prompt_name": None}
+    assert _prompts(own, "x", default_prompt_name="query")["default_prompt_name"] == "query"
+    with pytest.raises(ValueError, match="not one of the model's prompts"):
+        _prompts(own, "x", default_prompt_name="nonsense")
+
+
+def test_cli_prompt_flags_reach_the_spec_and_parity(tiny_dirs, tmp_path):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(
+            [
+                "export",
+                "--model",
+                str(tiny_dirs["embed_v3"]),
+                "--task",
+                "embed",
+                "--name",
+                "v3/custom",
+                "--repository",
+                str(tmp_path),
+                "--prompt",
+                "query=質問: ",
+                "--prefix",  # the older spelling
+                "title=題: ",
+                "--default-prompt",
+                "document",
+            ]
+        )
+    assert code == 0, out.getvalue()
+    (s,) = read_specs(tmp_path)
+    assert s.prompts == {"query": "質問: ", "document": "検索文書: ", "topic": "トピック: ", "title": "題: "}
+    assert s.default_prompt_name == "document"
+    assert "prompts query, document, topic, title" in out.getvalue() and "PASS" in out.getvalue()

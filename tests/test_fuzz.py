@@ -22,5 +22,5 @@ schema = schemathesis.openapi.from_dict(create_app(FakeBackend()).openapi())
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 def test_api_fuzz(case, server):
     # Schema-valid requests may still be refused on meaning (an unknown model name, an input_type
-    # the model has no prefix for), so "schema-valid must succeed" is the one check left out.
+    # the model has no prompt for), so "schema-valid must succeed" is the one check left out.
     case.call_and_validate(base_url=server.url, excluded_checks=[schemathesis.checks.positive_data_acceptance])

@@ -303,3 +303,10 @@ def test_blank_text_is_refused_naming_it():
         assert backend.calls == 0
         # Visible text around those characters is kept and served.
         assert http.post("/v1/embeddings", json={"model": "fake/embed", "input": "\u200b猫\u3000"}).status_code == 200
+
+
+def test_model_may_be_left_out_when_one_of_its_task_is_served():
+    with TestClient(create_app(FakeBackend())) as http:
+        assert http.post("/v1/embeddings", json={"input": "猫"}).json()["model"] == "fake/embed"
+        assert http.post("/v1/rerank", json={"query": "猫", "documents": ["犬"]}).json()["model"] == "fake/rerank"
+        assert http.post("/v2/rerank", json={"query": "猫", "documents": ["犬"]}).status_code == 200

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 from hypothesis import given
 from hypothesis import strategies as st
 
 from fos_runtime import spec
 from fos_runtime.batching import length_batches
 from fos_runtime.padding import pad
-from fos_runtime.spec import ModelSpec, known_prefixes, triton_name
+from fos_runtime.spec import ModelSpec, known_prompts, triton_name
 from fos_runtime.tokenization import Encoded, truncate_ids
 
 ALL = spec.ENCODER_INPUTS_ALL
@@ -94,7 +96,7 @@ def test_length_batches_group_similar_lengths():
     assert length_batches([12, 14, 15, 193], max_batch=32, max_tokens=8192) == [[0, 1, 2], [3]]
 
 
-def test_triton_names_and_prefixes():
+def test_triton_names_and_known_prompts():
     assert triton_name("cl-nagoya/ruri-large") == "cl-nagoya--ruri-large"
     for bad in ("a b", "../x", "x__encoder", ""):
         try:
@@ -102,9 +104,9 @@ def test_triton_names_and_prefixes():
         except ValueError:
             continue
         raise AssertionError(bad)
-    assert known_prefixes("cl-nagoya/ruri-large") == {"query": "クエリ: ", "document": "文章: "}
-    assert known_prefixes("cl-nagoya/ruri-v3-310m")["query"] == "検索クエリ: "
-    assert known_prefixes("cl-nagoya/ruri-reranker-large") == {}
+    assert known_prompts("cl-nagoya/ruri-large") == {"query": "クエリ: ", "document": "文章: "}
+    assert known_prompts("cl-nagoya/ruri-v3-310m")["query"] == "検索クエリ: "
+    assert known_prompts("cl-nagoya/ruri-reranker-large") == {}
 
 
 def test_spec_round_trip():
@@ -117,9 +119,53 @@ def test_spec_round_trip():
         pad_token_id=0,
         vocab_size=32768,
         dimension=1024,
-        prefixes=known_prefixes("cl-nagoya/ruri-large"),
+        prompts=known_prompts("cl-nagoya/ruri-large"),
+        default_prompt_name="document",
     )
     assert ModelSpec.from_json(s.to_json()) == s
+
+
+def test_specs_exported_before_prompts_read_their_prefixes():
+    raw = json.loads(_spec().to_json())
+    raw.pop("prompts")
+    raw.pop("default_prompt_name")
+    raw["prefixes"] = {"query": "クエリ: "}
+    assert ModelSpec.from_json(json.dumps(raw)).prompts == {"query": "クエリ: "}
+
+
+def _spec(**kw) -> ModelSpec:
+    return ModelSpec(
+        served_name="m",
+        task="embed",
+        source="m",
+        max_length=8192,
+        encoder_inputs=("input_ids", "attention_mask"),
+        pad_token_id=3,
+        vocab_size=100,
+        **kw,
+    )
+
+
+def test_prompts_resolve_as_sentence_transformers_does_and_are_never_doubled():
+    v3 = {"query": "検索クエリ: ", "document": "検索文書: ", "topic": "トピック: ", "": ""}
+    s = _spec(prompts=v3)
+    assert s.with_prompt(["猫", "犬"], "query") == ["検索クエリ: 猫", "検索クエリ: 犬"]
+    assert s.with_prompt(["猫"], None) == ["猫"]  # no default prompt: nothing
+    assert s.with_prompt(["猫"], "") == ["猫"]
+    # Dify's query_prefix "検索クエリ:" joined with a space already gave the text its prompt.
+    assert s.with_prompt(["検索クエリ: 猫"], "query") == ["検索クエリ: 猫"]
+    # ... and a text that carries another of the model's prompts is not given a second one.
+    assert s.with_prompt(["検索クエリ: 猫"], "document") == ["検索クエリ: 猫"]
+    assert s.with_prompt(["検索クエリ:猫"], "query") == ["検索クエリ: 検索クエリ:猫"]  # not the prompt: prepended
+    with_default = _spec(prompts=v3, default_prompt_name="document")
+    assert with_default.with_prompt(["猫", "検索クエリ: 犬"], None) == ["検索文書: 猫", "検索クエリ: 犬"]
+    assert with_default.with_prompt(["猫"], "query") == ["検索クエリ: 猫"]
+    try:
+        s.prompt("nonsense")
+    except KeyError:
+        pass
+    else:
+        raise AssertionError("unknown prompt names must not resolve")
 
 
 def test_tokenizer_is_safe_to_share_between_threads(tmp_path):
@@ -138,3 +184,42 @@ def test_tokenizer_is_safe_to_share_between_threads(tmp_path):
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda _: tok.encode(texts).input_ids, range(200)))
     assert all(r == want for r in results)
+
+
+def _both_kinds_of_tokenizer(tmp_path):
+    """ruri v1's Python tokenizer (MeCab + WordPiece) and ruri v3's fast SentencePiece-style one."""
+    from bench import random_models
+
+    import tiny_models
+
+    tiny_models.build_tokenizer(tmp_path / "v1").save_pretrained(str(tmp_path / "v1"))
+    random_models.sentencepiece_tokenizer(tmp_path / "v3", tiny_models.corpus(), random_models.TINY_V3)
+    return [tmp_path / "v1", tmp_path / "v3"]
+
+
+def test_documents_cut_to_max_pair_tokens(tmp_path):
+    from fos_runtime.tokenization import Tokenizer
+
+    import tiny_models
+
+    text = "".join(tiny_models.corpus())
+    queries, docs = ["猫", text[:40], text, "東京"], [text, "犬", text[:200], "京都"]
+    cap = 5
+    for folder in _both_kinds_of_tokenizer(tmp_path):
+        for max_length in (32, 64, 4096):
+            tok = Tokenizer(folder, max_length=max_length)
+            plain = tok.encode(queries, docs)
+            # A cap nothing reaches changes nothing.
+            assert tok.encode(queries, docs, max_pair_tokens=100_000).input_ids == plain.input_ids, (folder, max_length)
+            capped = tok.encode(queries, docs, max_pair_tokens=cap, detect_truncation=True)
+            specials = tok.hf.num_special_tokens_to_add(pair=True)
+            for i, (q, d) in enumerate(zip(queries, docs, strict=True)):
+                ids = capped.input_ids[i]
+                q_tokens = tok.hf(q, add_special_tokens=False)["input_ids"]
+                kept = tok.hf(d, add_special_tokens=False)["input_ids"][:cap]
+                fits = len(q_tokens) + len(kept) + specials <= max_length
+                assert len(ids) == min(len(q_tokens) + len(kept) + specials, max_length)
+                if fits:  # the document's first tokens, before the pair's closing special token
+                    assert ids[-1 - len(kept) : -1] == kept, (folder, max_length, i)
+                # The client's cut is not truncation; the context's still is.
+                assert capped.truncated[i] == (not fits), (folder, max_length, i)

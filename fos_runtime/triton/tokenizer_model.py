@@ -34,8 +34,12 @@ class TritonPythonModel:
                 texts = _strings(request, spec.TEXT)
                 pairs = _strings(request, spec.TEXT_PAIR) if self.spec.task == "rerank" else None
                 detect = pb_utils.get_input_tensor_by_name(request, spec.DETECT_TRUNCATION)
+                cap = pb_utils.get_input_tensor_by_name(request, spec.MAX_DOC_TOKENS) if pairs is not None else None
                 encoded = self.tokenizer.encode(
-                    texts, pairs, detect_truncation=detect is not None and bool(detect.as_numpy().any())
+                    texts,
+                    pairs,
+                    detect_truncation=detect is not None and bool(detect.as_numpy().any()),
+                    max_pair_tokens=int(cap.as_numpy().reshape(-1)[0]) if cap is not None else None,
                 )
                 arrays = padding.pad(encoded, self.spec.pad_token_id, self.spec.encoder_inputs)
                 counts = np.asarray(encoded.lengths, dtype=np.int64).reshape(-1, 1)

@@ -74,5 +74,13 @@ class Backend(Protocol):
         """Exactly one of ``texts`` (tokenized by the backend) and ``encoded`` (token ids) is given.
         ``Output.truncated`` is reliable only with ``detect_truncation`` (it costs tokenization time)."""
 
-    async def rerank(self, s: ModelSpec, query: str, documents: Sequence[str], detect_truncation: bool = False) -> Output:
-        """Scores for the (query, document) pairs, in document order."""
+    async def rerank(
+        self,
+        s: ModelSpec,
+        query: str,
+        documents: Sequence[str],
+        detect_truncation: bool = False,
+        max_doc_tokens: int | None = None,
+    ) -> Output:
+        """Scores for the (query, document) pairs, in document order; ``max_doc_tokens`` cuts each
+        document to that many tokens before the pair is fitted to the model's context."""

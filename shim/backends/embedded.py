@@ -80,11 +80,14 @@ class _Model:
             self._run, max_rows=1 << 30, max_cost=self.plan.round_tokens, concurrency=1, name=s.served_name
         )
 
-    async def tokenize(self, texts: Sequence[str], pairs: Sequence[str] | None, detect_truncation: bool) -> Encoded:
+    async def tokenize(
+        self, texts: Sequence[str], pairs: Sequence[str] | None, detect_truncation: bool, max_pair_tokens: int | None = None
+    ) -> Encoded:
         parts = []
         for a, b in chunks(texts, pairs):
             chunk_pairs = pairs[a:b] if pairs is not None else None
-            parts.append(await in_thread(self.tokenize_pool, self.tokenizer.encode, texts[a:b], chunk_pairs, detect_truncation))
+            encode = self.tokenizer.encode
+            parts.append(await in_thread(self.tokenize_pool, encode, texts[a:b], chunk_pairs, detect_truncation, max_pair_tokens))
         return batching.merge(parts)
 
     async def encode(self, encoded: Encoded) -> np.ndarray:
@@ -156,7 +159,14 @@ class EmbeddedBackend:
             encoded = await model.tokenize(list(texts or []), None, detect_truncation)
         return Output.of(await model.encode(encoded), encoded)
 
-    async def rerank(self, s: ModelSpec, query: str, documents: Sequence[str], detect_truncation: bool = False) -> Output:
+    async def rerank(
+        self,
+        s: ModelSpec,
+        query: str,
+        documents: Sequence[str],
+        detect_truncation: bool = False,
+        max_doc_tokens: int | None = None,
+    ) -> Output:
         model = self._model(s)
-        encoded = await model.tokenize([query] * len(documents), list(documents), detect_truncation)
+        encoded = await model.tokenize([query] * len(documents), list(documents), detect_truncation, max_doc_tokens)
         return Output.of((await model.encode(encoded)).reshape(-1), encoded)

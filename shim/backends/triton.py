@@ -55,6 +55,7 @@ class _Rows:
     texts: list[str]
     pairs: list[str] | None
     detect_truncation: bool
+    max_doc_tokens: int | None = None  # rerank: each document cut to this many tokens first (Cohere's max_tokens_per_doc)
 
     @property
     def lengths(self) -> list[int]:
@@ -94,6 +95,13 @@ def _detect(rows: int, wanted: bool) -> list[grpcclient.InferInput]:
     tensor = grpcclient.InferInput(specs.DETECT_TRUNCATION, [rows, 1], "BOOL")
     tensor.set_data_from_numpy(np.ones((rows, 1), dtype=np.bool_))
     return [tensor]
+
+
+def _doc_tokens(rows: int, cap: int | None) -> list[grpcclient.InferInput]:
+    """The rerank ensemble's optional MAX_DOC_TOKENS input, sent only when a cap is asked for."""
+    if cap is None:
+        return []
+    return [_ints(specs.MAX_DOC_TOKENS, np.full((rows, 1), cap, dtype=np.int64))]
 
 
 def _ints(name: str, arr: np.ndarray) -> grpcclient.InferInput:
@@ -275,18 +283,29 @@ class TritonBackend:
             inputs = [_strings(specs.TEXT, [rows.texts[i] for i in g])]
             if rows.pairs is not None:
                 inputs.append(_strings(specs.TEXT_PAIR, [rows.pairs[i] for i in g]))
-            return self._infer(s.name, [*inputs, *_detect(len(g), rows.detect_truncation)], outputs, deadline)
+            options = [*_detect(len(g), rows.detect_truncation), *_doc_tokens(len(g), rows.max_doc_tokens)]
+            return self._infer(s.name, [*inputs, *options], outputs, deadline)
 
         values, tokens, truncated = await self._fan_out(groups, call, len(rows.texts))
         return _output(values if s.task == "embed" else values.reshape(-1), tokens, truncated)
 
     async def _run_round(self, s: ModelSpec, jobs: Sequence[_Rows]) -> list[Output | BaseException]:
+        caps = {j.max_doc_tokens for j in jobs}
+        if len(caps) > 1:  # one cap per call: the tokenizer model takes one per request
+            by_cap = [[k for k, j in enumerate(jobs) if j.max_doc_tokens == cap] for cap in caps]
+            parts = await asyncio.gather(*(self._run_round(s, [jobs[k] for k in group]) for group in by_cap))
+            answers: list[Output | BaseException] = [ValueError("unanswered")] * len(jobs)
+            for group, part in zip(by_cap, parts, strict=True):
+                for k, result in zip(group, part, strict=True):
+                    answers[k] = result
+            return answers
         if len(jobs) == 1:
             return [await self._ensemble(s, jobs[0])]
         merged = _Rows(
             texts=[t for j in jobs for t in j.texts],
             pairs=[p for j in jobs for p in j.pairs or ()] if s.task == "rerank" else None,
             detect_truncation=any(j.detect_truncation for j in jobs),
+            max_doc_tokens=jobs[0].max_doc_tokens,
         )
         try:
             out = await self._ensemble(s, merged)
@@ -337,9 +356,16 @@ class TritonBackend:
             return Output.of(vectors, ids)
         return await self._submit(s, _Rows(list(texts or []), None, detect_truncation))
 
-    async def rerank(self, s: ModelSpec, query: str, documents: Sequence[str], detect_truncation: bool = False) -> Output:
+    async def rerank(
+        self,
+        s: ModelSpec,
+        query: str,
+        documents: Sequence[str],
+        detect_truncation: bool = False,
+        max_doc_tokens: int | None = None,
+    ) -> Output:
         docs = list(documents)
-        return await self._submit(s, _Rows([query] * len(docs), docs, detect_truncation))
+        return await self._submit(s, _Rows([query] * len(docs), docs, detect_truncation, max_doc_tokens))
 
 
 _COUNTS = (specs.NUM_TOKENS, specs.TRUNCATED)
