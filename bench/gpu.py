@@ -88,7 +88,9 @@ def run(repository: Path, name: str, out: Path, st_dir: Path | None, corpus: Pat
     encoded = Encoded(input_ids=ids, token_type_ids=[[0] * len(x) for x in ids])
     plan = batching.plan_for(encoder.device)
     stats = batching.Stats()
-    secs, (vectors,) = _timed(lambda: batching.run(encoder, [encoded], s.pad_token_id, s.encoder_inputs, plan, stats))
+    secs, (vectors,) = _timed(
+        lambda: batching.run(encoder, [encoded], s.pad_token_id, s.encoder_inputs, plan, stats, s.max_length)
+    )
     report["encoder_alone"] = {"s": secs, "tokens_per_s": tokens / secs, "padding_efficiency": stats.padding_efficiency}
     print(
         f"encoder alone (fp16, {plan.max_rows} rows / {plan.max_tokens} tokens a run): {tokens / secs:,.0f} tokens/s", flush=True

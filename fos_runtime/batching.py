@@ -15,7 +15,7 @@ import numpy as np
 
 from . import spec
 from .encoder import Encoder
-from .padding import pad
+from .padding import ROW_BUCKETS, bucket_length, pad
 from .tokenization import Encoded
 
 
@@ -31,17 +31,36 @@ class BatchPlan:
     round_tokens: int  # real tokens gathered from waiting requests into one round
     queue_delay_us: int  # how long Triton's dynamic batcher waits for more requests
     tokenizer_instances: int  # Triton tokenizer processes: MeCab + WordPiece does ~130k tokens/s on one core
+    shape_buckets: bool  # round run shapes up to a few buckets (padding.py: a GPU pays for every new shape)
+    max_padding: float  # share of a run's tokens that may be padding: little on a CPU, where it is all compute
 
     def runs(self, lengths: Sequence[int]) -> list[list[int]]:
-        return length_batches(lengths, self.max_rows, self.max_tokens)
+        return length_batches(lengths, self.max_rows, self.max_tokens, self.max_padding)
 
 
 # A CPU is saturated by 32 rows; a GPU is not: on an H200, ruri-large fp16 ran 1.33x faster in runs of
 # up to 256 rows / 65536 tokens than of 32 / 8192 (bench/gpu.py, docs/benchmarks.md).
 PLANS = {
     # On a CPU the encoder wants every core; on a GPU host the cores feed the GPU.
-    "cpu": BatchPlan(max_rows=32, max_tokens=8192, round_tokens=32768, queue_delay_us=2_000, tokenizer_instances=1),
-    "gpu": BatchPlan(max_rows=256, max_tokens=65536, round_tokens=65536, queue_delay_us=500, tokenizer_instances=4),
+    "cpu": BatchPlan(
+        max_rows=32,
+        max_tokens=8192,
+        round_tokens=32768,
+        queue_delay_us=2_000,
+        tokenizer_instances=1,
+        shape_buckets=False,
+        max_padding=0.15,
+    ),
+    "gpu": BatchPlan(
+        max_rows=256,
+        max_tokens=65536,
+        round_tokens=65536,
+        queue_delay_us=500,
+        tokenizer_instances=4,
+        shape_buckets=True,
+        # Small runs on a GPU cost their kernel launches, not their tokens: fewer runs beat less padding.
+        max_padding=0.5,
+    ),
 }
 DEVICES = tuple(PLANS)
 
@@ -95,6 +114,26 @@ def length_batches(
     return batches
 
 
+def warm_up(
+    encoder: Encoder, plan: BatchPlan, pad_token_id: int, inputs: Sequence[str], max_length: int, longest: int = 1024
+) -> int:
+    """Run every bucketed shape the plan can produce, up to ``longest`` tokens, once: the first run of a shape is
+    the slow one. Returns the number of shapes run."""
+    if not plan.shape_buckets:
+        return 0
+    limit = min(max_length, longest)
+    widths = sorted({bucket_length(n, max_length) for n in range(1, limit + 1)})
+    shapes = 0
+    for rows in ROW_BUCKETS:
+        for width in widths:
+            if rows > plan.max_rows or rows * width > plan.max_tokens:
+                break
+            sample = Encoded(input_ids=[[pad_token_id] * width] * rows)
+            encoder.run(pad(sample, pad_token_id, inputs))
+            shapes += 1
+    return shapes
+
+
 def merge(encodeds: Sequence[Encoded]) -> Encoded:
     """One Encoded of all inputs, in order: token types and truncation flags kept where any part has them."""
     ids: list[list[int]] = []
@@ -116,15 +155,19 @@ def run(
     inputs: Sequence[str],
     plan: BatchPlan,
     stats: Stats | None = None,
+    max_length: int | None = None,
 ) -> list[np.ndarray]:
-    """One output array per element of ``encodeds``, rows in their order."""
+    """One output array per element of ``encodeds``, rows in their order. ``max_length``, the model's
+    context, bounds the shape buckets of a plan that uses them."""
     merged = merge(encodeds)
     lengths = merged.lengths
     result: np.ndarray | None = None
+    buckets = plan.shape_buckets and max_length is not None
+    limit = max_length if buckets else None
     for batch in plan.runs(lengths):
-        feeds = pad(merged, pad_token_id, inputs, order=batch)
+        feeds = pad(merged, pad_token_id, inputs, order=batch, length_limit=limit, bucket_rows_too=buckets)
         started = time.perf_counter()
-        out = encoder.run(feeds)
+        out = encoder.run(feeds)[: len(batch)]
         elapsed = time.perf_counter() - started
         if result is None:
             result = np.empty((len(lengths), out.shape[1]), dtype=np.float32)

@@ -239,3 +239,17 @@ async def test_in_a_failed_round_only_the_request_at_fault_fails():
     )
     assert isinstance(results[1], BackendFailed)
     assert results[0].values.shape == (1, 2) and results[2].values.shape == (2, 2)
+
+
+def test_gpu_calls_hold_a_row_buckets_worth_each():
+    # An ONNX Runtime backend runs each call as it comes: calls of bucket sizes keep its shapes few.
+    import dataclasses
+
+    from shim.backends.triton import _calls
+
+    lengths = list(range(1, 46))
+    cpu = _calls(SPEC, lengths)
+    assert [len(c) for c in cpu] == [32, 13]
+    gpu = _calls(dataclasses.replace(SPEC, device="gpu"), lengths)
+    assert sorted(len(c) for c in gpu) == [1, 4, 8, 32]
+    assert sorted(i for c in gpu for i in c) == list(range(45))

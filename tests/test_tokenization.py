@@ -223,3 +223,58 @@ def test_documents_cut_to_max_pair_tokens(tmp_path):
                     assert ids[-1 - len(kept) : -1] == kept, (folder, max_length, i)
                 # The client's cut is not truncation; the context's still is.
                 assert capped.truncated[i] == (not fits), (folder, max_length, i)
+
+
+def test_shape_buckets_bound_what_a_gpu_engine_sees():
+    from fos_runtime.padding import ROW_BUCKETS, bucket_length, bucket_rows
+
+    assert [bucket_length(n, 512) for n in (1, 16, 17, 64, 65, 500, 512)] == [16, 16, 32, 64, 96, 512, 512]
+    assert bucket_length(700, 8192) == 768 and bucket_length(500, 500) == 500  # never past the model's context
+    assert len({bucket_length(n, 512) for n in range(1, 513)}) == 18
+    assert [bucket_rows(n) for n in (1, 3, 17, 200, 256, 300)] == [1, 4, 24, 224, 256, 320]
+    assert all(bucket_rows(b) == b for b in ROW_BUCKETS)
+    arrays = pad(Encoded([[5, 6, 7], [8]]), pad_token_id=0, inputs=ALL, length_limit=512, bucket_rows_too=True)
+    assert arrays["input_ids"].shape == (2, 16)
+    arrays = pad(Encoded([[5, 6, 7], [8], [9, 9]]), pad_token_id=0, inputs=ALL, length_limit=512, bucket_rows_too=True)
+    assert arrays["input_ids"].shape == (4, 16)  # the extra row repeats the first: a real sequence
+    assert arrays["input_ids"][3].tolist()[:3] == [5, 6, 7] and arrays["attention_mask"][3].sum() == 3
+
+
+def test_bucketed_runs_answer_as_plain_ones():
+    # The GPU plan pads runs to bucket shapes; the rows it adds are dropped, the others unchanged.
+    import dataclasses
+
+    import numpy as np
+
+    from fos_runtime import batching
+
+    class Echo:
+        """Returns each row's token count and first token, to see which rows came back."""
+
+        def run(self, feeds):
+            mask = feeds["attention_mask"]
+            return np.stack([mask.sum(axis=1), feeds["input_ids"][:, 0]], axis=1).astype(np.float32)
+
+    seqs = [[i + 1] * n for i, n in enumerate([3, 17, 1, 40, 2])]
+    plain = batching.PLANS["cpu"]
+    bucketed = dataclasses.replace(batching.PLANS["gpu"])
+    for plan in (plain, bucketed):
+        (out,) = batching.run(Echo(), [Encoded(seqs)], 0, ALL, plan, max_length=512)
+        assert out.tolist() == [[len(s), s[0]] for s in seqs]
+    stats = batching.Stats()
+    batching.run(Echo(), [Encoded(seqs)], 0, ALL, bucketed, stats, max_length=512)
+    assert stats.rows == len(seqs) and stats.computed_tokens % 16 == 0
+
+
+def test_warm_up_runs_each_bucketed_shape_once():
+    from fos_runtime import batching
+
+    seen = []
+
+    class Recorder:
+        def run(self, feeds):
+            seen.append(feeds["input_ids"].shape)
+
+    assert batching.warm_up(Recorder(), batching.PLANS["cpu"], 0, ALL, 512) == 0  # a CPU has no shapes to warm
+    n = batching.warm_up(Recorder(), batching.PLANS["gpu"], 0, ALL, 512)
+    assert n == len(seen) == len(set(seen)) and (1, 16) in seen and (256, 256) in seen and (256, 512) not in seen

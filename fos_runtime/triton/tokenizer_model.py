@@ -10,7 +10,7 @@ honour_pythonpath()
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from fos_runtime import padding, spec, tokenization
+from fos_runtime import batching, padding, spec, tokenization
 
 
 def _strings(request, name):
@@ -26,6 +26,8 @@ class TritonPythonModel:
         self.spec = spec.ModelSpec.from_json(config["parameters"][spec.SPEC_PARAMETER]["string_value"])
         folder = Path(args["model_repository"]) / args["model_version"] / "tokenizer"
         self.tokenizer = tokenization.Tokenizer(folder, self.spec.max_length)
+        # Lengths rounded up to buckets for a GPU encoder (padding.py), whose engine pays for each new shape.
+        self.length_limit = self.spec.max_length if batching.plan_for(self.spec.device).shape_buckets else None
 
     def execute(self, requests):
         responses = []
@@ -41,7 +43,7 @@ class TritonPythonModel:
                     detect_truncation=detect is not None and bool(detect.as_numpy().any()),
                     max_pair_tokens=int(cap.as_numpy().reshape(-1)[0]) if cap is not None else None,
                 )
-                arrays = padding.pad(encoded, self.spec.pad_token_id, self.spec.encoder_inputs)
+                arrays = padding.pad(encoded, self.spec.pad_token_id, self.spec.encoder_inputs, length_limit=self.length_limit)
                 counts = np.asarray(encoded.lengths, dtype=np.int64).reshape(-1, 1)
                 outputs = [pb_utils.Tensor(name, value) for name, value in arrays.items()]
                 outputs.append(pb_utils.Tensor(spec.NUM_TOKENS, counts))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -74,6 +75,10 @@ class _Model:
         self.encoder = Encoder(repository / specs.encoder_model(s.name) / "1" / "model.onnx", threads=threads)
         self.executor = executor
         self.plan = plan or batching.plan_for(self.encoder.device)
+        started = time.perf_counter()
+        shapes = batching.warm_up(self.encoder, self.plan, s.pad_token_id, s.encoder_inputs, s.max_length)
+        if shapes:
+            log.info("%s: warmed up %d shapes in %.1fs", s.served_name, shapes, time.perf_counter() - started)
         self.stats = Stats()
         # One round at a time: onnxruntime already spreads one run over every core.
         self.rounds: Coalescer[Encoded, np.ndarray] = Coalescer(
@@ -101,7 +106,8 @@ class _Model:
         return await loop.run_in_executor(self.executor, self._run_sync, list(encodeds))
 
     def _run_sync(self, encodeds: list[Encoded]) -> list[np.ndarray]:
-        return batching.run(self.encoder, encodeds, self.spec.pad_token_id, self.spec.encoder_inputs, self.plan, self.stats)
+        s = self.spec
+        return batching.run(self.encoder, encodeds, s.pad_token_id, s.encoder_inputs, self.plan, self.stats, s.max_length)
 
 
 class EmbeddedBackend:

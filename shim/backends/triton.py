@@ -29,7 +29,7 @@ from tritonclient.utils import InferenceServerException
 
 from fos_runtime import spec as specs
 from fos_runtime.batching import length_batches, plan_for
-from fos_runtime.padding import pad
+from fos_runtime.padding import ROW_BUCKETS, pad
 from fos_runtime.spec import ModelSpec
 from fos_runtime.tokenization import Encoded
 
@@ -67,8 +67,20 @@ class _Rows:
 
 def _calls(s: ModelSpec, lengths: list[int]) -> list[list[int]]:
     """Sort by length and cut into calls of the models' max_batch_size; no padding bound here: the
-    tokenizer pads each call to its longest row, and the Python encoder regroups rows by real length."""
-    return length_batches(lengths, plan_for(s.device).max_rows, max_tokens=1 << 30, max_padding=1.0)
+    tokenizer pads each call to its longest row, and the Python encoder regroups rows by real length.
+    With shape buckets (a GPU), each call holds a bucket's number of rows, so that an ONNX Runtime
+    backend, which runs each call as it comes, meets few shapes (fos_runtime/padding.py)."""
+    plan = plan_for(s.device)
+    calls = length_batches(lengths, plan.max_rows, max_tokens=1 << 30, max_padding=1.0)
+    if not plan.shape_buckets:
+        return calls
+    cut: list[list[int]] = []
+    for call in calls:
+        while call:
+            size = max(b for b in ROW_BUCKETS if b <= len(call))
+            cut.append(call[-size:])  # the longest rows first: sorted ascending, so from the end
+            call = call[:-size]
+    return cut
 
 
 def _first_error(group: BaseExceptionGroup) -> BaseException:
