@@ -121,6 +121,8 @@ def test_fos_triton_takes_its_stubs_down_when_tritonserver_dies_hard(exported, t
     import os
     import signal
 
+    from shim.repository import read_specs
+
     from helpers import alive, children
 
     http, grpc, metrics = free_port(), free_port(), free_port()
@@ -134,7 +136,8 @@ def test_fos_triton_takes_its_stubs_down_when_tritonserver_dies_hard(exported, t
         wait_for(f"http://127.0.0.1:{http}/v2/health/ready", 180, proc)
         (tritonserver,) = children(proc.pid)
         stubs = children(tritonserver)
-        assert len(stubs) == 4  # tokenizer and encoder models of the embedder and the reranker
+        # A tokenizer and an encoder model for each served model.
+        assert len(stubs) == 2 * len(read_specs(exported["repository"]))
         with ServerThread(create_app(TritonBackend(f"127.0.0.1:{grpc}", timeout_s=10))) as shim:
 
             def load() -> None:
