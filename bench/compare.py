@@ -25,10 +25,14 @@ from fos_runtime import spec
 
 EMBED = "cl-nagoya/ruri-large"
 RERANK = "cl-nagoya/ruri-reranker-large"
-# Triton behind the shim: (ragged batching as exported, rounds in flight per model). Without ragged batching the
-# Python encoder schedules as the container's ONNX Runtime backend does; 4096 rounds in flight is no coalescing
-# (every request its own call), the shim as it was before rounds.
-TRITON_VARIANTS = {"triton-fp32": (True, 2), "triton-fp32-ort": (False, 2), "triton-fp32-ort-uncoalesced": (False, 4096)}
+# Triton behind the shim: (ragged batching as exported, rounds in flight per model; None: the plan's). Without ragged
+# batching the Python encoder schedules as the container's ONNX Runtime backend does; 4096 rounds in flight is no
+# coalescing (every request its own call), the shim as it was before rounds.
+TRITON_VARIANTS: dict[str, tuple[bool, int | None]] = {
+    "triton-fp32": (True, None),
+    "triton-fp32-ort": (False, None),
+    "triton-fp32-ort-uncoalesced": (False, 4096),
+}
 PLAN = {"dify-embed": "1,4,16", "batch-embed": "2", "rerank": "2"}  # concurrency levels
 
 
@@ -164,7 +168,7 @@ def main() -> None:
             repo = args.repo_fp32 if ragged else _without_ragged_batching(args.repo_fp32, args.out / "repo-no-ragged")
             triton = [*fos, "triton", "--repository", str(repo), "--http-port", "18000", "--grpc-port", "18001"]
             shim = [*fos, "serve", "--triton", "127.0.0.1:18001", "--port", str(port), "--log-level", "warning"]
-            shim += ["--triton-rounds-in-flight", str(rounds)]
+            shim += ["--triton-rounds-in-flight", str(rounds)] if rounds else []
             with (
                 _server([*triton, "--metrics-port", "18002"], "http://127.0.0.1:18000/v2/health/ready", log),
                 _server(shim, url + "/health", log),

@@ -44,8 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--triton-rounds-in-flight",
         type=int,
         metavar="N",
-        help="rounds of coalesced requests in flight per model and Triton endpoint (default 2: Triton tokenizes one "
-        "while its encoder runs the other); more lowers latency at light load, fewer makes larger batches",
+        help="rounds of coalesced requests in flight per model and Triton endpoint (default: 1 for a CPU encoder, 2 for "
+        "a GPU one, which Triton feeds while it tokenizes the next); more lowers latency at light load, fewer makes "
+        "larger batches",
     )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8081)

@@ -43,7 +43,6 @@ log = logging.getLogger("fos.triton")
 TIMEOUT_S = 60.0  # deadline of one call of up to max_batch_size rows; a round of k calls gets k times it
 PROBE_S = 1.0  # how often every endpoint is asked whether it is ready (a dropped one is taken back)
 PROBE_TIMEOUT_S = 5.0
-ROUNDS_IN_FLIGHT = 2  # per model and endpoint: Triton tokenizes one round while its encoder runs the other
 _UNREACHABLE = ("UNAVAILABLE", "NOT_FOUND", "CANCELLED")  # the endpoint, not the request, is at fault
 _DEADLINE = "DEADLINE_EXCEEDED"
 
@@ -147,14 +146,14 @@ class TritonBackend:
         urls: str | Sequence[str],
         timeout_s: float = TIMEOUT_S,
         probe_s: float = PROBE_S,
-        rounds_in_flight: int = ROUNDS_IN_FLIGHT,
+        rounds_in_flight: int | None = None,
     ):
         self.urls = [urls] if isinstance(urls, str) else list(urls)
         if not self.urls:
             raise ValueError("at least one Triton endpoint is needed")
         self.timeout_s = timeout_s
         self.probe_s = probe_s
-        self.rounds_in_flight = rounds_in_flight * len(self.urls)
+        self.rounds_in_flight = rounds_in_flight  # per model and endpoint; None: the model's batching plan
         self.endpoints: list[_Endpoint] = []  # made in start(): grpc.aio binds to the running loop
         self._specs: dict[str, ModelSpec] = {}
         self._rounds: dict[str, Coalescer[_Rows, Output]] = {}
@@ -342,7 +341,11 @@ class TritonBackend:
                 return await self._run_round(s, jobs)
 
             rounds = Coalescer(
-                run, max_rows=1 << 30, max_cost=plan.round_tokens, concurrency=self.rounds_in_flight, name=s.served_name
+                run,
+                max_rows=1 << 30,
+                max_cost=plan.round_tokens,
+                concurrency=(self.rounds_in_flight or plan.rounds_in_flight) * len(self.urls),
+                name=s.served_name,
             )
             rounds.start()
             self._rounds[s.served_name] = rounds
