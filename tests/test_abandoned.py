@@ -26,9 +26,9 @@ class Counting:
         self.encode = encode
         self.inputs = 0
 
-    def __call__(self, texts, pairs=None, detect_truncation=False):
+    def __call__(self, texts, *args):
         self.inputs += len(texts)
-        return self.encode(texts, pairs, detect_truncation)
+        return self.encode(texts, *args)
 
 
 def _in_flight(url: str) -> float:

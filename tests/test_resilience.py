@@ -19,7 +19,7 @@ from shim.app import create_app
 from shim.backends.triton import TritonBackend
 
 import tiny_models
-from helpers import EMBED, ServerThread, free_port, run_tritonserver, wait_for
+from helpers import EMBED, SERVED, ServerThread, free_port, run_tritonserver, wait_for
 
 POOL = [*tiny_models.corpus()[:12], "猫", "ＡＢＣ１２３", "猫" * 200]
 
@@ -134,7 +134,7 @@ def test_fos_triton_takes_its_stubs_down_when_tritonserver_dies_hard(exported, t
         wait_for(f"http://127.0.0.1:{http}/v2/health/ready", 180, proc)
         (tritonserver,) = children(proc.pid)
         stubs = children(tritonserver)
-        assert len(stubs) == 4  # tokenizer and encoder models of the embedder and the reranker
+        assert len(stubs) == 2 * len(SERVED)  # a tokenizer and an encoder model for each served model
         with ServerThread(create_app(TritonBackend(f"127.0.0.1:{grpc}", timeout_s=10))) as shim:
 
             def load() -> None:
