@@ -6,7 +6,7 @@ one; tokens and outputs are compared with the sentence-transformers model export
 An embedding model is checked with each of its prompts too, put before the text as serving puts it.
 
 Each engine variant this machine can run is checked (``fos_runtime.engines``): onnxruntime on the file as exported,
-and on an fp32 CPU export OpenVINO in f32, in bf16 (where the CPU has bf16 units) and, if exported, OpenVINO's int8.
+and on an fp32 CPU export OpenVINO in f32 and in bf16 (where the CPU has bf16 units).
 Export records the variants that pass; serving picks only among those.
 """
 
@@ -121,13 +121,11 @@ def _reference_ids(source: Source, texts, pairs) -> list[list[int]]:
     return [[t for t, m in zip(row, mrow, strict=True) if m] for row, mrow in zip(ids, mask, strict=True)]
 
 
-def variants(s: spec.ModelSpec, folder: Path) -> list[engines.Choice]:
+def variants(s: spec.ModelSpec) -> list[engines.Choice]:
     """The engine variants that may serve this export: onnxruntime always; OpenVINO on an fp32 export for the CPU."""
     found = [engines.Choice(engines.ONNXRUNTIME, s.precision)]
     if s.precision == "fp32" and s.device == "cpu":
         found += [engines.Choice(engines.OPENVINO, "fp32"), engines.Choice(engines.OPENVINO, "bf16")]
-        if (folder / engines.OPENVINO_INT8).exists():
-            found.append(engines.Choice(engines.OPENVINO, "int8"))
     return found
 
 
@@ -151,7 +149,7 @@ def check(source: Source, s: spec.ModelSpec, repository: Path) -> list[Report]:
     tokens_equal = encoded.input_ids == _reference_ids(source, texts, pairs)
     checked = tuple(name for name in names if name is not None)
     reports = []
-    for choice in variants(s, model.parent):
+    for choice in variants(s):
         metric, limit = TOLERANCE[(choice.compute, s.task)]
         try:
             encoder = Encoder(model, device="cpu", engine=choice, precision=s.precision)

@@ -55,9 +55,7 @@ class Encoder:
         if self.engine.engine == engines.OPENVINO:
             if device == "gpu":
                 raise engines.NotServable("OpenVINO runs on the CPU, and this encoder is on the GPU")
-            self._openvino = engines.OpenVINOSession(
-                engines.openvino_file(path, self.engine.compute), self.engine.compute, threads or available_cores()
-            )
+            self._openvino = engines.OpenVINOSession(path, self.engine.compute, threads or available_cores())
             self.device = "cpu"
             self.input_names = self._openvino.input_names
             return

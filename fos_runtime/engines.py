@@ -1,5 +1,5 @@
 """Which engine runs an exported encoder, at which compute precision: onnxruntime as exported, or OpenVINO on the
-fp32 graph in f32, in bf16 (CPUs with AMX or AVX512-BF16) or as OpenVINO's own int8 (an NNCF export).
+fp32 graph in f32 or in bf16 (CPUs with AMX or AVX512-BF16).
 
 An export's precision is what its ONNX file holds (fp32, fp16, int8); bf16 is a serving choice on an fp32 export:
 OpenVINO computes in bf16 where the CPU has units for it. Export's parity check runs every variant this machine can
@@ -24,11 +24,10 @@ log = logging.getLogger("fos.engines")
 ONNXRUNTIME = "onnxruntime"
 OPENVINO = "openvino"
 # What a user may ask for: a variant, an engine at its best checked precision, or auto.
-VARIANTS = ("onnxruntime", "openvino-fp32", "openvino-bf16", "openvino-int8")
-CHOICES = ("auto", "onnxruntime", "openvino", "openvino-fp32", "openvino-bf16", "openvino-int8")
+VARIANTS = ("onnxruntime", "openvino-fp32", "openvino-bf16")
+CHOICES = ("auto", "onnxruntime", "openvino", "openvino-fp32", "openvino-bf16")
 
 RECORD = "engines.json"  # beside model.onnx: the variants export's parity check passed
-OPENVINO_INT8 = "openvino-int8.xml"  # beside model.onnx (and its .bin): OpenVINO IR quantized by NNCF at export
 
 # /proc/cpuinfo flags of bf16 matrix or vector units: Intel AMX (Sapphire Rapids on), AVX512-BF16 (Cooper Lake,
 # AMD Zen 4 on).
@@ -40,7 +39,7 @@ class Choice:
     """One way of running the graph: an engine and the precision it computes in."""
 
     engine: str  # onnxruntime | openvino
-    compute: str  # onnxruntime: the export's precision (fp32, fp16, int8); openvino: fp32, bf16 or int8
+    compute: str  # onnxruntime: the export's precision (fp32, fp16, int8); openvino: fp32 or bf16
 
     @property
     def variant(self) -> str:
@@ -127,14 +126,12 @@ def resolve(requested: str, folder: Path, precision: str, gpu: bool, cpu: Cpu | 
         return native, "the encoder is on the GPU"
     record = read_record(folder)
     cpu = cpu or Cpu.detect()
-    usable = [v for v in ("openvino-int8", "openvino-bf16", "openvino-fp32") if v in record]
+    usable = [v for v in ("openvino-bf16", "openvino-fp32") if v in record]
     if not cpu.bf16:
         usable = [v for v in usable if v != "openvino-bf16"]
     if requested == "auto":
         if not cpu.openvino:
             return native, "openvino is not usable on this machine"
-        if "openvino-int8" in usable:
-            return Choice(OPENVINO, "int8"), "the export holds OpenVINO int8, and parity reported it"
         if "openvino-bf16" in usable:
             units = " and ".join(cpu.bf16_flags)
             return Choice(OPENVINO, "bf16"), f"this CPU has bf16 units ({units}), and parity checked OpenVINO bf16"
@@ -175,7 +172,7 @@ class OpenVINOSession:
         core = ov.Core()
         model = core.read_model(str(path))
         model.reshape({i.get_any_name(): ov.PartialShape([-1, -1]) for i in model.inputs})
-        precision = "bf16" if compute == "bf16" else "f32"  # int8: the IR's quantized ops, f32 around them
+        precision = "bf16" if compute == "bf16" else "f32"
         config = {
             "PERFORMANCE_HINT": "LATENCY",
             "INFERENCE_PRECISION_HINT": precision,
@@ -196,8 +193,3 @@ class OpenVINOSession:
     def run(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
         out = self.request.infer({name: feeds[name] for name in self.input_names})
         return np.asarray(out[0], dtype=np.float32)  # infer copies outputs out of the request's reused buffer
-
-
-def openvino_file(onnx_path: Path, compute: str) -> Path:
-    """What OpenVINO reads for ``compute``: the exported fp32 ONNX graph, or the NNCF int8 IR beside it."""
-    return onnx_path.parent / OPENVINO_INT8 if compute == "int8" else onnx_path

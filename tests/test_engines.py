@@ -55,9 +55,6 @@ def test_auto_serves_only_what_parity_passed(tmp_path):
     # int8 and fp16 files run on onnxruntime as they are, whatever the CPU.
     for precision in ("int8", "fp16"):
         assert resolve("auto", tmp_path, precision, gpu=False, cpu=BF16_CPU)[0] == Choice("onnxruntime", precision)
-    # An OpenVINO int8 export is served as such (the user asked for it at export), on any CPU.
-    with_int8 = folder_with(tmp_path / "b", {**ALL_CHECKED, "openvino-int8": {}})
-    assert resolve("auto", with_int8, "fp32", gpu=False, cpu=AVX2_CPU)[0] == Choice("openvino", "int8")
 
 
 def test_explicit_choices(tmp_path):
@@ -69,7 +66,7 @@ def test_explicit_choices(tmp_path):
     with pytest.raises(NotServable, match="no bf16 units"):
         resolve("openvino-bf16", folder, "fp32", gpu=False, cpu=AVX2_CPU)
     with pytest.raises(NotServable, match="parity check did not pass"):
-        resolve("openvino-int8", folder, "fp32", gpu=False, cpu=BF16_CPU)
+        resolve("openvino-fp32", folder_with(tmp_path / "bf16", {"onnxruntime": {}}), "fp32", gpu=False, cpu=BF16_CPU)
     with pytest.raises(NotServable, match="parity check did not pass"):
         resolve("openvino", folder_with(tmp_path / "old", None), "fp32", gpu=False, cpu=BF16_CPU)
     with pytest.raises(NotServable, match="on the GPU"):
