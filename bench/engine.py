@@ -34,6 +34,12 @@ def main() -> None:
     p.add_argument("--engine", default=None, help="as fos serve --engine (default: the model's own)")
     p.add_argument("--threads", type=int)
     p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument(
+        "--requests",
+        type=int,
+        default=400,
+        help="use the workload's first N requests, those a fos bench run of N requests sent (few long requests vary a lot)",
+    )
     p.add_argument("--corpus")
     args = p.parse_args()
     repository = Path(args.repository)
@@ -47,7 +53,7 @@ def main() -> None:
     )
     plan = batching.plan_for(encoder.device)
     corpus = corpora.load(Path(args.corpus) if args.corpus else None)
-    items = make_items(args.workload, s.served_name, corpus, tokenizer.hf, s.max_length, 400)
+    items = make_items(args.workload, s.served_name, corpus, tokenizer.hf, s.max_length, 400)[: args.requests]
     encodeds = []
     for item in items:
         if args.workload == "rerank":
