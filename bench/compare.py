@@ -1,6 +1,6 @@
 """Run the whole comparison, one server at a time on this machine: the naive sentence-transformers
-server, the embedded backend (fp32, int8), the pip tritonserver behind the shim, and infinity-emb
-(torch and optimum engines; ``bench/infinity.sh install`` first).
+server, the embedded backend (onnxruntime fp32 and int8, OpenVINO bf16 and f32), the pip tritonserver behind the
+shim, and infinity-emb (torch and optimum engines; ``bench/infinity.sh install`` first).
 
     uv run python -m bench.compare --embed-dir DIR --rerank-dir DIR --repo-fp32 DIR --repo-int8 DIR
 
@@ -34,6 +34,14 @@ TRITON_VARIANTS: dict[str, tuple[bool, int | None]] = {
     "triton-fp32-ort-uncoalesced": (False, 4096),
 }
 PLAN = {"dify-embed": "1,4,16", "batch-embed": "2", "rerank": "2"}  # concurrency levels
+# The embedded backend: (repository, fos serve --engine). bf16 is OpenVINO's on the fp32 export (a CPU with AMX or
+# AVX512-BF16); the int8 repository is onnxruntime's dynamic quantization.
+EMBEDDED = {
+    "embedded-fp32": ("fp32", "onnxruntime"),
+    "embedded-bf16": ("fp32", "openvino-bf16"),
+    "embedded-ov-fp32": ("fp32", "openvino-fp32"),
+    "embedded-int8": ("int8", "onnxruntime"),
+}
 
 
 def _wait(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
@@ -116,7 +124,7 @@ def _save_metrics(label: str, url: str, out: Path) -> None:
         lines = [
             line
             for line in r.read().decode().splitlines()
-            if line.startswith(("fos_padding", "fos_round", "fos_encoder", "fos_tokens"))
+            if line.startswith(("fos_padding", "fos_round", "fos_encoder", "fos_tokens", "fos_engine"))
         ]
         (out / f"{label}-metrics.txt").write_text("\n".join(lines) + "\n")
 
@@ -127,7 +135,7 @@ def main() -> None:
     p.add_argument("--rerank-dir", type=Path, required=True, help="cross-encoder directory")
     p.add_argument("--repo-fp32", type=Path, required=True)
     p.add_argument("--repo-int8", type=Path)
-    p.add_argument("--servers", default="naive,embedded-fp32,embedded-int8,triton-fp32")
+    p.add_argument("--servers", default="naive,embedded-fp32,embedded-bf16,embedded-int8,triton-fp32")
     p.add_argument("--workloads", default="dify-embed,batch-embed,rerank")
     p.add_argument("--dify-levels", default=PLAN["dify-embed"], help="dify-embed concurrency levels")
     p.add_argument("--duration", type=float, default=40)
@@ -156,11 +164,11 @@ def main() -> None:
             ]
             with _server(cmd, url + "/health", log):
                 _bench(server, url, tokenizer, args)
-        elif server.startswith("embedded-"):
-            repo = args.repo_fp32 if server.endswith("fp32") else args.repo_int8
-            with _server(
-                [*fos, "serve", "--repository", str(repo), "--port", str(port), "--log-level", "warning"], url + "/health", log
-            ):
+        elif server in EMBEDDED:
+            exported, engine = EMBEDDED[server]
+            repo = args.repo_fp32 if exported == "fp32" else args.repo_int8
+            serve = [*fos, "serve", "--repository", str(repo), "--port", str(port), "--log-level", "warning"]
+            with _server([*serve, "--engine", engine], url + "/health", log):
                 _bench(server, url, tokenizer, args)
                 _save_metrics(server, url, args.out)
         elif server in TRITON_VARIANTS:

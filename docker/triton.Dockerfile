@@ -1,10 +1,14 @@
 # syntax=docker/dockerfile:1
 # NGC tritonserver plus what the exported tokenizer models import. Keep transformers at the
 # version in uv.lock: the tokenizer must split text exactly as it did when the parity check ran.
+# openvino and onnxruntime, at uv.lock's versions too, are for the Python-backend encoder of the CPU deployment
+# (compose.cpu.yaml): OpenVINO bf16 on CPUs with AMX or AVX512-BF16, onnxruntime elsewhere.
 ARG TRITON_VERSION=25.02
 FROM nvcr.io/nvidia/tritonserver:${TRITON_VERSION}-py3
 RUN python3 -m pip install --no-cache-dir --break-system-packages \
         "transformers==5.24.0" \
         "fugashi==1.5.2" \
         "unidic-lite==1.0.8" \
-        "sentencepiece==0.2.3"
+        "sentencepiece==0.2.3" \
+        "openvino==2026.4.1" \
+        "onnxruntime==1.32.0"

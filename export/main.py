@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
-from fos_runtime import batching, spec
+from fos_runtime import batching, engines, spec
 
 DEFAULT_REPOSITORY = Path("model_repository")
 
@@ -28,6 +28,7 @@ class ExportOptions:
     device: str = "cpu"
     tensorrt: bool = False
     tokenizer_instances: int | None = None  # None: the device's default (fos_runtime.batching)
+    engine: str = "auto"  # what runs the encoder (fos_runtime.engines.CHOICES), recorded in the spec
     normalize: bool = True
     prompts: dict[str, str] | None = None  # set or replace these of the model's prompts
     default_prompt_name: str | None = None  # None: the model's own; "" : none
@@ -50,6 +51,8 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> spec.Mode
 
     if opts.precision not in convert.PRECISIONS:
         raise ValueError(f"precision must be one of {convert.PRECISIONS}")
+    if opts.engine not in engines.CHOICES:
+        raise ValueError(f"engine must be one of {engines.CHOICES}")
     served = opts.name or spec.default_served_name(opts.model)
     spec.triton_name(served)  # fail before the slow steps on a name Triton cannot hold
     if opts.tensorrt and (opts.encoder_backend, opts.device) != ("onnxruntime", "gpu"):
@@ -74,6 +77,7 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> spec.Mode
         vocab_size=len(source.tokenizer),
         precision=opts.precision,
         device=opts.device,
+        engine=opts.engine,
         dimension=source.dimension,
         normalize=opts.normalize,
         model_normalizes=source.model_normalizes,
@@ -111,12 +115,17 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> spec.Mode
         )
         log(f"      {s.name} (ensemble), {spec.tokenizer_model(s.name)}, {spec.encoder_model(s.name)} [{opts.encoder_backend}]")
 
-    _step(log, 5, total, "checking parity with sentence-transformers")
-    report = parity.check(source, s, Path(opts.repository))
-    for line in report.lines():
-        log("      " + line)
-    if not report.ok:
+    _step(log, 5, total, "checking parity with sentence-transformers, on each engine that may serve it")
+    reports = parity.check(source, s, Path(opts.repository))
+    for report in reports:
+        for line in report.lines():
+            log("      " + line)
+    # Serving picks only among the variants recorded here: a failing OpenVINO variant is never served, and the
+    # export as such stands or falls with onnxruntime on the file as written.
+    engines.write_record(Path(opts.repository) / spec.encoder_model(s.name) / "1", {r.engine: r.figures for r in reports if r.ok})
+    if not reports[0].ok:
         raise ParityError(f"{served}: exported model differs from sentence-transformers beyond tolerance")
+    log("      engines that may serve it: " + ", ".join(r.engine for r in reports if r.ok))
     return s
 
 
@@ -149,6 +158,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="onnxruntime: the tritonserver container; python: the pip tritonserver (nvidia-pytriton)",
     )
     p.add_argument("--device", choices=batching.DEVICES, default="cpu", help="where Triton runs the encoder")
+    p.add_argument(
+        "--engine",
+        choices=engines.CHOICES,
+        default="auto",
+        help="what runs the encoder in fos serve and in Triton's Python encoder, decided where it runs (auto: OpenVINO "
+        "bf16 on a CPU with AMX or AVX512-BF16 if parity passed it at export, else onnxruntime); fos serve --engine "
+        "overrides it",
+    )
     p.add_argument(
         "--tensorrt",
         action="store_true",
@@ -198,6 +215,7 @@ def options_from_args(args: argparse.Namespace) -> ExportOptions:
         device=args.device,
         tensorrt=args.tensorrt,
         tokenizer_instances=args.tokenizer_instances,
+        engine=args.engine,
         normalize=not args.raw,
         prompts=prompts,
         default_prompt_name=args.default_prompt,

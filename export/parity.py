@@ -1,9 +1,13 @@
-"""Step 4 of export: prove the exported model answers as sentence-transformers does.
+"""Step 5 of export: prove the exported model answers as sentence-transformers does, on every engine that may serve it.
 
 The exported files are read back from the repository and run through the same tokenization and
-onnxruntime code that serves requests, on built-in Japanese text, padded in one batch and one by
+encoder code that serves requests, on built-in Japanese text, padded in one batch and one by
 one; tokens and outputs are compared with the sentence-transformers model export started from.
 An embedding model is checked with each of its prompts too, put before the text as serving puts it.
+
+Each engine variant this machine can run is checked (``fos_runtime.engines``): onnxruntime on the file as exported,
+and on an fp32 CPU export OpenVINO in f32 and in bf16 (where the CPU has bf16 units).
+Export records the variants that pass; serving picks only among those.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fos_runtime import padding, spec, tokenization
+from fos_runtime import engines, padding, spec, tokenization
 from fos_runtime.encoder import Encoder
 
 from .load import Source
@@ -34,8 +38,10 @@ SENTENCES = [
 SENTENCES.append("".join(SENTENCES[:6]) * 12)
 QUERIES = ["日本で一番高い山は？", "おいしい料理", "首都はどこですか"]
 
-# Tolerances by precision and task; None: reported, not enforced.
+# Tolerances by compute precision and task; None: reported, not enforced.
 TOLERANCE = {
+    ("bf16", "embed"): ("min_cosine", 0.999),
+    ("bf16", "rerank"): ("max_abs_diff", 2e-2),
     ("fp32", "embed"): ("max_abs_diff", 1e-4),
     ("fp32", "rerank"): ("max_abs_diff", 1e-5),
     ("fp16", "embed"): ("min_cosine", 0.999),
@@ -56,22 +62,35 @@ class Report:
     metric: str
     limit: float | None
     prompts: tuple[str, ...] = ()  # the prompt names checked besides the plain text
+    engine: str = "onnxruntime"  # the variant checked (fos_runtime.engines.VARIANTS)
+    not_run: str | None = None  # why this variant could not run on this machine
 
     @property
     def ok(self) -> bool:
-        if not self.tokens_equal:
+        if self.not_run is not None or not self.tokens_equal:
             return False
         if self.limit is None:
             return True
         value = getattr(self, self.metric)
         return value <= self.limit if self.metric == "max_abs_diff" else value >= self.limit
 
+    @property
+    def figures(self) -> dict:
+        """What the parity record keeps of a passing variant."""
+        return {"max_abs_diff": self.max_abs_diff, "min_cosine": self.min_cosine, "compute": self.precision}
+
     def lines(self) -> list[str]:
+        if self.engine == engines.ONNXRUNTIME:
+            name = f"onnxruntime, {self.precision}"
+        else:
+            name = f"{self.engine.replace('-', ' ')} on the fp32 export"
+        if self.not_run is not None:
+            return [f"parity ({name}): not run on this machine: {self.not_run}"]
         enforced = (
             "reported only" if self.limit is None else ("≤ " if self.metric == "max_abs_diff" else "≥ ") + f"{self.limit:g}"
         )
         return [
-            f"parity ({self.precision}, {self.task}, {self.inputs} inputs vs sentence-transformers"
+            f"parity ({name}, {self.task}, {self.inputs} inputs vs sentence-transformers"
             + (f"; prompts {', '.join(self.prompts)}" if self.prompts else "")
             + "):",
             f"  tokens identical: {'yes' if self.tokens_equal else 'NO'}",
@@ -102,9 +121,18 @@ def _reference_ids(source: Source, texts, pairs) -> list[list[int]]:
     return [[t for t, m in zip(row, mrow, strict=True) if m] for row, mrow in zip(ids, mask, strict=True)]
 
 
-def check(source: Source, s: spec.ModelSpec, repository: Path) -> Report:
+def variants(s: spec.ModelSpec) -> list[engines.Choice]:
+    """The engine variants that may serve this export: onnxruntime always; OpenVINO on an fp32 export for the CPU."""
+    found = [engines.Choice(engines.ONNXRUNTIME, s.precision)]
+    if s.precision == "fp32" and s.device == "cpu":
+        found += [engines.Choice(engines.OPENVINO, "fp32"), engines.Choice(engines.OPENVINO, "bf16")]
+    return found
+
+
+def check(source: Source, s: spec.ModelSpec, repository: Path) -> list[Report]:
+    """One report per variant, onnxruntime's first."""
     tokenizer = tokenization.Tokenizer(repository / spec.tokenizer_model(s.name) / "1" / "tokenizer", s.max_length)
-    encoder = Encoder(repository / spec.encoder_model(s.name) / "1" / "model.onnx", device="cpu")
+    model = repository / spec.encoder_model(s.name) / "1" / "model.onnx"
     names: list[str | None] = [None]
     if s.task == "embed":
         names += [name for name, text in s.prompts.items() if text]
@@ -119,7 +147,29 @@ def check(source: Source, s: spec.ModelSpec, repository: Path) -> Report:
 
     encoded = tokenizer.encode(texts, pairs)
     tokens_equal = encoded.input_ids == _reference_ids(source, texts, pairs)
+    checked = tuple(name for name in names if name is not None)
+    reports = []
+    for choice in variants(s):
+        metric, limit = TOLERANCE[(choice.compute, s.task)]
+        try:
+            encoder = Encoder(model, device="cpu", engine=choice, precision=s.precision)
+        except Exception as exc:  # OpenVINO bf16 on a CPU without bf16 units; onnxruntime's own failures are export's
+            if choice.engine == engines.ONNXRUNTIME:
+                raise
+            reports.append(
+                Report(choice.compute, s.task, 0, tokens_equal, 0.0, 0.0, metric, limit, checked, choice.variant, str(exc))
+            )
+            continue
+        diff, cos = _run(encoder, encoded, s, reference)
+        reports.append(
+            Report(choice.compute, s.task, len(texts), tokens_equal, diff, cos, metric, limit, checked, engine=choice.variant)
+        )
+    return reports
 
+
+def _run(encoder: Encoder, encoded: tokenization.Encoded, s: spec.ModelSpec, reference: np.ndarray) -> tuple[float, float]:
+    """Max |diff| and min cosine against the reference, over every input alone and the plain texts in one batch."""
+    texts = encoded.input_ids
     # Every input alone, and the first len(SENTENCES) (the plain texts; the first query's pairs) in one
     # batch padded to the longest: padding must change nothing. One such batch is enough; more would
     # cost rows x longest² in attention for nothing new.
@@ -132,6 +182,4 @@ def check(source: Source, s: spec.ModelSpec, repository: Path) -> Report:
         batched, single = batched.reshape(-1), single.reshape(-1)
     d1, c1 = compare(reference[first], batched)
     d2, c2 = compare(reference, single)
-    metric, limit = TOLERANCE[(s.precision, s.task)]
-    checked = tuple(name for name in names if name is not None)
-    return Report(s.precision, s.task, len(texts), tokens_equal, max(d1, d2), min(c1, c2), metric, limit, checked)
+    return max(d1, d2), min(c1, c2)

@@ -1,5 +1,5 @@
-"""Run the exported ONNX encoder with onnxruntime: the embedded backend and Triton's Python-backend
-encoder both use this, so they behave the same."""
+"""Run the exported encoder with onnxruntime or OpenVINO (``engines``): the embedded backend, Triton's Python-backend
+encoder and export's parity check all use this, so they behave the same."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+
+from . import engines
 
 
 def available_cores() -> int:
@@ -30,9 +32,33 @@ def _load_cuda_libraries(ort) -> None:
 
 
 class Encoder:
-    """One onnxruntime session; ``run`` takes padded arrays and returns the graph's only output."""
+    """One session of the chosen engine; ``run`` takes padded arrays and returns the graph's only output.
 
-    def __init__(self, path: str | Path, threads: int | None = None, device: str = "auto"):
+    ``engine``: one of ``engines.CHOICES``, resolved against the export's parity record (``engines.resolve``), or a
+    ``engines.Choice`` run as it is (export's parity check, before there is a record). ``precision``: what the ONNX
+    file holds. ``self.engine`` is what runs, ``self.reason`` why it was picked."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        threads: int | None = None,
+        device: str = "auto",
+        engine: str | engines.Choice = engines.ONNXRUNTIME,
+        precision: str = "fp32",
+    ):
+        path = Path(path)
+        self._openvino: engines.OpenVINOSession | None = None
+        if isinstance(engine, engines.Choice):
+            self.engine, self.reason = engine, "asked for"
+        else:
+            self.engine, self.reason = choose_engine(path, engine, precision, device)
+        if self.engine.engine == engines.OPENVINO:
+            if device == "gpu":
+                raise engines.NotServable("OpenVINO runs on the CPU, and this encoder is on the GPU")
+            self._openvino = engines.OpenVINOSession(path, self.engine.compute, threads or available_cores())
+            self.device = "cpu"
+            self.input_names = self._openvino.input_names
+            return
         import onnxruntime as ort
 
         providers = ["CPUExecutionProvider"]
@@ -55,7 +81,27 @@ class Encoder:
             raise RuntimeError("device=gpu asked for, but onnxruntime could not start its CUDAExecutionProvider (see its log)")
         self.input_names = tuple(i.name for i in self.session.get_inputs())
         self.output_name = self.session.get_outputs()[0].name
+        self.engine = engines.Choice(engines.ONNXRUNTIME, precision)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        if self._openvino is not None:
+            return self._openvino.run(feeds)
         out = self.session.run([self.output_name], {name: feeds[name] for name in self.input_names})[0]
         return np.asarray(out, dtype=np.float32)
+
+
+def choose_engine(path: Path, engine: str, precision: str, device: str = "auto") -> tuple[engines.Choice, str]:
+    """The variant ``Encoder(path, device=device, engine=engine, precision=precision)`` runs, and why, without loading
+    it; raises ``engines.NotServable``."""
+    return engines.resolve(engine, Path(path).parent, precision, gpu=_gpu_likely(device))
+
+
+def _gpu_likely(device: str) -> bool:
+    """Whether onnxruntime would put this encoder on a GPU: only it runs there, so ``auto`` keeps to it."""
+    if device != "auto":
+        return device == "gpu"
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in ort.get_available_providers()

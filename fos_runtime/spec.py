@@ -77,8 +77,11 @@ class ModelSpec:
     encoder_inputs: tuple[str, ...]  # which of ENCODER_INPUTS_ALL the ONNX graph takes
     pad_token_id: int
     vocab_size: int
-    precision: str = "fp32"
+    precision: str = "fp32"  # what the exported ONNX file holds (an engine may compute in bf16 from fp32: engine)
     device: str = "cpu"  # where Triton runs the encoder; picks the batching plan (fos_runtime.batching)
+    # What runs the encoder in process and in Triton's Python encoder, one of fos_runtime.engines.CHOICES, resolved
+    # where it runs (auto: by the CPU's features); fos serve --engine overrides it.
+    engine: str = "auto"
     dimension: int = 0  # embed only
     normalize: bool = True  # embed: the shim L2-normalises (OpenAI, TEI); False returns raw vectors
     model_normalizes: bool = False  # the model itself ends with a Normalize module

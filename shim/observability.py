@@ -56,6 +56,14 @@ class _BackendCollector:
         runs = CounterMetricFamily("fos_encoder_runs", "Padded batches run by the in-process encoder", labels=model)
         eff = GaugeMetricFamily("fos_padding_efficiency", "Real tokens / computed tokens (in-process encoder)", labels=model)
         busy = CounterMetricFamily("fos_encoder_seconds", "Time inside the in-process encoder's runs", labels=model)
+        engine = GaugeMetricFamily(
+            "fos_engine_info",
+            "The engine running the in-process encoder: its compute precision and the exported file's precision",
+            labels=["model", "engine", "compute_precision", "export_precision"],
+        )
+        exported = {s.served_name: s.precision for s in self.backend.specs()}
+        for name, choice in self.backend.engines().items():
+            engine.add_metric([name, choice.engine, choice.compute, exported.get(name, "")], 1)
         for name, s in self.backend.stats().items():
             rounds.add_metric([name], s.rounds)
             requests.add_metric([name], s.requests)
@@ -67,7 +75,7 @@ class _BackendCollector:
                 eff.add_metric([name], s.padding_efficiency)
             if s.encoder_seconds is not None:
                 busy.add_metric([name], s.encoder_seconds)
-        yield from (rounds, requests, rows, depth, runs, eff, busy)
+        yield from (rounds, requests, rows, depth, runs, eff, busy, engine)
 
 
 class RequestContextMiddleware:

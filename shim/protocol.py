@@ -199,6 +199,11 @@ class ModelCard(BaseModel):
     dimension: int | None = None
     prompts: dict[str, str] | None = None  # by name, what input_type may pick
     default_prompt_name: str | None = None
+    precision: str = Field(description="What the exported ONNX file holds: fp32, fp16 or int8")
+    engine: str | None = Field(None, description="What runs the encoder (onnxruntime, openvino); known in process only")
+    compute_precision: str | None = Field(
+        None, description="The precision the engine computes in: the export's, or bf16 / int8 by OpenVINO on an fp32 export"
+    )
 
 
 class ModelList(BaseModel):

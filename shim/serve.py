@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fos_runtime import spec
+from fos_runtime import engines, spec
 
 from . import repository as repo
 from .auth import load_keys
@@ -70,7 +70,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="for --model: export at this precision (default fp32), again if the repository holds another one; "
         "without it, a model already exported is served as it is",
     )
-    p.add_argument("--threads", type=int, help="onnxruntime threads (default: all cores)")
+    p.add_argument(
+        "--engine",
+        choices=engines.CHOICES,
+        help="what runs the encoders (embedded backend; default: what each model was exported with, auto unless told): "
+        "auto serves OpenVINO bf16 on a CPU with AMX or AVX512-BF16 where export's parity check passed it, else "
+        "onnxruntime; openvino: its best checked precision here; openvino-fp32|bf16: that one. bf16 is computed "
+        "from the fp32 export",
+    )
+    p.add_argument("--threads", type=int, help="encoder threads, onnxruntime's or OpenVINO's (default: all cores)")
     defaults = Limits()
     p.add_argument("--max-inputs", type=int, default=defaults.max_inputs, help="inputs per embeddings request")
     p.add_argument("--max-input-chars", type=int, default=defaults.max_input_chars, help="characters per input")
@@ -144,10 +152,26 @@ def _same_choices(repository: Path, stored: spec.ModelSpec, model: str, precisio
         encoder_backend=encoder.backend or "onnxruntime",
         device=stored.device,
         tensorrt=any(a.name == "tensorrt" for a in accelerators),
+        engine=stored.engine,
         normalize=stored.normalize,
         prompts=stored.prompts,
         default_prompt_name=stored.default_prompt_name or "",
     )
+
+
+def _engines_servable(repository: Path, engine: str | None) -> bool:
+    """Says which engine will run each model, and why; refuses an engine that cannot serve one (before loading)."""
+    from fos_runtime.encoder import choose_engine
+
+    for s in repo.read_specs(repository):
+        model = repository / spec.encoder_model(s.name) / "1" / "model.onnx"
+        try:
+            choice, why = choose_engine(model, engine or s.engine, s.precision)
+        except engines.NotServable as exc:
+            print(f"error: {s.served_name}: {exc}", file=sys.stderr, flush=True)
+            return False
+        print(f"{s.served_name}: {choice} ({why})", flush=True)
+    return True
 
 
 def configure_logging(level: str) -> None:
@@ -176,7 +200,7 @@ def build_app(args: argparse.Namespace) -> FastAPI:
     else:
         from .backends.embedded import EmbeddedBackend
 
-        backend = EmbeddedBackend(args.repository, threads=args.threads)
+        backend = EmbeddedBackend(args.repository, threads=args.threads, engine=args.engine)
     limits = Limits(
         max_inputs=args.max_inputs,
         max_input_chars=args.max_input_chars,
@@ -205,6 +229,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("--workers must be at least 1")
     if args.workers > 1 and not args.triton:
         raise SystemExit("--workers needs --triton: the embedded backend batches requests within one process")
+    if args.engine and args.triton:
+        raise SystemExit("--engine chooses the embedded backend's engine; for Triton's Python encoder, export with --engine")
     if args.model:
         if args.triton:
             raise SystemExit("--model exports for the embedded backend; with --triton, run `fos export` for Triton's repository")
@@ -216,6 +242,8 @@ def run(args: argparse.Namespace) -> int:
         except (ModelUnavailable, ParityError, ValueError, OSError) as exc:
             print(f"error: {exc}", file=sys.stderr, flush=True)
             return 1
+    if not args.triton and not _engines_servable(args.repository, args.engine):
+        return 1
     options = dict(
         host=args.host, port=args.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=args.graceful_timeout
     )

@@ -251,8 +251,11 @@ class Service:
         return Ranking(model=s.served_name, order=order, scores=scores, documents=docs, tokens=int(sum(out.tokens)))
 
     def models(self) -> ModelList:
-        return ModelList(
-            data=[
+        running = self.backend.engines()
+        cards = []
+        for s in sorted(self.backend.specs(), key=lambda s: s.served_name):
+            engine = running.get(s.served_name)
+            cards.append(
                 ModelCard(
                     id=s.served_name,
                     task=s.task,
@@ -260,7 +263,9 @@ class Service:
                     dimension=s.dimension if s.task == "embed" else None,
                     prompts=s.prompts or None,
                     default_prompt_name=s.default_prompt_name,
+                    precision=s.precision,
+                    engine=engine.engine if engine else None,
+                    compute_precision=engine.compute if engine else None,
                 )
-                for s in sorted(self.backend.specs(), key=lambda s: s.served_name)
-            ]
-        )
+            )
+        return ModelList(data=cards)

@@ -52,6 +52,12 @@ def references(tiny_dirs):
     return {key: load(str(folder), task_of(key)).model for key, folder in tiny_dirs.items()}
 
 
+# The engine each tiny model is exported with (its spec's default for fos serve and Triton's Python encoder): v1's
+# models on OpenVINO f32, v3's on onnxruntime, so both engines serve through both backends, at fp32's tolerances on
+# any CPU. auto (OpenVINO bf16 where the CPU has bf16 units) has its own tests (test_engines.py).
+ENGINES = {"embed": "openvino-fp32", "rerank": "openvino-fp32", "embed_v3": "onnxruntime", "rerank_v3": "onnxruntime"}
+
+
 @pytest.fixture(scope="session")
 def exported(tiny_dirs, tmp_path_factory) -> dict:
     """The tiny models exported through the ``fos`` command line into one repository, with what it
@@ -77,6 +83,8 @@ def exported(tiny_dirs, tmp_path_factory) -> dict:
                     str(repo),
                     "--encoder-backend",
                     "python",
+                    "--engine",
+                    ENGINES[key],
                 ]
             )
         printed[key] = out.getvalue()

@@ -46,6 +46,9 @@ class FakeBackend:
     def specs(self) -> list[ModelSpec]:
         return [EMBED_SPEC, RERANK_SPEC] if self._ready else []
 
+    def engines(self) -> dict:
+        return {}
+
     async def embed(self, s, texts=None, encoded=None, detect_truncation=False):
         self.calls += 1
         await asyncio.sleep(self.delay)

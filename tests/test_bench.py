@@ -67,3 +67,17 @@ def test_generated_corpus_is_japanese():
     c = corpora.generated()
     assert len(c.short) > 100 and len(c.long) > 10
     assert all(0 <= i < len(c.long) for _, i in c.questions)
+
+
+@pytest.mark.parametrize(("served", "workload"), [(EMBED, "dify-embed"), (RERANK, "rerank")])
+def test_engine_alone_forms_the_servers_batches(exported, tmp_path, served, workload):
+    import subprocess
+    import sys
+
+    args = ["--repository", str(exported["repository"]), "--model", served, "--workload", workload]
+    args += ["--round-requests", "2.5", "--seconds", "0.3", "--corpus", str(tmp_path / "absent")]
+    r = subprocess.run([sys.executable, "-m", "bench.engine", *args], capture_output=True, text=True, check=True)
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["engine"] == "openvino fp32"  # the model's own engine (conftest.ENGINES), as fos serve runs it
+    assert result["rounds"] > 0 and result["tokens_per_s"] > 0
+    assert 0 < result["padding_efficiency"] <= 1 and result["rows_per_run"] >= 1

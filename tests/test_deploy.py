@@ -86,10 +86,52 @@ def test_cpu_override_only_touches_known_services():
     assert override["export"]["environment"]["FOS_DEVICE"] == "cpu"
 
 
+def _resolve(text: str, env: dict[str, str]) -> str:
+    """Compose's ``$${NAME:-default}`` (the shell's own substitution) with these variables."""
+
+    def value(m: re.Match) -> str:
+        return env.get(m.group(1), m.group(2))
+
+    return re.sub(r"\$\$\{(\w+):-([^}]*)\}", value, text)
+
+
+def test_cpu_deployment_exports_for_the_python_encoder_on_the_shared_engines():
+    import argparse
+    import shlex
+
+    from export.main import add_arguments, options_from_args
+    from export.repository import render
+
+    base = compose()["services"]["export"]
+    override = compose("compose.cpu.yaml")["services"]["export"]["environment"]
+    env = {k: _resolve(v.replace("${", "$${"), {}) for k, v in override.items()}
+    assert env == {"FOS_PRECISION": "fp32", "FOS_DEVICE": "cpu", "FOS_ENCODER_BACKEND": "python"}
+    assert set(base["environment"]) == set(env)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    for call in _resolve(base["command"][0], env).split("&&"):
+        opts = options_from_args(parser.parse_args(shlex.split(call)[2:]))
+        assert (opts.encoder_backend, opts.device, opts.precision, opts.engine) == ("python", "cpu", "fp32", "auto")
+    # Without the override the GPU container keeps ONNX Runtime's backend.
+    for call in _resolve(base["command"][0], {}).split("&&"):
+        opts = options_from_args(parser.parse_args(shlex.split(call)[2:]))
+        assert (opts.encoder_backend, opts.device, opts.precision) == ("onnxruntime", "gpu", "fp16")
+    # What such an export writes: a CPU Python encoder whose spec carries the engine, decided where Triton runs.
+    s = spec.ModelSpec(
+        served_name="m", task="embed", source="m", max_length=512, encoder_inputs=("input_ids",), pad_token_id=0,
+        vocab_size=10, dimension=4,
+    )  # fmt: skip
+    c = parse(render(encoder_config(s, "python")))
+    assert c.backend == "python" and c.instance_group[0].kind == c.instance_group[0].KIND_CPU
+    assert all(i.allow_ragged_batch for i in c.input)
+    assert spec.ModelSpec.from_json(c.parameters[spec.SPEC_PARAMETER].string_value).engine == "auto"
+
+
 def test_triton_image_pins_the_locked_tokenizer_packages():
     lock = (ROOT / "uv.lock").read_text()
     dockerfile = (ROOT / "docker" / "triton.Dockerfile").read_text()
-    for package in ("transformers", "fugashi", "unidic-lite", "sentencepiece"):
+    # The tokenizer packages, and the engines of the CPU deployment's Python encoder.
+    for package in ("transformers", "fugashi", "unidic-lite", "sentencepiece", "openvino", "onnxruntime"):
         locked = re.search(rf'name = "{package}"\nversion = "([^"]+)"', lock).group(1)
         assert f'"{package}=={locked}"' in dockerfile, package
     exposed = re.findall(r"EXPOSE (\d+)", (ROOT / "docker" / "shim.Dockerfile").read_text())

@@ -1,7 +1,8 @@
-"""Triton Python model that runs the exported ONNX encoder with onnxruntime.
+"""Triton Python model that runs the exported encoder with onnxruntime or OpenVINO (``fos_runtime.engines``; the
+spec's ``engine``, chosen at export, says which: ``auto`` picks by the CPU Triton runs on).
 
-For tritonservers without the ONNX Runtime backend (the one in the ``nvidia-pytriton`` wheel). The
-container uses the ONNX Runtime backend on the same ``model.onnx`` instead.
+For tritonservers without the ONNX Runtime backend (the one in the ``nvidia-pytriton`` wheel), and for OpenVINO's
+bf16 on CPUs with AMX or AVX512-BF16 (the container's CPU deployment).
 
 Its inputs allow ragged batches, so Triton's dynamic batcher hands over requests of different
 lengths together; they are regrouped by length and run as few padded batches, exactly as the
@@ -29,7 +30,10 @@ class TritonPythonModel:
         self.spec = spec.ModelSpec.from_json(config["parameters"][spec.SPEC_PARAMETER]["string_value"])
         device = "gpu" if args.get("model_instance_kind") == "GPU" else "cpu"
         path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
-        self.encoder = encoder.Encoder(path, device=device)
+        self.encoder = encoder.Encoder(path, device=device, engine=self.spec.engine, precision=self.spec.precision)
+        pb_utils.Logger.log_info(
+            f"fos encoder {self.spec.served_name}: {self.encoder.engine} on the {self.encoder.device} ({self.encoder.reason})"
+        )
         self.plan = batching.plan_for(self.encoder.device)
         started = time.perf_counter()
         shapes = batching.warm_up(self.encoder, self.plan, self.spec.pad_token_id, self.spec.encoder_inputs, self.spec.max_length)

@@ -9,6 +9,7 @@ from typing import Protocol
 import numpy as np
 
 from fos_runtime.batching import Stats
+from fos_runtime.engines import Choice
 from fos_runtime.spec import ModelSpec
 from fos_runtime.tokenization import Encoded
 
@@ -67,6 +68,9 @@ class Backend(Protocol):
 
     def stats(self) -> dict[str, BatchingStats]:
         """Per served model: how its requests were grouped."""
+
+    def engines(self) -> dict[str, Choice]:
+        """Per served model, the engine running its encoder, where this process knows it (in process, not in Triton)."""
 
     async def embed(
         self, s: ModelSpec, texts: Sequence[str] | None = None, encoded: Encoded | None = None, detect_truncation: bool = False

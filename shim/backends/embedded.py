@@ -1,4 +1,5 @@
-"""The in-process backend: the repository's tokenizer files and ONNX encoder, run with onnxruntime.
+"""The in-process backend: the repository's tokenizer files and exported encoder, run with onnxruntime or OpenVINO
+(``fos_runtime.engines``: ``auto`` picks by the CPU's features and what export's parity check passed).
 
 Each request is tokenized in bounded chunks (a request whose client left stops at the next chunk), then joins its
 model's round queue (``coalescing``): the next round takes every request that waited, up to a token budget, and runs
@@ -17,7 +18,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from fos_runtime import batching
+from fos_runtime import batching, engines
 from fos_runtime import spec as specs
 from fos_runtime.batching import BatchPlan, Stats
 from fos_runtime.encoder import Encoder
@@ -68,11 +69,15 @@ def chunks(texts: Sequence[str], pairs: Sequence[str] | None) -> list[tuple[int,
 
 
 class _Model:
-    def __init__(self, s: ModelSpec, repository: Path, executor, tokenize_pool, plan: BatchPlan | None, threads: int | None):
+    def __init__(
+        self, s: ModelSpec, repository: Path, executor, tokenize_pool, plan: BatchPlan | None, threads: int | None, engine: str
+    ):
         self.spec = s
         self.tokenize_pool = tokenize_pool
         self.tokenizer = Tokenizer(repository / specs.tokenizer_model(s.name) / "1" / "tokenizer", s.max_length)
-        self.encoder = Encoder(repository / specs.encoder_model(s.name) / "1" / "model.onnx", threads=threads)
+        model = repository / specs.encoder_model(s.name) / "1" / "model.onnx"
+        self.encoder = Encoder(model, threads=threads, engine=engine, precision=s.precision)
+        log.info("%s: %s on the %s (%s)", s.served_name, self.encoder.engine, self.encoder.device, self.encoder.reason)
         self.executor = executor
         self.plan = plan or batching.plan_for(self.encoder.device)
         started = time.perf_counter()
@@ -111,10 +116,11 @@ class _Model:
 
 
 class EmbeddedBackend:
-    def __init__(self, repository: Path, plan: BatchPlan | None = None, threads: int | None = None):
+    def __init__(self, repository: Path, plan: BatchPlan | None = None, threads: int | None = None, engine: str | None = None):
         self.repository = Path(repository)
         self.plan = plan  # None: per model, from its encoder's device
         self.threads = threads
+        self.engine = engine  # one of fos_runtime.engines.CHOICES for every model; None: each model's own (its spec)
         self.models: dict[str, _Model] = {}
         # One inference thread: onnxruntime already spreads one run over every core, and two runs
         # at once would only fight over them.
@@ -130,7 +136,7 @@ class EmbeddedBackend:
         for s in found:
             log.info("loading %s (%s, %s) from %s", s.served_name, s.task, s.precision, self.repository)
             model = await asyncio.to_thread(
-                _Model, s, self.repository, self.executor, self.tokenize_pool, self.plan, self.threads
+                _Model, s, self.repository, self.executor, self.tokenize_pool, self.plan, self.threads, self.engine or s.engine
             )
             model.rounds.start()
             self.models[s.served_name] = model
@@ -150,6 +156,9 @@ class EmbeddedBackend:
 
     def stats(self) -> dict[str, BatchingStats]:
         return {name: BatchingStats.of(m.rounds.stats, m.rounds.queued, encoder=m.stats) for name, m in self.models.items()}
+
+    def engines(self) -> dict[str, engines.Choice]:
+        return {name: m.encoder.engine for name, m in self.models.items()}
 
     def _model(self, s: ModelSpec) -> _Model:
         model = self.models.get(s.served_name)

@@ -29,6 +29,7 @@ from tritonclient.utils import InferenceServerException
 
 from fos_runtime import spec as specs
 from fos_runtime.batching import length_batches, plan_for
+from fos_runtime.engines import Choice
 from fos_runtime.padding import ROW_BUCKETS, pad
 from fos_runtime.spec import ModelSpec
 from fos_runtime.tokenization import Encoded
@@ -229,6 +230,9 @@ class TritonBackend:
 
     def stats(self) -> dict[str, BatchingStats]:
         return {name: BatchingStats.of(r.stats, r.queued) for name, r in self._rounds.items()}
+
+    def engines(self) -> dict[str, Choice]:
+        return {}  # Triton's encoders say which engine they run in Triton's log
 
     def _order(self) -> list[_Endpoint]:
         """Healthy endpoints, rotated so successive calls start at different ones."""

@@ -1,0 +1,195 @@
+"""Which engine runs an exported encoder, at which compute precision: onnxruntime as exported, or OpenVINO on the
+fp32 graph in f32 or in bf16 (CPUs with AMX or AVX512-BF16).
+
+An export's precision is what its ONNX file holds (fp32, fp16, int8); bf16 is a serving choice on an fp32 export:
+OpenVINO computes in bf16 where the CPU has units for it. Export's parity check runs every variant this machine can
+run and records which passed beside the model (``engines.json``); ``auto`` and explicit choices serve only a variant
+recorded there, so what serves is what was checked. Without the record (an older export) only onnxruntime serves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from . import spec
+
+log = logging.getLogger("fos.engines")
+
+ONNXRUNTIME = "onnxruntime"
+OPENVINO = "openvino"
+# What a user may ask for: a variant, an engine at its best checked precision, or auto.
+VARIANTS = ("onnxruntime", "openvino-fp32", "openvino-bf16")
+CHOICES = ("auto", "onnxruntime", "openvino", "openvino-fp32", "openvino-bf16")
+
+RECORD = "engines.json"  # beside model.onnx: the variants export's parity check passed
+
+# /proc/cpuinfo flags of bf16 matrix or vector units: Intel AMX (Sapphire Rapids on), AVX512-BF16 (Cooper Lake,
+# AMD Zen 4 on).
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """One way of running the graph: an engine and the precision it computes in."""
+
+    engine: str  # onnxruntime | openvino
+    compute: str  # onnxruntime: the export's precision (fp32, fp16, int8); openvino: fp32 or bf16
+
+    @property
+    def variant(self) -> str:
+        """The key in the parity record and the name ``--engine`` takes."""
+        return ONNXRUNTIME if self.engine == ONNXRUNTIME else f"{OPENVINO}-{self.compute}"
+
+    def __str__(self) -> str:
+        return f"{self.engine} {self.compute}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Cpu:
+    """What the engine choice needs to know of this machine's CPU."""
+
+    bf16_flags: tuple[str, ...]  # of BF16_FLAGS, those /proc/cpuinfo lists
+    openvino: bool  # openvino imports
+    openvino_bf16: bool  # OpenVINO's CPU plugin lists BF16 among its capabilities
+    model: str = ""
+
+    @property
+    def bf16(self) -> bool:
+        """bf16 units that OpenVINO uses: both the CPU and OpenVINO say so."""
+        return bool(self.bf16_flags) and self.openvino_bf16
+
+    @classmethod
+    def detect(cls) -> Cpu:
+        flags, model = _cpuinfo()
+        try:
+            import openvino as ov
+
+            capabilities = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+            return cls(tuple(f for f in BF16_FLAGS if f in flags), True, "BF16" in capabilities, model)
+        except Exception as exc:  # not installed, or no CPU plugin for this machine
+            log.info("openvino is not usable here: %s", exc)
+            return cls(tuple(f for f in BF16_FLAGS if f in flags), False, False, model)
+
+
+def _cpuinfo() -> tuple[set[str], str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:  # not Linux: OpenVINO's own capabilities alone cannot tell AMX from emulation
+        return set(), ""
+    flags: set[str] = set()
+    model = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key in ("flags", "Features") and not flags:
+            flags = set(value.split())
+        elif key == "model name" and not model:
+            model = value.strip()
+    return flags, model
+
+
+class NotServable(RuntimeError):
+    """The engine asked for cannot serve this export on this machine; the message says why and what to do."""
+
+
+def read_record(folder: Path) -> dict[str, dict]:
+    """The parity record beside the model: variant -> its figures; empty for exports older than the record."""
+    path = Path(folder) / RECORD
+    if not path.exists():
+        return {}
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def write_record(folder: Path, passed: Mapping[str, dict]) -> None:
+    (Path(folder) / RECORD).write_text(json.dumps(dict(passed), indent=1, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def resolve(requested: str, folder: Path, precision: str, gpu: bool, cpu: Cpu | None = None) -> tuple[Choice, str]:
+    """The variant to serve the export in ``folder`` (ONNX file of ``precision``) with, and why (for the start-up
+    log). ``gpu``: the encoder runs on a GPU, which only onnxruntime does here. Raises NotServable."""
+    if requested not in CHOICES:
+        raise NotServable(f"engine must be one of {', '.join(CHOICES)}, not {requested!r}")
+    native = Choice(ONNXRUNTIME, precision)
+    if requested == ONNXRUNTIME:
+        return native, "asked for"
+    if requested == "auto" and precision != "fp32":
+        return native, f"OpenVINO runs fp32 exports only, and this one is {precision}"
+    if gpu:
+        if requested != "auto":
+            raise NotServable(f"--engine {requested}: OpenVINO runs on the CPU, and this encoder is on the GPU")
+        return native, "the encoder is on the GPU"
+    record = read_record(folder)
+    cpu = cpu or Cpu.detect()
+    usable = [v for v in ("openvino-bf16", "openvino-fp32") if v in record]
+    if not cpu.bf16:
+        usable = [v for v in usable if v != "openvino-bf16"]
+    if requested == "auto":
+        if not cpu.openvino:
+            return native, "openvino is not usable on this machine"
+        if "openvino-bf16" in usable:
+            units = " and ".join(cpu.bf16_flags)
+            return Choice(OPENVINO, "bf16"), f"this CPU has bf16 units ({units}), and parity checked OpenVINO bf16"
+        if cpu.bf16 and precision == "fp32":
+            log.warning(
+                "this CPU has bf16 units, but export's parity check did not pass OpenVINO bf16 (%s): serving onnxruntime; "
+                "export again on a CPU with them (AMX or AVX512-BF16) to serve bf16",
+                "no parity record: exported before engines were checked" if not record else f"checked: {', '.join(record)}",
+            )
+        return native, "no bf16 units here" if not cpu.bf16 else "OpenVINO bf16 was not checked at export"
+    if not cpu.openvino:
+        raise NotServable(f"--engine {requested}: openvino does not load on this machine")
+    wanted = usable if requested == OPENVINO else [requested]
+    for variant in wanted:
+        if variant in usable:
+            return Choice(OPENVINO, variant.removeprefix("openvino-")), "asked for"
+    if requested == "openvino-bf16" and not cpu.bf16:
+        raise NotServable(
+            "--engine openvino-bf16: this CPU has no bf16 units OpenVINO uses (AMX or AVX512-BF16); use openvino-fp32"
+        )
+    checked = ", ".join(record) or "none: exported before engines were checked"
+    raise NotServable(
+        f"--engine {requested}: export's parity check did not pass it for this model (passed: {checked}); "
+        "export the model again on this machine (fos export, or fos serve --model ... --precision ...)"
+    )
+
+
+class OpenVINOSession:
+    """One compiled model and one infer request, run synchronously: one batch at a time, like onnxruntime's session.
+
+    The compute precision is always set: left to itself OpenVINO runs bf16 on a CPU with bf16 units, which an fp32
+    parity check would not have covered. Dynamic shapes ([-1, -1]), latency hint (one stream over every core), no
+    thread pinning (never slower here, much faster on a host shared with tokenizers and HTTP workers)."""
+
+    def __init__(self, path: Path, compute: str, threads: int):
+        import openvino as ov
+
+        core = ov.Core()
+        model = core.read_model(str(path))
+        model.reshape({i.get_any_name(): ov.PartialShape([-1, -1]) for i in model.inputs})
+        precision = "bf16" if compute == "bf16" else "f32"
+        config = {
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_PRECISION_HINT": precision,
+            "INFERENCE_NUM_THREADS": threads,
+            "ENABLE_CPU_PINNING": False,
+        }
+        self.compiled = core.compile_model(model, "CPU", config)
+        got = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+        # A CPU without bf16 units gets f32 silently: refuse rather than serve what was not asked for.
+        if got != precision:
+            raise NotServable(f"OpenVINO runs {got}, not {precision}, on this CPU (bf16 needs AMX or AVX512-BF16)")
+        self.input_names = tuple(i.get_any_name() for i in model.inputs)
+        self.request = self.compiled.create_infer_request()
+        # The first run of a compiled model prepares its kernels: at load, not in the first request's time.
+        warm = {name: np.full((1, 8), 0 if name == spec.TOKEN_TYPE_IDS else 1, dtype=np.int64) for name in self.input_names}
+        self.run(warm)
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        out = self.request.infer({name: feeds[name] for name in self.input_names})
+        return np.asarray(out[0], dtype=np.float32)  # infer copies outputs out of the request's reused buffer

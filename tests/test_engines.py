@@ -1,0 +1,171 @@
+"""The engine choice (fos_runtime.engines): what auto and explicit choices serve on CPUs with and without bf16 units,
+what export's parity check records, and that OpenVINO computes in the precision it was asked for, on any CPU."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import httpx
+import numpy as np
+import pytest
+
+from fos_runtime import engines, padding, spec
+from fos_runtime.encoder import Encoder
+from fos_runtime.engines import Choice, Cpu, NotServable, resolve
+from fos_runtime.tokenization import Tokenizer
+from shim.repository import read_specs
+
+from conftest import ENGINES
+from helpers import EMBED, EMBED_V3, RERANK, RERANK_V3, ServerThread
+
+BF16_CPU = Cpu(bf16_flags=("amx_bf16",), openvino=True, openvino_bf16=True)
+AVX2_CPU = Cpu(bf16_flags=(), openvino=True, openvino_bf16=False)
+NO_OPENVINO = Cpu(bf16_flags=("avx512_bf16",), openvino=False, openvino_bf16=False)
+ALL_CHECKED = {"onnxruntime": {}, "openvino-fp32": {}, "openvino-bf16": {}}
+HERE = Cpu.detect()
+
+
+def folder_with(tmp_path, record: dict | None):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    if record is not None:
+        engines.write_record(tmp_path, record)
+    return tmp_path
+
+
+def test_auto_serves_bf16_only_where_the_cpu_has_units_and_parity_passed_it(tmp_path):
+    folder = folder_with(tmp_path, ALL_CHECKED)
+    assert resolve("auto", folder, "fp32", gpu=False, cpu=BF16_CPU)[0] == Choice("openvino", "bf16")
+    # No bf16 units (an AVX2-only EPYC): today's behaviour, onnxruntime.
+    assert resolve("auto", folder, "fp32", gpu=False, cpu=AVX2_CPU)[0] == Choice("onnxruntime", "fp32")
+    # The CPU says bf16 but OpenVINO does not list it (or the other way round): no bf16.
+    half = Cpu(bf16_flags=("avx512_bf16",), openvino=True, openvino_bf16=False)
+    assert resolve("auto", folder, "fp32", gpu=False, cpu=half)[0].engine == "onnxruntime"
+    assert resolve("auto", folder, "fp32", gpu=False, cpu=NO_OPENVINO)[0].engine == "onnxruntime"
+    # On a GPU only onnxruntime runs.
+    assert resolve("auto", folder, "fp32", gpu=True, cpu=BF16_CPU)[0] == Choice("onnxruntime", "fp32")
+
+
+def test_auto_serves_only_what_parity_passed(tmp_path):
+    # Exported before engines were checked (no record), or on a CPU without bf16 units (bf16 not in it): onnxruntime.
+    assert resolve("auto", folder_with(tmp_path / "a", None), "fp32", gpu=False, cpu=BF16_CPU)[0].engine == "onnxruntime"
+    fp32_only = folder_with(tmp_path, {"onnxruntime": {}, "openvino-fp32": {}})
+    assert resolve("auto", fp32_only, "fp32", gpu=False, cpu=BF16_CPU)[0].engine == "onnxruntime"
+    # int8 and fp16 files run on onnxruntime as they are, whatever the CPU.
+    for precision in ("int8", "fp16"):
+        assert resolve("auto", tmp_path, precision, gpu=False, cpu=BF16_CPU)[0] == Choice("onnxruntime", precision)
+
+
+def test_explicit_choices(tmp_path):
+    folder = folder_with(tmp_path, ALL_CHECKED)
+    assert resolve("openvino", folder, "fp32", gpu=False, cpu=BF16_CPU)[0] == Choice("openvino", "bf16")
+    assert resolve("openvino", folder, "fp32", gpu=False, cpu=AVX2_CPU)[0] == Choice("openvino", "fp32")
+    assert resolve("openvino-fp32", folder, "fp32", gpu=False, cpu=BF16_CPU)[0] == Choice("openvino", "fp32")
+    assert resolve("onnxruntime", folder, "fp32", gpu=False, cpu=BF16_CPU)[0] == Choice("onnxruntime", "fp32")
+    with pytest.raises(NotServable, match="no bf16 units"):
+        resolve("openvino-bf16", folder, "fp32", gpu=False, cpu=AVX2_CPU)
+    with pytest.raises(NotServable, match="parity check did not pass"):
+        resolve("openvino-fp32", folder_with(tmp_path / "bf16", {"onnxruntime": {}}), "fp32", gpu=False, cpu=BF16_CPU)
+    with pytest.raises(NotServable, match="parity check did not pass"):
+        resolve("openvino", folder_with(tmp_path / "old", None), "fp32", gpu=False, cpu=BF16_CPU)
+    with pytest.raises(NotServable, match="on the GPU"):
+        resolve("openvino", folder, "fp32", gpu=True, cpu=BF16_CPU)
+    with pytest.raises(NotServable, match="does not load"):
+        resolve("openvino-fp32", folder, "fp32", gpu=False, cpu=NO_OPENVINO)
+    with pytest.raises(NotServable, match="must be one of"):
+        resolve("tensorflow", folder, "fp32", gpu=False, cpu=BF16_CPU)
+
+
+def model_of(exported, served: str):
+    s = next(s for s in read_specs(exported["repository"]) if s.served_name == served)
+    return s, exported["repository"] / spec.encoder_model(s.name) / "1" / "model.onnx"
+
+
+def feeds(exported, served: str):
+    s, _ = model_of(exported, served)
+    tokenizer = Tokenizer(exported["repository"] / spec.tokenizer_model(s.name) / "1" / "tokenizer", s.max_length)
+    encoded = tokenizer.encode(["東京は日本の首都です。", "猫", "ラーメンと餃子を食べに行きませんか？" * 3])
+    return padding.pad(encoded, s.pad_token_id, s.encoder_inputs)
+
+
+def test_export_records_the_variants_parity_passed_on_this_cpu(exported):
+    for served in (EMBED, RERANK, EMBED_V3, RERANK_V3):
+        _, model = model_of(exported, served)
+        record = json.loads((model.parent / engines.RECORD).read_text())
+        expected = {"onnxruntime", "openvino-fp32"} | ({"openvino-bf16"} if HERE.bf16 else set())
+        assert set(record) == expected, served
+        if HERE.bf16:
+            assert record["openvino-bf16"]["compute"] == "bf16"
+    printed = exported["printed"]["embed"]
+    assert "parity (openvino fp32 on the fp32 export" in printed
+    if not HERE.bf16:
+        assert "parity (openvino bf16 on the fp32 export): not run on this machine" in printed
+
+
+@pytest.mark.parametrize("served", [EMBED, EMBED_V3])
+def test_openvino_fp32_computes_fp32_on_any_cpu(exported, served):
+    # Left without a precision, OpenVINO computes bf16 on a CPU with bf16 units: fp32 must be asked for, and be what runs.
+    _, model = model_of(exported, served)
+    f = feeds(exported, served)
+    reference = Encoder(model, engine="onnxruntime").run(f)
+    ov = Encoder(model, engine="openvino-fp32")
+    assert ov.engine == Choice("openvino", "fp32") and ov.device == "cpu"
+    assert ov._openvino is not None
+    assert ov._openvino.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name() == "f32"
+    assert np.max(np.abs(ov.run(f) - reference)) <= 1e-5
+
+
+def test_bf16_runs_where_the_cpu_has_units_and_is_refused_elsewhere(exported):
+    _, model = model_of(exported, EMBED)
+    f = feeds(exported, EMBED)
+    if HERE.bf16:
+        got = Encoder(model, engine="openvino-bf16").run(f)
+        want = Encoder(model, engine="onnxruntime").run(f)
+        cosine = np.sum(got * want, axis=1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
+        assert cosine.min() >= 0.999
+        assert Encoder(model, engine="auto").engine == Choice("openvino", "bf16")
+    else:  # OpenVINO would quietly compute f32: asked for bf16, the session refuses
+        with pytest.raises(NotServable):
+            Encoder(model, engine=Choice("openvino", "bf16"))
+        with pytest.raises(NotServable, match="no bf16 units"):
+            Encoder(model, engine="openvino-bf16")
+        assert Encoder(model, engine="auto").engine == Choice("onnxruntime", "fp32")
+
+
+def test_models_and_metrics_say_which_engine_runs(embedded_server, triton_server):
+    models = {m["id"]: m for m in httpx.get(embedded_server.url + "/v1/models").json()["data"]}
+    for served, key in ((EMBED, "embed"), (RERANK, "rerank"), (EMBED_V3, "embed_v3"), (RERANK_V3, "rerank_v3")):
+        engine, _, compute = ENGINES[key].partition("-")
+        assert (models[served]["engine"], models[served]["compute_precision"]) == (engine, compute or "fp32")
+        assert models[served]["precision"] == "fp32"
+    metrics = httpx.get(embedded_server.url + "/metrics").text
+    assert f'fos_engine_info{{compute_precision="fp32",engine="openvino",export_precision="fp32",model="{EMBED}"}} 1.0' in metrics
+    # Behind Triton the shim cannot know (Triton's log says); the export's precision it does know.
+    models = {m["id"]: m for m in httpx.get(triton_server.url + "/v1/models").json()["data"]}
+    assert "engine" not in models[EMBED] and models[EMBED]["precision"] == "fp32"
+
+
+def test_triton_python_encoder_runs_the_exported_engine(triton, tmp_path_factory):
+    grpc_port = triton["grpc"].rsplit(":", 1)[1]
+    logs = list(tmp_path_factory.getbasetemp().glob(f"**/triton-{grpc_port}/tritonserver-*.log"))
+    log = "".join(path.read_text(errors="replace") for path in logs)
+    assert f"fos encoder {EMBED}: openvino fp32 on the cpu" in log
+    assert f"fos encoder {EMBED_V3}: onnxruntime fp32 on the cpu" in log
+
+
+def test_serve_engine_flag_overrides_and_refuses_what_cannot_serve(exported, monkeypatch, capsys):
+    from shim.app import create_app
+    from shim.backends.embedded import EmbeddedBackend
+    from shim.cli import main
+
+    with ServerThread(create_app(EmbeddedBackend(exported["repository"], engine="onnxruntime"))) as server:
+        models = {m["id"]: m for m in httpx.get(server.url + "/v1/models").json()["data"]}
+        assert {m["engine"] for m in models.values()} == {"onnxruntime"}
+    # A CPU without bf16 units: openvino-bf16 is refused before anything loads, with the reason.
+    monkeypatch.setattr(Cpu, "detect", classmethod(lambda cls: AVX2_CPU))
+    repo = str(exported["repository"])
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = main(["serve", "--repository", repo, "--engine", "openvino-bf16", "--port", "1"])
+    assert code == 1
+    assert "no bf16 units" in capsys.readouterr().err
