@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -84,8 +85,13 @@ def _without_ragged_batching(repo: Path, copy: Path) -> Path:
     return copy
 
 
-def _bench(label: str, url: str, tokenizer: Path, args, triton_metrics: str | None = None) -> None:
+def _bench(label: str, url: str, tokenizer: Path, args, triton_metrics: str | None = None) -> dict[str, float]:
+    """Each workload in turn; returns, per workload, the requests per round the server formed for it (where it
+    counts rounds: the embedded backend)."""
+    per_round: dict[str, float] = {}
     for workload in args.workloads.split(","):
+        model = RERANK if workload == "rerank" else EMBED
+        before = _counters(url, model)
         levels = args.dify_levels if workload == "dify-embed" else PLAN[workload]
         subprocess.run(
             [
@@ -116,6 +122,41 @@ def _bench(label: str, url: str, tokenizer: Path, args, triton_metrics: str | No
             + (["--triton-metrics", triton_metrics] if triton_metrics else []),
             check=True,
         )
+        after = _counters(url, model)
+        rounds = after.get("fos_rounds_total", 0) - before.get("fos_rounds_total", 0)
+        if rounds:
+            per_round[workload] = (after["fos_round_requests_total"] - before["fos_round_requests_total"]) / rounds
+    return per_round
+
+
+def _counters(url: str, model: str) -> dict[str, float]:
+    """The shim's fos_* samples for one model (empty where it cannot be read)."""
+    found: dict[str, float] = {}
+    with contextlib.suppress(Exception), urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("fos_") and f'model="{model}"' in line:
+                found[line.split("{")[0]] = float(line.rsplit(" ", 1)[1])
+    return found
+
+
+def _engine_alone(server: str, repo: Path, engine: str, per_round: dict[str, float], args) -> None:
+    """After the server has stopped: its engine alone (``bench.engine``) on the same requests in rounds of the size
+    the server formed, against the end-to-end figure; how much of its engine the server delivers."""
+    for workload, round_requests in per_round.items():
+        level = next(r for r in json.loads((args.out / f"{server}.json").read_text())["levels"] if r["workload"] == workload)
+        cmd = [sys.executable, "-m", "bench.engine", "--repository", str(repo), "--workload", workload]
+        cmd += ["--model", RERANK if workload == "rerank" else EMBED, "--engine", engine, "--seconds", "30"]
+        cmd += ["--round-requests", f"{round_requests:.3f}", "--requests", str(level["requests"])]
+        cmd += ["--corpus", str(args.corpus)] if args.corpus else []
+        raw = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+        raw["end_to_end_tokens_per_s"] = level["tokens_per_s"]
+        raw["share_of_engine"] = level["tokens_per_s"] / raw["tokens_per_s"]
+        (args.out / f"{server}-{workload}-engine.json").write_text(json.dumps(raw, indent=1) + "\n")
+        print(
+            f"{server:>24} {workload:>12}: end to end {level['tokens_per_s']:.0f} tokens/s, its engine alone at the "
+            f"server's rounds ({round_requests:.1f} requests) {raw['tokens_per_s']:.0f}: {raw['share_of_engine']:.2f}",
+            flush=True,
+        )
 
 
 def _save_metrics(label: str, url: str, out: Path) -> None:
@@ -141,6 +182,12 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=40)
     p.add_argument("--corpus", type=Path)
     p.add_argument("--out", type=Path, default=Path("bench-results"))
+    p.add_argument(
+        "--engine-alone",
+        action="store_true",
+        help="after each embedded server, its engine alone at the batch shapes it formed (bench.engine): "
+        "SERVER-WORKLOAD-engine.json with the end-to-end share",
+    )
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "servers.log"
@@ -169,8 +216,10 @@ def main() -> None:
             repo = args.repo_fp32 if exported == "fp32" else args.repo_int8
             serve = [*fos, "serve", "--repository", str(repo), "--port", str(port), "--log-level", "warning"]
             with _server([*serve, "--engine", engine], url + "/health", log):
-                _bench(server, url, tokenizer, args)
+                per_round = _bench(server, url, tokenizer, args)
                 _save_metrics(server, url, args.out)
+            if args.engine_alone:
+                _engine_alone(server, repo, engine, per_round, args)
         elif server in TRITON_VARIANTS:
             ragged, rounds = TRITON_VARIANTS[server]
             repo = args.repo_fp32 if ragged else _without_ragged_batching(args.repo_fp32, args.out / "repo-no-ragged")
