@@ -98,8 +98,11 @@ def choose_engine(path: Path, engine: str, precision: str, device: str = "auto")
 
 def _gpu_likely(device: str) -> bool:
     """Whether onnxruntime would put this encoder on a GPU: only it runs there, so ``auto`` keeps to it."""
-    if device != "auto":
-        return device == "gpu"
+    return device == "gpu" or (device == "auto" and cuda_available())
+
+
+def cuda_available() -> bool:
+    """Whether this onnxruntime has its CUDA provider (a GPU build)."""
     try:
         import onnxruntime as ort
     except ImportError:

@@ -122,7 +122,10 @@ def resolve(requested: str, folder: Path, precision: str, gpu: bool, cpu: Cpu | 
         return native, f"OpenVINO runs fp32 exports only, and this one is {precision}"
     if gpu:
         if requested != "auto":
-            raise NotServable(f"--engine {requested}: OpenVINO runs on the CPU, and this encoder is on the GPU")
+            raise NotServable(
+                f"--engine {requested}: OpenVINO runs on the CPU, and this encoder is on the GPU (fos serve --device cpu "
+                "keeps it on the CPU)"
+            )
         return native, "the encoder is on the GPU"
     record = read_record(folder)
     cpu = cpu or Cpu.detect()

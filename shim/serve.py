@@ -79,6 +79,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "from the fp32 export",
     )
     p.add_argument("--threads", type=int, help="encoder threads, onnxruntime's or OpenVINO's (default: all cores)")
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "gpu"),
+        default="auto",
+        help="where the embedded backend runs its encoders: auto is onnxruntime's GPU where it has one, else the CPU; "
+        "cpu keeps them on the CPU of a machine with a GPU (OpenVINO needs it there)",
+    )
     defaults = Limits()
     p.add_argument("--max-inputs", type=int, default=defaults.max_inputs, help="inputs per embeddings request")
     p.add_argument("--max-input-chars", type=int, default=defaults.max_input_chars, help="characters per input")
@@ -159,14 +166,17 @@ def _same_choices(repository: Path, stored: spec.ModelSpec, model: str, precisio
     )
 
 
-def _engines_servable(repository: Path, engine: str | None) -> bool:
+def _engines_servable(repository: Path, engine: str | None, device: str) -> bool:
     """Says which engine will run each model, and why; refuses an engine that cannot serve one (before loading)."""
-    from fos_runtime.encoder import choose_engine
+    from fos_runtime.encoder import choose_engine, cuda_available
 
+    if device == "gpu" and not cuda_available():
+        print("error: --device gpu: this onnxruntime has no CUDA provider (install onnxruntime-gpu)", file=sys.stderr, flush=True)
+        return False
     for s in repo.read_specs(repository):
         model = repository / spec.encoder_model(s.name) / "1" / "model.onnx"
         try:
-            choice, why = choose_engine(model, engine or s.engine, s.precision)
+            choice, why = choose_engine(model, engine or s.engine, s.precision, device)
         except engines.NotServable as exc:
             print(f"error: {s.served_name}: {exc}", file=sys.stderr, flush=True)
             return False
@@ -200,7 +210,7 @@ def build_app(args: argparse.Namespace) -> FastAPI:
     else:
         from .backends.embedded import EmbeddedBackend
 
-        backend = EmbeddedBackend(args.repository, threads=args.threads, engine=args.engine)
+        backend = EmbeddedBackend(args.repository, threads=args.threads, engine=args.engine, device=args.device)
     limits = Limits(
         max_inputs=args.max_inputs,
         max_input_chars=args.max_input_chars,
@@ -231,6 +241,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("--workers needs --triton: the embedded backend batches requests within one process")
     if args.engine and args.triton:
         raise SystemExit("--engine chooses the embedded backend's engine; for Triton's Python encoder, export with --engine")
+    if args.device != "auto" and args.triton:
+        raise SystemExit("--device places the embedded backend's encoders; Triton's come from export's --device")
     if args.model:
         if args.triton:
             raise SystemExit("--model exports for the embedded backend; with --triton, run `fos export` for Triton's repository")
@@ -242,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
         except (ModelUnavailable, ParityError, ValueError, OSError) as exc:
             print(f"error: {exc}", file=sys.stderr, flush=True)
             return 1
-    if not args.triton and not _engines_servable(args.repository, args.engine):
+    if not args.triton and not _engines_servable(args.repository, args.engine, args.device):
         return 1
     options = dict(
         host=args.host, port=args.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=args.graceful_timeout

@@ -169,3 +169,28 @@ def test_serve_engine_flag_overrides_and_refuses_what_cannot_serve(exported, mon
         code = main(["serve", "--repository", repo, "--engine", "openvino-bf16", "--port", "1"])
     assert code == 1
     assert "no bf16 units" in capsys.readouterr().err
+
+
+def test_device_cpu_keeps_encoders_off_a_gpu_and_gpu_needs_cuda(exported, monkeypatch, capsys):
+    """On a machine with onnxruntime's CUDA provider, auto puts the encoder on the GPU, where OpenVINO cannot run:
+    --device cpu keeps it on the CPU. --device gpu without CUDA is refused before anything loads."""
+    from fos_runtime import encoder
+    from shim.cli import main
+
+    record = {"onnxruntime": {}, "openvino-fp32": {}}
+    model = folder_with(exported["repository"].parent / "device", record) / "model.onnx"
+    monkeypatch.setattr(encoder, "cuda_available", lambda: True)
+    monkeypatch.setattr(Cpu, "detect", classmethod(lambda cls: AVX2_CPU))
+    with pytest.raises(NotServable, match="--device cpu"):
+        encoder.choose_engine(model, "openvino-fp32", "fp32", "auto")
+    assert encoder.choose_engine(model, "openvino-fp32", "fp32", "cpu")[0] == Choice("openvino", "fp32")
+    assert encoder.choose_engine(model, "auto", "fp32", "auto")[1] == "the encoder is on the GPU"
+
+    monkeypatch.setattr(encoder, "cuda_available", lambda: False)
+    repo = str(exported["repository"])
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = main(["serve", "--repository", repo, "--device", "gpu", "--port", "1"])
+    assert code == 1
+    assert "no CUDA provider" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--device places"):
+        main(["serve", "--triton", "127.0.0.1:1", "--device", "cpu", "--port", "1"])

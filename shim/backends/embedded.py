@@ -70,13 +70,21 @@ def chunks(texts: Sequence[str], pairs: Sequence[str] | None) -> list[tuple[int,
 
 class _Model:
     def __init__(
-        self, s: ModelSpec, repository: Path, executor, tokenize_pool, plan: BatchPlan | None, threads: int | None, engine: str
+        self,
+        s: ModelSpec,
+        repository: Path,
+        executor,
+        tokenize_pool,
+        plan: BatchPlan | None,
+        threads: int | None,
+        engine: str,
+        device: str,
     ):
         self.spec = s
         self.tokenize_pool = tokenize_pool
         self.tokenizer = Tokenizer(repository / specs.tokenizer_model(s.name) / "1" / "tokenizer", s.max_length)
         model = repository / specs.encoder_model(s.name) / "1" / "model.onnx"
-        self.encoder = Encoder(model, threads=threads, engine=engine, precision=s.precision)
+        self.encoder = Encoder(model, threads=threads, device=device, engine=engine, precision=s.precision)
         log.info("%s: %s on the %s (%s)", s.served_name, self.encoder.engine, self.encoder.device, self.encoder.reason)
         self.executor = executor
         self.plan = plan or batching.plan_for(self.encoder.device)
@@ -116,11 +124,21 @@ class _Model:
 
 
 class EmbeddedBackend:
-    def __init__(self, repository: Path, plan: BatchPlan | None = None, threads: int | None = None, engine: str | None = None):
+    def __init__(
+        self,
+        repository: Path,
+        plan: BatchPlan | None = None,
+        threads: int | None = None,
+        engine: str | None = None,
+        device: str = "auto",
+    ):
         self.repository = Path(repository)
         self.plan = plan  # None: per model, from its encoder's device
         self.threads = threads
         self.engine = engine  # one of fos_runtime.engines.CHOICES for every model; None: each model's own (its spec)
+        # auto: onnxruntime's GPU where it has one; cpu keeps the encoders off a GPU the machine has (OpenVINO, or
+        # a GPU left to other work).
+        self.device = device
         self.models: dict[str, _Model] = {}
         # One inference thread: onnxruntime already spreads one run over every core, and two runs
         # at once would only fight over them.
@@ -136,7 +154,15 @@ class EmbeddedBackend:
         for s in found:
             log.info("loading %s (%s, %s) from %s", s.served_name, s.task, s.precision, self.repository)
             model = await asyncio.to_thread(
-                _Model, s, self.repository, self.executor, self.tokenize_pool, self.plan, self.threads, self.engine or s.engine
+                _Model,
+                s,
+                self.repository,
+                self.executor,
+                self.tokenize_pool,
+                self.plan,
+                self.threads,
+                self.engine or s.engine,
+                self.device,
             )
             model.rounds.start()
             self.models[s.served_name] = model
