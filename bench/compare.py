@@ -145,7 +145,8 @@ def _engine_alone(server: str, repo: Path, engine: str, per_round: dict[str, flo
     for workload, round_requests in per_round.items():
         level = next(r for r in json.loads((args.out / f"{server}.json").read_text())["levels"] if r["workload"] == workload)
         cmd = [sys.executable, "-m", "bench.engine", "--repository", str(repo), "--workload", workload]
-        cmd += ["--model", RERANK if workload == "rerank" else EMBED, "--engine", engine, "--seconds", "30"]
+        cmd += ["--model", RERANK if workload == "rerank" else EMBED, "--engine", engine, "--device", args.device]
+        cmd += ["--seconds", str(args.engine_seconds)]
         cmd += ["--round-requests", f"{round_requests:.3f}", "--requests", str(level["requests"])]
         cmd += ["--corpus", str(args.corpus)] if args.corpus else []
         raw = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
@@ -188,6 +189,8 @@ def main() -> None:
         help="after each embedded server, its engine alone at the batch shapes it formed (bench.engine): "
         "SERVER-WORKLOAD-engine.json with the end-to-end share",
     )
+    p.add_argument("--engine-seconds", type=float, default=30, help="how long --engine-alone runs each")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu"), help="the embedded servers' fos serve --device")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "servers.log"
@@ -215,7 +218,7 @@ def main() -> None:
             exported, engine = EMBEDDED[server]
             repo = args.repo_fp32 if exported == "fp32" else args.repo_int8
             serve = [*fos, "serve", "--repository", str(repo), "--port", str(port), "--log-level", "warning"]
-            with _server([*serve, "--engine", engine], url + "/health", log):
+            with _server([*serve, "--engine", engine, "--device", args.device], url + "/health", log):
                 per_round = _bench(server, url, tokenizer, args)
                 _save_metrics(server, url, args.out)
             if args.engine_alone:

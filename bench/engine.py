@@ -33,6 +33,7 @@ def main() -> None:
     p.add_argument("--round-requests", type=float, default=1.0, help="requests per round (the server's average)")
     p.add_argument("--engine", default=None, help="as fos serve --engine (default: the model's own)")
     p.add_argument("--threads", type=int)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu"), help="as fos serve --device")
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument(
         "--requests",
@@ -48,6 +49,7 @@ def main() -> None:
     encoder = Encoder(
         repository / spec.encoder_model(s.name) / "1" / "model.onnx",
         threads=args.threads,
+        device=args.device,
         engine=args.engine or s.engine,
         precision=s.precision,
     )

@@ -32,8 +32,10 @@ PIECE_BYTES=$(( ${FOS_PIECE_MIB:-58} * 1024 * 1024 ))
 # (they normally come with onnx, huggingface-hub, onnxruntime, requests).
 SITE_WHEELS="fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 pydantic==2.14.4 pydantic-core==2.50.5
   annotated-types==0.8.0 typing-inspection==0.4.5 annotated-doc==0.0.7 opentelemetry-api==1.45.2
-  fugashi==1.5.2 tritonclient==2.73.0 python-rapidjson==1.25 onnxruntime-gpu==1.31.1 nvidia-pytriton==0.7.0"
-FALLBACK_WHEELS="click==8.5.1 ml-dtypes==0.5.4 flatbuffers==25.12.19 packaging==26.4 urllib3==2.8.0"
+  fugashi==1.5.2 tritonclient==2.73.0 python-rapidjson==1.25 onnxruntime-gpu==1.31.1 nvidia-pytriton==0.7.0
+  openvino==2026.4.1"
+FALLBACK_WHEELS="click==8.5.1 ml-dtypes==0.5.4 flatbuffers==25.12.19 packaging==26.4 urllib3==2.8.0
+  openvino-telemetry==2025.2.0"
 
 wheel_of() {  # "name==ver" -> the downloaded wheel's path, or nothing
   local n=${1%%==*} v=${1##*==}
@@ -109,6 +111,10 @@ stage() {
   echo '"""Only pytriton/tritonserver is carried (bench/gpu_bundle.sh)."""' > pytriton/__init__.py
   find pytriton/tritonserver/python_backend_stubs -mindepth 1 -maxdepth 1 ! -name 3.12 -exec rm -rf {} +
   rm -f nvidia_pytriton.libs/libpython3-*.13.so*
+  # OpenVINO (gpu_run.sh's cpu step, the host's AMX): its CPU plugin and the ONNX and IR readers; not the GPU and NPU
+  # plugins (with the GPU plugin's kernel cache, cache.json), the other frameworks' readers or the C++ headers.
+  rm -rf openvino/include openvino/cmake openvino/libs/cache.json openvino/libs/libopenvino_intel_{gpu,npu}_plugin.so \
+    openvino/libs/libopenvino_{tensorflow,tensorflow_lite,paddle,pytorch,jax,gguf}_frontend.so.*
   # unidic-lite is an sdist: its built dictionary (data + __init__, any Python) comes from this venv.
   cp -a "$ROOT"/.venv/lib/python3*/site-packages/unidic_lite "$ROOT"/.venv/lib/python3*/site-packages/unidic_lite-*.dist-info .
   find "$st" -name __pycache__ -type d -prune -exec rm -rf {} +
@@ -134,10 +140,11 @@ pack() {
     [ort]="$(ls -d site/onnxruntime site/onnxruntime_gpu-*.dist-info)"
     [triton]="$(ls -d site/pytriton site/nvidia_pytriton.libs site/nvidia_pytriton-*.dist-info)"
     [unidic]="$(ls -d site/unidic_lite*)"
+    [openvino]="$(ls -d site/openvino site/openvino-*.dist-info)"
     [fallback]=fallback
   )
   if [ -d tools ]; then units[extra]=tools; fi
-  units[py]="$(ls -d site/* | grep -v -e '/onnxruntime' -e '/pytriton' -e '/nvidia_pytriton' -e '/unidic_lite')"
+  units[py]="$(ls -d site/* | grep -v -e '/onnxruntime' -e '/pytriton' -e '/nvidia_pytriton' -e '/unidic_lite' -e '/openvino')"
   # xz -9 beats zstd -19 --long here (unidic: 28.4 vs 33.9 MB). Reproducible tar streams (sorted, fixed
   # owner and mtime), so a unit whose content did not change is taken from .carry/cache, not recompressed.
   local name key tarc=(tar -cf - --sort=name --owner=0 --group=0 --numeric-owner --mtime=2020-01-01T00:00Z)

@@ -24,10 +24,12 @@ BATCH_C=${FOS_BATCH_C:-32}                       # batch-embed concurrency
 WORKERS=${FOS_WORKERS:-4}                        # fos serve processes
 TOKENIZERS=${FOS_TOKENIZERS:-6}                  # Triton tokenizer instances
 LOADGEN=${FOS_LOADGEN:-4}                        # fos bench processes
-STEPS=${FOS_STEPS:-encoder,triton,naive}         # which measurements to run
+STEPS=${FOS_STEPS:-encoder,triton,naive}         # which measurements to run; cpu: the host's CPU engines (below)
+CPU_CORES=${FOS_CPU_CORES:-}                     # cpu step: taskset's core list (e.g. 0-1); empty: every core
 export FOS_ENCODER_TIMING=${FOS_ENCODER_TIMING:-200}  # Triton's encoder logs where its time goes
 NAME=cl-nagoya/ruri-large
 # To try the script out on a CPU: FOS_DEVICE=cpu FOS_PRECISION=fp32 FOS_SIZE=tiny FOS_DURATION=3 (no GPU figures).
+# FOS_STEPS=cpu alone measures the host's CPU engines (AMX there), in a call of its own: FOS_DURATION=15 keeps it short.
 DEVICE=${FOS_DEVICE:-gpu}
 PRECISION=${FOS_PRECISION:-fp16}
 SIZE=${FOS_SIZE:-full}
@@ -56,11 +58,13 @@ cat "$OUT/machine.txt"
 
 log "model: ruri-large shape, random weights"
 [ -d "$WORK/model/st" ] || $PY -m bench.ruri_shape "$WORK/model" --corpus "$CORPUS" --size "$SIZE" > "$OUT/build.log" 2>&1
+if [[ $STEPS == *encoder* || $STEPS == *triton* ]]; then
 log "export: $PRECISION, $DEVICE, Python-backend encoder, $TOKENIZERS tokenizer instances"
 [ -f "$WORK/repo/${NAME/\//--}/config.pbtxt" ] || $PY -m shim.cli export --model "$WORK/model/st" --task embed --name "$NAME" \
   --repository "$WORK/repo" --precision "$PRECISION" --device "$DEVICE" --encoder-backend python \
   --tokenizer-instances "$TOKENIZERS" > "$OUT/export.log" 2>&1
 grep -E 'fused|parity|max \||min cosine|check' "$OUT/export.log" || true
+fi
 
 if [[ $STEPS == *encoder* ]]; then
 log "encoder alone and sentence-transformers fp16"
@@ -105,6 +109,24 @@ pids+=($!)
 wait_http http://127.0.0.1:8081/health 300 || { tail -40 "$OUT/naive.log"; exit 1; }
 bench naive-fp16 dify-embed "$DIFY_C" --processes "$LOADGEN"
 fi
+if [[ $STEPS == *cpu* ]]; then
+# The host's CPUs (AMX on the GPU machine): the naive server against the embedded backend on ONNX Runtime fp32 and
+# OpenVINO bf16, each server's engine alone at the rounds it formed; every encoder kept on the CPU.
+log "CPU engines: naive, onnxruntime fp32, openvino bf16 (fp32 export for the CPU)${CPU_CORES:+, cores $CPU_CORES}"
+[ -d "$WORK/rerank/hf" ] || $PY -m bench.ruri_shape "$WORK/rerank" --reranker --corpus "$CORPUS" --size "$SIZE" \
+  > "$OUT/build-rerank.log" 2>&1
+for task in embed rerank; do
+  if [ $task = embed ]; then src=$WORK/model/st name=$NAME; else src=$WORK/rerank/hf name=cl-nagoya/ruri-reranker-large; fi
+  [ -f "$WORK/repo-cpu/${name/\//--}/config.pbtxt" ] || $PY -m shim.cli export --model "$src" --task $task --name "$name" \
+    --repository "$WORK/repo-cpu" --precision fp32 --device cpu --encoder-backend python > "$OUT/export-cpu-$task.log" 2>&1
+  grep -E 'parity|min cosine|check|engines that' "$OUT/export-cpu-$task.log" || true
+done
+${CPU_CORES:+taskset -c "$CPU_CORES"} $PY -m bench.compare --embed-dir "$WORK/model/st" --rerank-dir "$WORK/rerank/hf" \
+  --repo-fp32 "$WORK/repo-cpu" --servers naive,embedded-fp32,embedded-bf16 --workloads dify-embed,batch-embed,rerank \
+  --dify-levels 16 --duration "$DURATION" --engine-alone --engine-seconds "$DURATION" --device cpu --corpus "$CORPUS" \
+  --out "$OUT/cpu" > "$OUT/cpu.log" 2>&1 || { tail -30 "$OUT/cpu.log"; exit 1; }
+grep -E 'c=|engine alone' "$OUT/cpu.log"
+fi
 log "done: $OUT"
 
 # The figures the issue asks for, on stdout (the device tool returns its tail).
@@ -125,6 +147,14 @@ enc = json.loads((out / "encoder.json").read_text()) if (out / "encoder.json").e
 if enc:
     print("encoder alone", round(enc["encoder_alone"]["tokens_per_s"]), "tokens/s; sentence-transformers fp16 bs32",
           round(enc.get("st_fp16_bs32", {}).get("tokens_per_s", 0)), enc.get("min_cosine_vs_st_fp32"))
+cpu = {}
+for f in (out / "cpu").glob("*.json") if (out / "cpu").is_dir() else ():
+    if not f.name.endswith("-engine.json"):
+        for lv in json.loads(f.read_text())["levels"]:
+            cpu[(lv["label"], lv["workload"])] = lv["tokens_per_s"]
+for (label, workload), tps in sorted(cpu.items()):
+    if label != "naive" and cpu.get(("naive", workload)):
+        print(f"CPU {workload:>12} {label:>14}: {tps:,.0f} tokens/s, {tps / cpu[('naive', workload)]:.2f}x the naive server")
 fos, naive = levels.get(("fos-triton", "dify-embed")), levels.get(("naive-fp16", "dify-embed"))
 if fos and naive:
     print(f"dify-embed fos / naive: {fos['tokens_per_s'] / naive['tokens_per_s']:.1f}x; p99/p50 {fos['p99_ms'] / fos['p50_ms']:.2f}")
