@@ -92,7 +92,7 @@ def _bench(label: str, url: str, tokenizer: Path, args, triton_metrics: str | No
     for workload in args.workloads.split(","):
         model = RERANK if workload == "rerank" else EMBED
         before = _counters(url, model)
-        levels = args.dify_levels if workload == "dify-embed" else PLAN[workload]
+        levels = _levels(workload, args)
         subprocess.run(
             [
                 sys.executable,
@@ -129,6 +129,23 @@ def _bench(label: str, url: str, tokenizer: Path, args, triton_metrics: str | No
     return per_round
 
 
+def _triton_runs_onnxruntime(repo: Path) -> None:
+    """The triton-fp32 rows are onnxruntime fp32: an export left to --engine auto runs OpenVINO bf16 in Triton's
+    Python encoder on a CPU with bf16 units."""
+    from fos_runtime.encoder import choose_engine
+    from shim.repository import read_specs
+
+    for s in read_specs(repo):
+        choice, _ = choose_engine(repo / spec.encoder_model(s.name) / "1" / "model.onnx", s.engine, s.precision, "cpu")
+        if choice.engine != "onnxruntime":
+            raise SystemExit(f"{s.served_name}: Triton would run {choice} here; export --repo-fp32 with --engine onnxruntime")
+
+
+def _levels(workload: str, args) -> str:
+    """The concurrency levels a workload runs at, as fos bench --concurrency takes them."""
+    return args.dify_levels if workload == "dify-embed" else PLAN[workload]
+
+
 def _counters(url: str, model: str) -> dict[str, float]:
     """The shim's fos_* samples for one model (empty where it cannot be read)."""
     found: dict[str, float] = {}
@@ -143,7 +160,13 @@ def _engine_alone(server: str, repo: Path, engine: str, per_round: dict[str, flo
     """After the server has stopped: its engine alone (``bench.engine``) on the same requests in rounds of the size
     the server formed, against the end-to-end figure; how much of its engine the server delivers."""
     for workload, round_requests in per_round.items():
-        level = next(r for r in json.loads((args.out / f"{server}.json").read_text())["levels"] if r["workload"] == workload)
+        concurrency = int(_levels(workload, args))
+        # This run's level: a file of the same --out keeps earlier runs' levels before it.
+        level = [
+            r
+            for r in json.loads((args.out / f"{server}.json").read_text())["levels"]
+            if (r["workload"], r["concurrency"]) == (workload, concurrency)
+        ][-1]
         cmd = [sys.executable, "-m", "bench.engine", "--repository", str(repo), "--workload", workload]
         cmd += ["--model", RERANK if workload == "rerank" else EMBED, "--engine", engine, "--device", args.device]
         cmd += ["--seconds", str(args.engine_seconds)]
@@ -192,6 +215,9 @@ def main() -> None:
     p.add_argument("--engine-seconds", type=float, default=30, help="how long --engine-alone runs each")
     p.add_argument("--device", default="auto", choices=("auto", "cpu"), help="the embedded servers' fos serve --device")
     args = p.parse_args()
+    if args.engine_alone and any("," in _levels(w, args) for w in args.workloads.split(",")):
+        # The server's round sizes are read over a whole fos bench run: one level, or they mix.
+        raise SystemExit("--engine-alone needs one concurrency level per workload (--dify-levels 16)")
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "servers.log"
     port = 8091
@@ -224,6 +250,7 @@ def main() -> None:
             if args.engine_alone:
                 _engine_alone(server, repo, engine, per_round, args)
         elif server in TRITON_VARIANTS:
+            _triton_runs_onnxruntime(args.repo_fp32)
             ragged, rounds = TRITON_VARIANTS[server]
             repo = args.repo_fp32 if ragged else _without_ragged_batching(args.repo_fp32, args.out / "repo-no-ragged")
             triton = [*fos, "triton", "--repository", str(repo), "--http-port", "18000", "--grpc-port", "18001"]

@@ -57,12 +57,13 @@ def main() -> None:
     corpus = corpora.load(Path(args.corpus) if args.corpus else None)
     items = make_items(args.workload, s.served_name, corpus, tokenizer.hf, s.max_length, 400)[: args.requests]
     encodeds = []
-    for item in items:
+    for item in items:  # with the model's default prompt, as the server puts it
         if args.workload == "rerank":
             docs = item.body["documents"]
-            encodeds.append(tokenizer.encode([item.body["query"]] * len(docs), docs))
+            (query,) = s.with_prompt([item.body["query"]], None)
+            encodeds.append(tokenizer.encode([query] * len(docs), docs))
         else:
-            encodeds.append(tokenizer.encode(item.body["input"]))
+            encodeds.append(tokenizer.encode(s.with_prompt(item.body["input"], None)))
     # Rounds of alternately floor and ceil of the average, as the server's rounds vary around it.
     rounds, start, k = [], 0, 0
     while start < len(encodeds):
@@ -70,12 +71,14 @@ def main() -> None:
         rounds.append(encodeds[start : start + size])
         start, k = start + size, k + 1
     stats = batching.Stats()
-    batching.run(encoder, rounds[0], s.pad_token_id, s.encoder_inputs, plan)  # warm
+    # The server's shapes: a GPU plan's buckets, each run once at load as the server does.
+    batching.warm_up(encoder, plan, s.pad_token_id, s.encoder_inputs, s.max_length)
+    batching.run(encoder, rounds[0], s.pad_token_id, s.encoder_inputs, plan, max_length=s.max_length)
     began = time.perf_counter()
     cpu = time.process_time()
     n = 0
     while time.perf_counter() - began < args.seconds:
-        batching.run(encoder, rounds[n % len(rounds)], s.pad_token_id, s.encoder_inputs, plan, stats)
+        batching.run(encoder, rounds[n % len(rounds)], s.pad_token_id, s.encoder_inputs, plan, stats, s.max_length)
         n += 1
     wall, cpu = time.perf_counter() - began, time.process_time() - cpu
     result = {

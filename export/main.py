@@ -57,6 +57,8 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> spec.Mode
     spec.triton_name(served)  # fail before the slow steps on a name Triton cannot hold
     if opts.tensorrt and (opts.encoder_backend, opts.device) != ("onnxruntime", "gpu"):
         raise ValueError("--tensorrt needs --encoder-backend onnxruntime --device gpu")
+    if opts.engine.startswith(engines.OPENVINO) and (opts.device, opts.precision) != ("cpu", "fp32"):
+        raise ValueError(f"--engine {opts.engine}: OpenVINO serves fp32 exports for the CPU (--device cpu --precision fp32)")
     total = 5
     local_only = load.locate(opts.model) if opts.local_files_only is None else opts.local_files_only
     where = " from the local cache (the hub is not used)" if local_only else ""
@@ -126,6 +128,12 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> spec.Mode
     if not reports[0].ok:
         raise ParityError(f"{served}: exported model differs from sentence-transformers beyond tolerance")
     log("      engines that may serve it: " + ", ".join(r.engine for r in reports if r.ok))
+    if opts.engine != "auto":  # what was asked must be servable here, not refused later by every fos serve
+        folder = Path(opts.repository) / spec.encoder_model(s.name) / "1"
+        try:
+            engines.resolve(opts.engine, folder, s.precision, gpu=opts.device == "gpu")
+        except engines.NotServable as exc:
+            raise ParityError(f"{served}: {exc}") from exc
     return s
 
 

@@ -153,6 +153,7 @@ def check(source: Source, s: spec.ModelSpec, repository: Path) -> list[Report]:
         metric, limit = TOLERANCE[(choice.compute, s.task)]
         try:
             encoder = Encoder(model, device="cpu", engine=choice, precision=s.precision)
+            diff, cos = _run(encoder, encoded, s, reference)
         except Exception as exc:  # OpenVINO bf16 on a CPU without bf16 units; onnxruntime's own failures are export's
             if choice.engine == engines.ONNXRUNTIME:
                 raise
@@ -160,7 +161,6 @@ def check(source: Source, s: spec.ModelSpec, repository: Path) -> list[Report]:
                 Report(choice.compute, s.task, 0, tokens_equal, 0.0, 0.0, metric, limit, checked, choice.variant, str(exc))
             )
             continue
-        diff, cos = _run(encoder, encoded, s, reference)
         reports.append(
             Report(choice.compute, s.task, len(texts), tokens_equal, diff, cos, metric, limit, checked, engine=choice.variant)
         )

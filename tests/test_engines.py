@@ -194,3 +194,19 @@ def test_device_cpu_keeps_encoders_off_a_gpu_and_gpu_needs_cuda(exported, monkey
     assert "no CUDA provider" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--device places"):
         main(["serve", "--triton", "127.0.0.1:1", "--device", "cpu", "--port", "1"])
+
+
+def test_export_refuses_an_engine_that_could_not_serve_what_it_wrote(tiny_dirs, tmp_path, monkeypatch):
+    """An explicit OpenVINO engine for a GPU or non-fp32 export fails before the slow steps; one that parity could not
+    pass on this CPU fails the export, rather than every later fos serve and Triton load."""
+    from export.main import ExportOptions, ParityError, export
+
+    base = dict(model=str(tiny_dirs["embed"]), task="embed", repository=tmp_path / "repo", encoder_backend="python")
+    for wrong in (dict(device="gpu"), dict(precision="int8")):
+        with pytest.raises(ValueError, match="OpenVINO serves fp32 exports for the CPU"):
+            export(ExportOptions(**base, engine="openvino-bf16", **wrong), log=lambda line: None)
+    assert not (tmp_path / "repo").exists()  # nothing was loaded or written
+    monkeypatch.setattr(Cpu, "detect", classmethod(lambda cls: AVX2_CPU))
+    with pytest.raises(ParityError, match="no bf16 units"):
+        export(ExportOptions(**base, engine="openvino-bf16"), log=lambda line: None)
+    export(ExportOptions(**base, engine="openvino-fp32"), log=lambda line: None)  # passed here: servable
