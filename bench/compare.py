@@ -146,14 +146,20 @@ def _levels(workload: str, args) -> str:
     return args.dify_levels if workload == "dify-embed" else PLAN[workload]
 
 
+def _metrics(url: str) -> list[str]:
+    """The shim's /metrics, a line each (none where it cannot be read)."""
+    with contextlib.suppress(Exception), urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        return r.read().decode().splitlines()
+    return []
+
+
 def _counters(url: str, model: str) -> dict[str, float]:
     """The shim's fos_* samples for one model (empty where it cannot be read)."""
-    found: dict[str, float] = {}
-    with contextlib.suppress(Exception), urllib.request.urlopen(url + "/metrics", timeout=10) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith("fos_") and f'model="{model}"' in line:
-                found[line.split("{")[0]] = float(line.rsplit(" ", 1)[1])
-    return found
+    return {
+        line.split("{")[0]: float(line.rsplit(" ", 1)[1])
+        for line in _metrics(url)
+        if line.startswith("fos_") and f'model="{model}"' in line
+    }
 
 
 def _engine_alone(server: str, repo: Path, engine: str, per_round: dict[str, float], args) -> None:
@@ -185,13 +191,11 @@ def _engine_alone(server: str, repo: Path, engine: str, per_round: dict[str, flo
 
 def _save_metrics(label: str, url: str, out: Path) -> None:
     """The shim's own counters after the run (padding efficiency, batches), beside the JSON."""
-    with contextlib.suppress(Exception), urllib.request.urlopen(url + "/metrics", timeout=10) as r:
-        lines = [
-            line
-            for line in r.read().decode().splitlines()
-            if line.startswith(("fos_padding", "fos_round", "fos_encoder", "fos_tokens", "fos_engine"))
-        ]
-        (out / f"{label}-metrics.txt").write_text("\n".join(lines) + "\n")
+    lines = _metrics(url)
+    if lines:
+        wanted = ("fos_padding", "fos_round", "fos_encoder", "fos_tokens", "fos_engine")
+        kept = [line for line in lines if line.startswith(wanted)]
+        (out / f"{label}-metrics.txt").write_text("\n".join(kept) + "\n")
 
 
 def main() -> None:

@@ -56,7 +56,7 @@ class TritonPythonModel:
             pb_utils.Logger.log_info(
                 f"fos encoder: {self.executions} executions, {s.rows / self.executions:.1f} rows and "
                 f"{s.runs / self.executions:.2f} runs each; per execution {1000 * self.seconds / self.executions:.2f} ms, "
-                f"of which onnxruntime {1000 * s.seconds / self.executions:.2f} ms; padding efficiency "
+                f"of which the engine ({self.encoder.engine}) {1000 * s.seconds / self.executions:.2f} ms; padding efficiency "
                 f"{s.padding_efficiency:.2f}"
             )
         return responses
