@@ -239,31 +239,50 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def triton_counts(url: str) -> dict[str, tuple[float, float]]:
-    """Per Triton model: (inferences, executions) so far. Their ratio over an interval is the rows per execution
-    that dynamic batching achieved."""
+# Triton's cumulative counters per model: rows, executions, requests, and the microseconds its requests spent
+# queued and computing (each request of a batch counts the batch's compute time).
+_TRITON_COUNTERS = {
+    "nv_inference_count{": "rows",
+    "nv_inference_exec_count{": "executions",
+    "nv_inference_request_success{": "requests",
+    "nv_inference_queue_duration_us{": "queue_us",
+    "nv_inference_compute_infer_duration_us{": "compute_us",
+}
+
+
+def triton_counts(url: str) -> dict[str, dict[str, float]]:
+    """Per Triton model, its counters so far (``_TRITON_COUNTERS``). Over an interval, rows per execution is what
+    dynamic batching achieved, and queue and compute time per request show which stage of the ensemble waits."""
     import urllib.request
 
     with urllib.request.urlopen(url, timeout=10) as r:
-        text = r.read().decode()
-    counts: dict[str, list[float]] = {}
+        return parse_triton_counts(r.read().decode())
+
+
+def parse_triton_counts(text: str) -> dict[str, dict[str, float]]:
+    counts: dict[str, dict[str, float]] = {}
     for line in text.splitlines():
-        for metric, k in (("nv_inference_count{", 0), ("nv_inference_exec_count{", 1)):
+        for metric, key in _TRITON_COUNTERS.items():
             if line.startswith(metric):
                 model = line.split('model="', 1)[1].split('"', 1)[0]
-                counts.setdefault(model, [0.0, 0.0])[k] += float(line.rsplit(" ", 1)[1])
-    return {m: (c[0], c[1]) for m, c in counts.items()}
+                per_model = counts.setdefault(model, dict.fromkeys(_TRITON_COUNTERS.values(), 0.0))
+                per_model[key] += float(line.rsplit(" ", 1)[1])
+    return counts
 
 
-def rows_per_execution(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> dict[str, dict]:
+def triton_level(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> dict[str, dict]:
+    """What each model did between two readings: rows per execution, and per request the milliseconds queued and
+    computing."""
     out = {}
-    for model, (rows, execs) in after.items():
-        rows0, execs0 = before.get(model, (0.0, 0.0))
-        if execs > execs0:
+    for model, now in after.items():
+        d = {k: v - before.get(model, {}).get(k, 0.0) for k, v in now.items()}
+        if d["executions"] > 0:
             out[model] = {
-                "rows": rows - rows0,
-                "executions": execs - execs0,
-                "rows_per_execution": (rows - rows0) / (execs - execs0),
+                "rows": d["rows"],
+                "executions": d["executions"],
+                "rows_per_execution": d["rows"] / d["executions"],
+                "queue_ms_per_request": d["queue_us"] / 1000 / max(d["requests"], 1),
+                "compute_ms_per_request": d["compute_us"] / 1000 / max(d["requests"], 1),
             }
     return out
 
@@ -284,7 +303,7 @@ def run(args: argparse.Namespace) -> int:
             level = run_level(args.url, args.label, workload, items, c, args.duration, args.max_requests, args.processes)
             result = level.as_dict()
             if args.triton_metrics:
-                result["triton"] = rows_per_execution(before, triton_counts(args.triton_metrics))
+                result["triton"] = triton_level(before, triton_counts(args.triton_metrics))
             results.append(result)
             print(
                 f"{args.label:>24} {workload:>12} c={c:<3} {level.requests_per_s:8.2f} req/s {level.inputs_per_s:8.1f} inputs/s "
@@ -293,7 +312,11 @@ def run(args: argparse.Namespace) -> int:
                 flush=True,
             )
             for model, figures in result.get("triton", {}).items():
-                print(f"{'':>24} Triton {model}: {figures['rows_per_execution']:.2f} rows per execution", flush=True)
+                print(
+                    f"{'':>24} Triton {model}: {figures['rows_per_execution']:.2f} rows per execution; a request queued "
+                    f"{figures['queue_ms_per_request']:.1f} ms, computed {figures['compute_ms_per_request']:.1f} ms",
+                    flush=True,
+                )
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"{args.label}.json"
     existing = json.loads(out.read_text()) if out.exists() else {"label": args.label, "levels": []}

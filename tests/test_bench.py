@@ -81,3 +81,32 @@ def test_engine_alone_forms_the_servers_batches(exported, tmp_path, served, work
     assert result["engine"] == "openvino fp32"  # the model's own engine (conftest.ENGINES), as fos serve runs it
     assert result["rounds"] > 0 and result["tokens_per_s"] > 0
     assert 0 < result["padding_efficiency"] <= 1 and result["rows_per_run"] >= 1
+
+
+def test_triton_level_reports_rows_queue_and_compute_per_request():
+    from bench.loadgen import parse_triton_counts, triton_level
+
+    def reading(rows, execs, requests, queue_us, compute_us):
+        labels = 'model="m__encoder",version="1"'
+        return parse_triton_counts(
+            "# HELP nv_inference_count Number of inferences performed\n"
+            f"nv_inference_count{{{labels}}} {rows}\n"
+            f"nv_inference_exec_count{{{labels}}} {execs}\n"
+            f"nv_inference_request_success{{{labels}}} {requests}\n"
+            f"nv_inference_request_failure{{{labels}}} 7\n"
+            f"nv_inference_queue_duration_us{{{labels}}} {queue_us}\n"
+            f"nv_inference_compute_infer_duration_us{{{labels}}} {compute_us}\n"
+        )
+
+    level = triton_level(reading(100, 10, 50, 1_000, 9_000), reading(1_100, 60, 550, 2_001_000, 4_009_000))
+    assert level == {
+        "m__encoder": {
+            "rows": 1000.0,
+            "executions": 50.0,
+            "rows_per_execution": 20.0,
+            "queue_ms_per_request": 4.0,
+            "compute_ms_per_request": 8.0,
+        }
+    }
+    # A model that did not run in the interval is left out rather than divided by zero.
+    assert triton_level(reading(1, 1, 1, 1, 1), reading(1, 1, 1, 1, 1)) == {}
