@@ -25,7 +25,11 @@ WORKERS=${FOS_WORKERS:-4}                        # fos serve processes
 TOKENIZERS=${FOS_TOKENIZERS:-6}                  # Triton tokenizer instances
 LOADGEN=${FOS_LOADGEN:-4}                        # fos bench processes
 STEPS=${FOS_STEPS:-encoder,triton,naive}         # which measurements to run; cpu: the host's CPU engines (below)
+ROUNDS=${FOS_ROUNDS:-4 8}                         # more rounds in flight per shim worker, each a dify-embed level of its own
 CPU_CORES=${FOS_CPU_CORES:-}                     # cpu step: taskset's core list (e.g. 0-1); empty: every core
+CPU_SERVERS=${FOS_CPU_SERVERS:-naive,embedded-bf16}  # cpu step: add embedded-fp32 where there is time (~2 min more)
+CPU_DURATION=${FOS_CPU_DURATION:-$DURATION}      # cpu step: seconds per level
+CPU_ENGINE_ALONE=${FOS_CPU_ENGINE_ALONE:-}       # cpu step: 1 adds each server's engine alone (~1 min a server)
 export FOS_ENCODER_TIMING=${FOS_ENCODER_TIMING:-200}  # Triton's encoder logs where its time goes
 NAME=cl-nagoya/ruri-large
 # To try the script out on a CPU: FOS_DEVICE=cpu FOS_PRECISION=fp32 FOS_SIZE=tiny FOS_DURATION=3 (no GPU figures).
@@ -80,7 +84,8 @@ PYTHONPATH="$([ -d "$EXTRA" ] && echo "$EXTRA:")$PYTHONPATH" \
 pids+=($!)
 wait_http http://127.0.0.1:8000/v2/health/ready 300 || { tail -40 "$OUT/triton.log"; exit 1; }
 $PY -m shim.cli serve --triton 127.0.0.1:8001 --port 8081 --workers "$WORKERS" --log-level warning > "$OUT/serve.log" 2>&1 &
-pids+=($!)
+serve=$!
+pids+=($serve)
 wait_http http://127.0.0.1:8081/health 120 || { tail -40 "$OUT/serve.log"; exit 1; }
 
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -lms 500 > "$OUT/gpu-util.csv" 2>/dev/null &
@@ -94,10 +99,22 @@ bench() {  # label workload concurrency [extra...]
 log "fos (Triton) dify-embed c=$DIFY_C, batch-embed c=$BATCH_C"
 bench fos-triton dify-embed "$DIFY_C" --processes "$LOADGEN" --triton-metrics http://127.0.0.1:8002/metrics
 bench fos-triton batch-embed "$BATCH_C" --processes "$LOADGEN" --triton-metrics http://127.0.0.1:8002/metrics
-kill "$smi" 2>/dev/null || true
-curl -fsS http://127.0.0.1:8002/metrics > "$OUT/triton-metrics.txt" || true
 curl -fsS http://127.0.0.1:8081/metrics > "$OUT/fos-metrics.txt" || true
 grep "fos encoder" "$OUT/triton.log" | tail -3 || true
+# The first H100 run with shape buckets found the encoder ~75% busy at dify-embed c=256 while most requests waited
+# in the shim for one of its workers' two rounds in flight: the same level with more rounds in flight per worker.
+for r in $ROUNDS; do
+  log "fos (Triton) dify-embed c=$DIFY_C, $r rounds in flight per worker"
+  kill "$serve" 2>/dev/null || true; wait "$serve" 2>/dev/null || true
+  $PY -m shim.cli serve --triton 127.0.0.1:8001 --port 8081 --workers "$WORKERS" --triton-rounds-in-flight "$r" \
+    --log-level warning >> "$OUT/serve.log" 2>&1 &
+  serve=$!
+  pids+=($serve)
+  wait_http http://127.0.0.1:8081/health 120 || { tail -40 "$OUT/serve.log"; exit 1; }
+  bench "fos-triton-r$r" dify-embed "$DIFY_C" --processes "$LOADGEN" --triton-metrics http://127.0.0.1:8002/metrics
+done
+kill "$smi" 2>/dev/null || true
+curl -fsS http://127.0.0.1:8002/metrics > "$OUT/triton-metrics.txt" || true
 cleanup
 pids=()
 fi
@@ -122,9 +139,9 @@ for task in embed rerank; do
   grep -E 'parity|min cosine|check|engines that' "$OUT/export-cpu-$task.log" || true
 done
 ${CPU_CORES:+taskset -c "$CPU_CORES"} $PY -m bench.compare --embed-dir "$WORK/model/st" --rerank-dir "$WORK/rerank/hf" \
-  --repo-fp32 "$WORK/repo-cpu" --servers naive,embedded-fp32,embedded-bf16 --workloads dify-embed,batch-embed,rerank \
-  --dify-levels 16 --duration "$DURATION" --engine-alone --engine-seconds "$DURATION" --device cpu --corpus "$CORPUS" \
-  --out "$OUT/cpu" > "$OUT/cpu.log" 2>&1 || { tail -30 "$OUT/cpu.log"; exit 1; }
+  --repo-fp32 "$WORK/repo-cpu" --servers "$CPU_SERVERS" --workloads dify-embed,batch-embed,rerank \
+  --dify-levels 16 --duration "$CPU_DURATION" ${CPU_ENGINE_ALONE:+--engine-alone --engine-seconds "$CPU_DURATION"} \
+  --device cpu --corpus "$CORPUS" --out "$OUT/cpu" > "$OUT/cpu.log" 2>&1 || { tail -30 "$OUT/cpu.log"; exit 1; }
 grep -E 'c=|engine alone' "$OUT/cpu.log"
 fi
 log "done: $OUT"
@@ -135,9 +152,9 @@ import json, pathlib, sys
 
 out = pathlib.Path(sys.argv[1])
 levels = {}
-for f in ("fos-triton.json", "naive-fp16.json"):
-    if (out / f).exists():
-        for lv in json.loads((out / f).read_text())["levels"]:
+for f in sorted(out.glob("fos-triton*.json")) + [out / "naive-fp16.json"]:
+    if f.exists():
+        for lv in json.loads(f.read_text())["levels"]:
             levels[(lv["label"], lv["workload"])] = lv
             enc = {m: v["rows_per_execution"] for m, v in lv.get("triton", {}).items() if m.endswith("__encoder")}
             print(f"{lv['label']:>12} {lv['workload']:>12} c={lv['concurrency']:<4} {lv['tokens_per_s']:>10,.0f} tokens/s "
@@ -155,9 +172,11 @@ for f in (out / "cpu").glob("*.json") if (out / "cpu").is_dir() else ():
 for (label, workload), tps in sorted(cpu.items()):
     if label != "naive" and cpu.get(("naive", workload)):
         print(f"CPU {workload:>12} {label:>14}: {tps:,.0f} tokens/s, {tps / cpu[('naive', workload)]:.2f}x the naive server")
-fos, naive = levels.get(("fos-triton", "dify-embed")), levels.get(("naive-fp16", "dify-embed"))
-if fos and naive:
-    print(f"dify-embed fos / naive: {fos['tokens_per_s'] / naive['tokens_per_s']:.1f}x; p99/p50 {fos['p99_ms'] / fos['p50_ms']:.2f}")
+naive = levels.get(("naive-fp16", "dify-embed"))
+for (label, workload), fos in levels.items():
+    if label.startswith("fos-triton") and workload == "dify-embed" and naive:
+        print(f"dify-embed {label} / naive: {fos['tokens_per_s'] / naive['tokens_per_s']:.1f}x; "
+              f"p99/p50 {fos['p99_ms'] / fos['p50_ms']:.2f}")
 batch = levels.get(("fos-triton", "batch-embed"))
 if batch and enc:
     print(f"batch-embed / encoder alone: {batch['tokens_per_s'] / enc['encoder_alone']['tokens_per_s']:.2f}")
