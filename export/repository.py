@@ -131,7 +131,7 @@ def perf_input(s: spec.ModelSpec, texts: Sequence[str]) -> str:
     return json.dumps({"data": rows}, ensure_ascii=False, indent=1)
 
 
-def _copy_runtime(version_dir: Path, model_py: str) -> None:
+def copy_runtime(version_dir: Path, model_py: str) -> None:
     """Place ``fos_runtime`` beside model.py: the Python backend puts that folder on sys.path."""
     shutil.copytree(_RUNTIME_DIR, version_dir / "fos_runtime", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(_RUNTIME_DIR / "triton" / model_py, version_dir / "model.py")
@@ -171,12 +171,12 @@ def write(
 
         (tok_dir / "config.pbtxt").write_text(render(tokenizer_config(s, tokenizer_instances)), encoding="utf-8")
         _save_tokenizer(tokenizer, tok_dir / "1" / "tokenizer")
-        _copy_runtime(tok_dir / "1", "tokenizer_model.py")
+        copy_runtime(tok_dir / "1", "tokenizer_model.py")
 
         (enc_dir / "config.pbtxt").write_text(render(encoder_config(s, encoder_backend, tensorrt)), encoding="utf-8")
         shutil.copy(onnx_file, enc_dir / "1" / "model.onnx")
         if encoder_backend == "python":
-            _copy_runtime(enc_dir / "1", "encoder_model.py")
+            copy_runtime(enc_dir / "1", "encoder_model.py")
 
         (ens_dir / "config.pbtxt").write_text(render(ensemble_config(s)), encoding="utf-8")
         (ens_dir / PERF_INPUT).write_text(perf_input(s, sample_texts), encoding="utf-8")

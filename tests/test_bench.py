@@ -110,3 +110,44 @@ def test_triton_level_reports_rows_queue_and_compute_per_request():
     }
     # A model that did not run in the interval is left out rather than divided by zero.
     assert triton_level(reading(1, 1, 1, 1, 1), reading(1, 1, 1, 1, 1)) == {}
+
+
+def test_fake_gpu_repository_serves_on_the_gpu_plan_with_a_sleeping_encoder(exported, tmp_path):
+    """bench.fake_gpu: Triton loads the rewritten repository, the shim sees GPU models (their batching plan), and
+    the encoder answers with its constant vectors after sleeping, through the real tokenizer and ensemble."""
+    from bench import fake_gpu
+    from shim.app import create_app
+    from shim.backends.triton import TritonBackend
+
+    from helpers import EMBED_V3, ServerThread, run_tritonserver
+
+    repo = tmp_path / "fake"
+    assert sorted(fake_gpu.make(exported["repository"], repo, 0.5, 512, 1, {"max_padding": 0.3})) == [EMBED, EMBED_V3]
+    with (
+        run_tritonserver(repo, tmp_path) as triton,
+        ServerThread(create_app(backend := TritonBackend(triton["grpc"]))) as server,
+    ):
+        assert {(s.served_name, s.device, s.max_length) for s in backend.specs()} == {(EMBED, "gpu", 512), (EMBED_V3, "gpu", 512)}
+        models = {m["id"]: m for m in json.loads(_get(server.url + "/v1/models"))["data"]}
+        assert set(models) == {EMBED, EMBED_V3}
+        body = json.dumps({"model": EMBED, "input": ["短い文です。", "もう少し長い文を一つ書きます。"]}).encode()
+        out = json.loads(_post(server.url + "/v1/embeddings", body))
+    vectors = [d["embedding"] for d in out["data"]]
+    assert len(vectors) == 2 and all(abs(sum(v * v for v in vec) - 1) < 1e-5 for vec in vectors)
+    assert vectors[0] == vectors[1]  # constant: nothing was computed
+    assert out["usage"]["prompt_tokens"] > 4
+
+
+def _get(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return r.read().decode()
+
+
+def _post(url: str, body: bytes) -> str:
+    import urllib.request
+
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return r.read().decode()

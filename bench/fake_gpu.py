@@ -1,0 +1,143 @@
+"""A Triton model repository whose encoder behaves like ruri-large fp16 on an H100, for trying the GPU path's
+scheduling (rounds in flight, Triton's batching, padding and shape buckets) on a machine without a GPU.
+
+It copies an exported embedding repository and rewrites it as a GPU export would be (the GPU batching plan, shape
+buckets, ``max_length``), but the encoder does not compute: each run sleeps for what the GPU took for its padded
+shape, times ``--scale``, and returns constant vectors. Tokenization, Triton, the shim and the load generator are
+the real ones. Sleeping frees the CPU, so a scale of 10-20 keeps a 2-core machine's CPU out of the way of the
+"GPU", the way the GPU machine's 16 cores mostly were; divide the throughput it measures by nothing: compare
+settings with each other in one run, never with the GPU's figures.
+
+Cost of a run, from the H100 runs in docs/benchmarks.md (milliseconds, padded tokens P = rows x width):
+``run_ms + per_token_ms * P ** power``, fitted to 3.56 ms for executions of 21 rows at padding efficiency 0.43
+(about 1.1 runs of 740 padded tokens) and 110 ms for the encoder alone's runs of 65,536 tokens.
+
+    python -m bench.fake_gpu --repository REPO --out FAKE_REPO --scale 20 [--max-padding 0.15]
+    fos triton --repository FAKE_REPO ...    # then fos serve --triton, fos bench, as on the GPU machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from export import repository
+from fos_runtime import spec
+
+COST = {"run_ms": 0.3, "per_token_ms": 0.0099, "power": 0.85}
+
+# The encoder's model.py: the real one (kept beside it as fos_encoder_model.py) with a sleeping engine.
+WRAPPER = '''"""bench.fake_gpu: the exported encoder model with an engine that sleeps like a GPU (fake_gpu.json)."""
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+# First: the exported model puts the stub's PYTHONPATH in place, where numpy is found.
+from fos_encoder_model import TritonPythonModel as _Exported
+
+import numpy as np
+
+from fos_runtime import batching, spec
+
+
+class _SleepingGPU:
+    engine = "fake-gpu"
+    device = "gpu"
+    reason = "bench.fake_gpu"
+
+    def __init__(self, input_names, dimension, fake):
+        self.input_names = tuple(input_names)
+        self.dimension = dimension
+        self.fake = fake
+
+    def run(self, feeds):
+        rows, width = feeds[spec.INPUT_IDS].shape
+        c = self.fake["cost"]
+        time.sleep(self.fake["scale"] * (c["run_ms"] + c["per_token_ms"] * (rows * width) ** c["power"]) / 1000)
+        return np.ones((rows, self.dimension), dtype=np.float32)
+
+
+class TritonPythonModel(_Exported):
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        fake = json.loads((Path(__file__).parent / "fake_gpu.json").read_text())
+        self.output_name = config["output"][0]["name"]
+        self.spec = spec.ModelSpec.from_json(config["parameters"][spec.SPEC_PARAMETER]["string_value"])
+        self.encoder = _SleepingGPU(self.spec.encoder_inputs, self.spec.dimension, fake)
+        self.plan = dataclasses.replace(batching.plan_for("gpu"), **fake["plan"])
+        self.stats = batching.Stats()
+        self.report_every = fake["report_every"]
+        self.executions = 0
+        self.seconds = 0.0
+'''
+
+
+def _spec_of(config: mc.ModelConfig) -> spec.ModelSpec:
+    return spec.ModelSpec.from_json(config.parameters[spec.SPEC_PARAMETER].string_value)
+
+
+def make(source: Path, out: Path, scale: float, max_length: int, tokenizers: int, plan: dict) -> list[str]:
+    """Copy ``source``'s embedding models into ``out`` as GPU exports with a sleeping encoder; their names."""
+    if out.exists():
+        shutil.rmtree(out)
+    names = []
+    for cfg in sorted(source.glob("*/config.pbtxt")):
+        ensemble = text_format.Parse(cfg.read_text(), mc.ModelConfig())
+        if ensemble.platform != "ensemble":
+            continue
+        s = dataclasses.replace(_spec_of(ensemble), device="gpu", max_length=max_length)
+        if s.task != "embed":
+            continue
+        skip = shutil.ignore_patterns("model.onnx", "model.py", "fos_runtime", "__pycache__")
+        for model in (s.name, spec.tokenizer_model(s.name), spec.encoder_model(s.name)):
+            shutil.copytree(source / model, out / model, ignore=skip)
+        # This checkout's runtime, not the one the source was exported with: what is tried is today's code.
+        repository.copy_runtime(out / spec.tokenizer_model(s.name) / "1", "tokenizer_model.py")
+        repository.copy_runtime(out / spec.encoder_model(s.name) / "1", "encoder_model.py")
+        encoder = repository.encoder_config(s, "python")
+        encoder.instance_group[0].kind = mc.ModelInstanceGroup.KIND_CPU  # no GPU here: the sleep stands for it
+        configs = {
+            s.name: repository.ensemble_config(s),
+            spec.tokenizer_model(s.name): repository.tokenizer_config(s, tokenizers),
+            spec.encoder_model(s.name): encoder,
+        }
+        for model, config in configs.items():
+            (out / model / "config.pbtxt").write_text(repository.render(config))
+        version = out / spec.encoder_model(s.name) / "1"
+        (version / "model.py").rename(version / "fos_encoder_model.py")
+        (version / "model.py").write_text(WRAPPER)
+        fake = {"scale": scale, "cost": COST, "plan": plan, "report_every": 200}
+        (version / "fake_gpu.json").write_text(json.dumps(fake, indent=1) + "\n")
+        names.append(s.served_name)
+    if not names:
+        raise SystemExit(f"{source} holds no embedding model")
+    return names
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repository", type=Path, required=True, help="an exported repository (any device, Python encoder)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--scale", type=float, default=20.0, help="the sleeping GPU is this many times slower than the H100")
+    p.add_argument("--max-length", type=int, default=512, help="ruri-large's context (a tiny model's may be shorter)")
+    p.add_argument("--tokenizer-instances", type=int, default=2)
+    p.add_argument("--max-padding", type=float, help="the GPU plan's max_padding instead of its own")
+    args = p.parse_args()
+    plan = {} if args.max_padding is None else {"max_padding": args.max_padding}
+    names = make(args.repository, args.out, args.scale, args.max_length, args.tokenizer_instances, plan)
+    print(f"wrote {args.out}: {', '.join(names)} (a sleeping GPU, {args.scale:g}x slower than the H100)")
+
+
+if __name__ == "__main__":
+    main()
