@@ -14,6 +14,7 @@ Cost of a run, from the H100 runs in docs/benchmarks.md (milliseconds, padded to
 
     python -m bench.fake_gpu --repository REPO --out FAKE_REPO --scale 20 [--max-padding 0.15]
     fos triton --repository FAKE_REPO ...    # then fos serve --triton, fos bench, as on the GPU machine
+    python -m bench.fake_gpu --simulate TOKENIZER_DIR   # the cost model over dify-length executions, per padding rule
 """
 
 from __future__ import annotations
@@ -125,15 +126,61 @@ def make(source: Path, out: Path, scale: float, max_length: int, tokenizers: int
     return names
 
 
+def run_ms(rows: int, width: int) -> float:
+    return COST["run_ms"] + COST["per_token_ms"] * (rows * width) ** COST["power"]
+
+
+def simulate(tokenizer_dir: Path, corpus: Path | None, max_length: int = 512) -> None:
+    """What the cost model says executions of dify-embed requests are worth, by rows an execution and the GPU plan's
+    padding rule: the same grouping and buckets as the encoder (``batching``, ``padding``), no Triton."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from bench import corpus as corpora
+    from fos_runtime import batching, padding
+
+    texts = corpora.load(corpus).short
+    rng = random.Random(0)
+    sample = [rng.choice(texts) for _ in range(3072)]
+    ids = AutoTokenizer.from_pretrained(str(tokenizer_dir))(sample, truncation=True, max_length=max_length)["input_ids"]
+    lengths = [len(x) for x in ids]
+    print(f"{len(lengths)} dify-embed inputs, {sum(lengths) / len(lengths):.1f} tokens on average")
+    for rows in (21, 48, 96):
+        for max_padding in (0.15, 0.3, 0.5, 1.0):
+            plan = dataclasses.replace(batching.plan_for("gpu"), max_padding=max_padding)
+            ms = real = computed = runs = 0.0
+            executions = [lengths[k : k + rows] for k in range(0, len(lengths) - rows + 1, rows)]
+            for lens in executions:
+                for run in plan.runs(lens):
+                    width = padding.bucket_length(max(lens[i] for i in run), max_length)
+                    height = padding.bucket_rows(len(run))
+                    ms += run_ms(height, width)
+                    real += sum(lens[i] for i in run)
+                    computed += height * width
+                    runs += 1
+            n = len(executions)
+            print(
+                f"{rows:4} rows an execution, padding up to {max_padding:4.0%}: {ms / n:6.2f} ms, {runs / n:.2f} runs, "
+                f"efficiency {real / computed:.2f}, {1000 * real / ms:9,.0f} tokens/s"
+            )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repository", type=Path, required=True, help="an exported repository (any device, Python encoder)")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--repository", type=Path, help="an exported repository (any device, Python encoder)")
+    p.add_argument("--out", type=Path)
+    p.add_argument("--simulate", type=Path, metavar="TOKENIZER_DIR", help="print the cost model's table instead")
+    p.add_argument("--corpus", type=Path, help="JGLUE folder for --simulate (default ../shared/data/jglue)")
     p.add_argument("--scale", type=float, default=20.0, help="the sleeping GPU is this many times slower than the H100")
     p.add_argument("--max-length", type=int, default=512, help="ruri-large's context (a tiny model's may be shorter)")
     p.add_argument("--tokenizer-instances", type=int, default=2)
     p.add_argument("--max-padding", type=float, help="the GPU plan's max_padding instead of its own")
     args = p.parse_args()
+    if args.simulate:
+        return simulate(args.simulate, args.corpus, args.max_length)
+    if not (args.repository and args.out):
+        p.error("--repository and --out, or --simulate")
     plan = {} if args.max_padding is None else {"max_padding": args.max_padding}
     names = make(args.repository, args.out, args.scale, args.max_length, args.tokenizer_instances, plan)
     print(f"wrote {args.out}: {', '.join(names)} (a sleeping GPU, {args.scale:g}x slower than the H100)")
