@@ -123,9 +123,10 @@ def _bench(label: str, url: str, tokenizer: Path, args, triton_metrics: str | No
             check=True,
         )
         after = _counters(url, model)
-        rounds = after.get("fos_rounds_total", 0) - before.get("fos_rounds_total", 0)
+        # A backend counts a model's rounds from its first request on: before the first level there may be none.
+        rounds, requests = (after.get(k, 0.0) - before.get(k, 0.0) for k in ("fos_rounds_total", "fos_round_requests_total"))
         if rounds:
-            per_round[workload] = (after["fos_round_requests_total"] - before["fos_round_requests_total"]) / rounds
+            per_round[workload] = requests / rounds
     return per_round
 
 

@@ -151,3 +151,18 @@ def _post(url: str, body: bytes) -> str:
     req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=60) as r:
         return r.read().decode()
+
+
+def test_compare_counts_rounds_of_a_backend_that_had_none_before(monkeypatch, tmp_path):
+    """The Triton backend's round counters appear with a model's first request: bench.compare read them as if they
+    were there before the first level, and stopped with a KeyError after measuring it."""
+    import argparse
+    import subprocess
+
+    from bench import compare
+
+    readings = iter([{}, {"fos_rounds_total": 4.0, "fos_round_requests_total": 30.0}])
+    monkeypatch.setattr(compare, "_counters", lambda url, model: next(readings))
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: None)
+    args = argparse.Namespace(workloads="dify-embed", dify_levels="16", duration=1, corpus=None, out=tmp_path)
+    assert compare._bench("triton-fp32-ort", "http://127.0.0.1:1", tmp_path, args) == {"dify-embed": 7.5}
