@@ -3,7 +3,8 @@
 #
 #   bash bench/gpu_bundle.sh pack                          # here, once: what the GPU machine lacks, in pieces
 #   bash bench/gpu_bundle.sh unpack .carry                 # there, one call per piece (each ≤ 58 MiB)
-#   OUT=/some/dir bash bench/gpu_run.sh                    # there, last: about six minutes (4.8 on the H100 at FOS_DURATION=12, before FOS_ROUNDS)
+#   OUT=/some/dir bash bench/gpu_run.sh                    # there, last: about six minutes
+#                                                          (4.8 on the H100 at FOS_DURATION=12, before FOS_ROUNDS)
 #
 # Steps: a random model of cl-nagoya/ruri-large's exact shape (BertModel 24×1024, MeCab + WordPiece vocabulary
 # from JGLUE), `fos export --device gpu --precision fp16 --encoder-backend python`, the encoder alone against
@@ -33,7 +34,8 @@ CPU_ENGINE_ALONE=${FOS_CPU_ENGINE_ALONE:-}       # cpu step: 1 adds each server'
 export FOS_ENCODER_TIMING=${FOS_ENCODER_TIMING:-200}  # Triton's encoder logs where its time goes
 NAME=cl-nagoya/ruri-large
 # To try the script out on a CPU: FOS_DEVICE=cpu FOS_PRECISION=fp32 FOS_SIZE=tiny FOS_DURATION=3 (no GPU figures).
-# FOS_STEPS=cpu alone measures the host's CPU engines (AMX there), in a call of its own: about five minutes at FOS_DURATION=12 (estimated; its models and exports took 2.4 on the H100 host).
+# FOS_STEPS=cpu alone measures the host's CPU engines (AMX there), in a call of its own: about five minutes at
+# FOS_DURATION=12 (estimated; its models and exports took 2.4 on the H100 host).
 DEVICE=${FOS_DEVICE:-gpu}
 PRECISION=${FOS_PRECISION:-fp16}
 SIZE=${FOS_SIZE:-full}
