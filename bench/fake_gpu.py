@@ -25,11 +25,11 @@ import json
 import shutil
 from pathlib import Path
 
-from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from export import repository
 from fos_runtime import spec
+from shim.repository import read_specs
 
 COST = {"run_ms": 0.3, "per_token_ms": 0.0099, "power": 0.85}
 
@@ -84,22 +84,15 @@ class TritonPythonModel(_Exported):
 '''
 
 
-def _spec_of(config: mc.ModelConfig) -> spec.ModelSpec:
-    return spec.ModelSpec.from_json(config.parameters[spec.SPEC_PARAMETER].string_value)
-
-
 def make(source: Path, out: Path, scale: float, max_length: int, tokenizers: int, plan: dict) -> list[str]:
     """Copy ``source``'s embedding models into ``out`` as GPU exports with a sleeping encoder; their names."""
     if out.exists():
         shutil.rmtree(out)
     names = []
-    for cfg in sorted(source.glob("*/config.pbtxt")):
-        ensemble = text_format.Parse(cfg.read_text(), mc.ModelConfig())
-        if ensemble.platform != "ensemble":
+    for exported in read_specs(source):
+        if exported.task != "embed":
             continue
-        s = dataclasses.replace(_spec_of(ensemble), device="gpu", max_length=max_length)
-        if s.task != "embed":
-            continue
+        s = dataclasses.replace(exported, device="gpu", max_length=max_length)
         skip = shutil.ignore_patterns("model.onnx", "model.py", "fos_runtime", "__pycache__")
         for model in (s.name, spec.tokenizer_model(s.name), spec.encoder_model(s.name)):
             shutil.copytree(source / model, out / model, ignore=skip)
