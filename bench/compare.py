@@ -137,7 +137,7 @@ def _triton_runs_onnxruntime(repo: Path) -> None:
     from shim.repository import read_specs
 
     for s in read_specs(repo):
-        choice, _ = choose_engine(repo / spec.encoder_model(s.name) / "1" / "model.onnx", s.engine, s.precision, "cpu")
+        choice, _ = choose_engine(spec.encoder_file(repo, s.name), s.engine, s.precision, "cpu")
         if choice.engine != "onnxruntime":
             raise SystemExit(f"{s.served_name}: Triton would run {choice} here; export --repo-fp32 with --engine onnxruntime")
 
@@ -227,7 +227,7 @@ def main() -> None:
     log = args.out / "servers.log"
     port = 8091
     url = f"http://127.0.0.1:{port}"
-    tokenizer = args.repo_fp32 / "cl-nagoya--ruri-large__tokenizer" / "1" / "tokenizer"
+    tokenizer = spec.tokenizer_files(args.repo_fp32, spec.triton_name(EMBED))
     fos = [sys.executable, "-m", "shim.cli"]
     for server in args.servers.split(","):
         print(f"== {server}", flush=True)

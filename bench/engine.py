@@ -45,9 +45,9 @@ def main() -> None:
     args = p.parse_args()
     repository = Path(args.repository)
     s = next(s for s in read_specs(repository) if s.served_name == args.model)
-    tokenizer = Tokenizer(repository / spec.tokenizer_model(s.name) / "1" / "tokenizer", s.max_length)
+    tokenizer = Tokenizer(spec.tokenizer_files(repository, s.name), s.max_length)
     encoder = Encoder(
-        repository / spec.encoder_model(s.name) / "1" / "model.onnx",
+        spec.encoder_file(repository, s.name),
         threads=args.threads,
         device=args.device,
         engine=args.engine or s.engine,

@@ -79,11 +79,11 @@ def run(repository: Path, name: str, out: Path, st_dir: Path | None, corpus: Pat
     from shim.repository import read_specs
 
     s = next(x for x in read_specs(repository) if x.served_name == name)
-    tokenizer = Tokenizer(repository / spec.tokenizer_model(s.name) / "1" / "tokenizer", s.max_length)
+    tokenizer = Tokenizer(spec.tokenizer_files(repository, s.name), s.max_length)
     ids = tokenizer.encode(texts(corpus)).input_ids
     tokens = sum(map(len, ids))
     report: dict[str, Any] = {"inputs": len(ids), "tokens": tokens, "onnxruntime": ort.__version__}
-    encoder = Encoder(repository / spec.encoder_model(s.name) / "1" / "model.onnx", device=device)
+    encoder = Encoder(spec.encoder_file(repository, s.name), device=device)
     report["session_providers"] = encoder.session.get_providers()
     encoded = Encoded(input_ids=ids, token_type_ids=[[0] * len(x) for x in ids])
     plan = batching.plan_for(encoder.device)

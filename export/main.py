@@ -124,12 +124,12 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> spec.Mode
             log("      " + line)
     # Serving picks only among the variants recorded here: a failing OpenVINO variant is never served, and the
     # export as such stands or falls with onnxruntime on the file as written.
-    engines.write_record(Path(opts.repository) / spec.encoder_model(s.name) / "1", {r.engine: r.figures for r in reports if r.ok})
+    folder = spec.encoder_file(Path(opts.repository), s.name).parent
+    engines.write_record(folder, {r.engine: r.figures for r in reports if r.ok})
     if not reports[0].ok:
         raise ParityError(f"{served}: exported model differs from sentence-transformers beyond tolerance")
     log("      engines that may serve it: " + ", ".join(r.engine for r in reports if r.ok))
     if opts.engine != "auto":  # what was asked must be servable here, not refused later by every fos serve
-        folder = Path(opts.repository) / spec.encoder_model(s.name) / "1"
         try:
             engines.resolve(opts.engine, folder, s.precision, gpu=opts.device == "gpu")
         except engines.NotServable as exc:

@@ -131,8 +131,8 @@ def variants(s: spec.ModelSpec) -> list[engines.Choice]:
 
 def check(source: Source, s: spec.ModelSpec, repository: Path) -> list[Report]:
     """One report per variant, onnxruntime's first."""
-    tokenizer = tokenization.Tokenizer(repository / spec.tokenizer_model(s.name) / "1" / "tokenizer", s.max_length)
-    model = repository / spec.encoder_model(s.name) / "1" / "model.onnx"
+    tokenizer = tokenization.Tokenizer(spec.tokenizer_files(repository, s.name), s.max_length)
+    model = spec.encoder_file(repository, s.name)
     names: list[str | None] = [None]
     if s.task == "embed":
         names += [name for name, text in s.prompts.items() if text]

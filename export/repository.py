@@ -170,11 +170,11 @@ def write(
             (d / "1").mkdir(parents=True)
 
         (tok_dir / "config.pbtxt").write_text(render(tokenizer_config(s, tokenizer_instances)), encoding="utf-8")
-        _save_tokenizer(tokenizer, tok_dir / "1" / "tokenizer")
+        _save_tokenizer(tokenizer, spec.tokenizer_files(staging, s.name))
         copy_runtime(tok_dir / "1", "tokenizer_model.py")
 
         (enc_dir / "config.pbtxt").write_text(render(encoder_config(s, encoder_backend, tensorrt)), encoding="utf-8")
-        shutil.copy(onnx_file, enc_dir / "1" / "model.onnx")
+        shutil.copy(onnx_file, spec.encoder_file(staging, s.name))
         if encoder_backend == "python":
             copy_runtime(enc_dir / "1", "encoder_model.py")
 

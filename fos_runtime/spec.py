@@ -66,6 +66,15 @@ def encoder_model(name: str) -> str:
     return name + ENCODER_SUFFIX
 
 
+# Where export writes a model's files in a repository, and every reader finds them (``name``: ModelSpec.name).
+def tokenizer_files(repository: Path, name: str) -> Path:
+    return Path(repository) / tokenizer_model(name) / "1" / "tokenizer"
+
+
+def encoder_file(repository: Path, name: str) -> Path:
+    return Path(repository) / encoder_model(name) / "1" / "model.onnx"
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """What the shim needs to know about one exported model; written once by export."""

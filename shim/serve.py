@@ -174,9 +174,8 @@ def _engines_servable(repository: Path, engine: str | None, device: str) -> bool
         print("error: --device gpu: this onnxruntime has no CUDA provider (install onnxruntime-gpu)", file=sys.stderr, flush=True)
         return False
     for s in repo.read_specs(repository):
-        model = repository / spec.encoder_model(s.name) / "1" / "model.onnx"
         try:
-            choice, why = choose_engine(model, engine or s.engine, s.precision, device)
+            choice, why = choose_engine(spec.encoder_file(repository, s.name), engine or s.engine, s.precision, device)
         except engines.NotServable as exc:
             print(f"error: {s.served_name}: {exc}", file=sys.stderr, flush=True)
             return False

@@ -82,8 +82,8 @@ class _Model:
     ):
         self.spec = s
         self.tokenize_pool = tokenize_pool
-        self.tokenizer = Tokenizer(repository / specs.tokenizer_model(s.name) / "1" / "tokenizer", s.max_length)
-        model = repository / specs.encoder_model(s.name) / "1" / "model.onnx"
+        self.tokenizer = Tokenizer(specs.tokenizer_files(repository, s.name), s.max_length)
+        model = specs.encoder_file(repository, s.name)
         self.encoder = Encoder(model, threads=threads, device=device, engine=engine, precision=s.precision)
         log.info("%s: %s on the %s (%s)", s.served_name, self.encoder.engine, self.encoder.device, self.encoder.reason)
         self.executor = executor
