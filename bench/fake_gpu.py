@@ -92,7 +92,7 @@ def make(source: Path, out: Path, scale: float, max_length: int, tokenizers: int
     for exported in read_specs(source):
         if exported.task != "embed":
             continue
-        s = dataclasses.replace(exported, device="gpu", max_length=max_length)
+        s = dataclasses.replace(exported, device="gpu", max_length=max_length, ragged=True)
         skip = shutil.ignore_patterns("model.onnx", "model.py", "fos_runtime", "__pycache__")
         for model in (s.name, spec.tokenizer_model(s.name), spec.encoder_model(s.name)):
             shutil.copytree(source / model, out / model, ignore=skip)

@@ -79,6 +79,7 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> spec.Mode
         vocab_size=len(source.tokenizer),
         precision=opts.precision,
         device=opts.device,
+        ragged=opts.encoder_backend == "python",
         engine=opts.engine,
         dimension=source.dimension,
         normalize=opts.normalize,

@@ -88,6 +88,10 @@ class ModelSpec:
     vocab_size: int
     precision: str = "fp32"  # what the exported ONNX file holds (an engine may compute in bf16 from fp32: engine)
     device: str = "cpu"  # where Triton runs the encoder; picks the batching plan (fos_runtime.batching)
+    # Triton's encoder takes requests of any rows and lengths together and regroups them itself (the Python-backend
+    # encoder, ragged batching). False: each request runs as it comes (ONNX Runtime, OpenVINO or TensorRT backend),
+    # so on a GPU the shim cuts its rounds into calls of bucketed row counts, or every round would be a new shape.
+    ragged: bool = False
     # What runs the encoder in process and in Triton's Python encoder, one of fos_runtime.engines.CHOICES, resolved
     # where it runs (auto: by the CPU's features); fos serve --engine overrides it.
     engine: str = "auto"

@@ -253,3 +253,14 @@ def test_gpu_calls_hold_a_row_buckets_worth_each():
     gpu = _calls(dataclasses.replace(SPEC, device="gpu"), lengths)
     assert sorted(len(c) for c in gpu) == [1, 4, 8, 32]
     assert sorted(i for c in gpu for i in c) == list(range(45))
+
+
+def test_a_ragged_gpu_encoder_gets_a_round_in_as_few_calls_as_its_batch_size_allows():
+    # Triton's Python encoder regroups rows itself: row buckets there would only multiply the requests.
+    import dataclasses
+
+    from shim.backends.triton import _calls
+
+    gpu = dataclasses.replace(SPEC, device="gpu", ragged=True)
+    assert [len(c) for c in _calls(gpu, list(range(1, 46)))] == [45]
+    assert [len(c) for c in _calls(gpu, [5] * 300)] == [256, 44]

@@ -68,11 +68,13 @@ class _Rows:
 def _calls(s: ModelSpec, lengths: list[int]) -> list[list[int]]:
     """Sort by length and cut into calls of the models' max_batch_size; no padding bound here: the
     tokenizer pads each call to its longest row, and the Python encoder regroups rows by real length.
-    With shape buckets (a GPU), each call holds a bucket's number of rows, so that an ONNX Runtime
-    backend, which runs each call as it comes, meets few shapes (fos_runtime/padding.py)."""
+    With shape buckets (a GPU) and an encoder that runs each call as it comes (ONNX Runtime backend),
+    each call holds a bucket's number of rows, so that it meets few shapes (fos_runtime/padding.py).
+    A ragged encoder shapes its own runs: there a round is as few calls as max_batch_size allows, each
+    one Triton request less through the ensemble, the tokenizer and the encoder."""
     plan = plan_for(s.device)
     calls = length_batches(lengths, plan.max_rows, max_tokens=1 << 30, max_padding=1.0)
-    if not plan.shape_buckets:
+    if not plan.shape_buckets or s.ragged:
         return calls
     cut: list[list[int]] = []
     for call in calls:
