@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from . import corpus as corpora
+from . import cpu_usage
 
 WORKLOADS = ("dify-embed", "batch-embed", "rerank")
 BATCH = 32
@@ -52,6 +53,9 @@ class Level:
     p50_ms: float
     p95_ms: float
     p99_ms: float
+    # The busiest load process's share of a core while it measured: near 1.0, the load generator itself may be
+    # what limits the figure (add --processes).
+    load_process_cores: float = 0.0
 
     @property
     def requests_per_s(self) -> float:
@@ -121,6 +125,7 @@ class Sample:
     inputs: int
     tokens: int
     seconds: float
+    cpu_seconds: float = 0.0  # this process's CPU time while it measured
 
 
 async def _drive(url: str, items: list[Item], concurrency: int, start_at: float, duration: float, max_requests: int) -> Sample:
@@ -140,7 +145,7 @@ async def _drive(url: str, items: list[Item], concurrency: int, start_at: float,
             async with http.post(item.path, data=body, headers=headers) as r:
                 await r.read()
         await asyncio.sleep(max(0.0, start_at - time.time()))
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         deadline = start + duration
 
         async def client() -> None:
@@ -167,7 +172,8 @@ async def _drive(url: str, items: list[Item], concurrency: int, start_at: float,
 
         await asyncio.gather(*(client() for _ in range(concurrency)))
         seconds = time.perf_counter() - start
-    return Sample(latencies, errors, done_inputs, done_tokens, seconds)
+        cpu_seconds = time.process_time() - cpu_start
+    return Sample(latencies, errors, done_inputs, done_tokens, seconds, cpu_seconds)
 
 
 def _drive_in_process(args: tuple) -> Sample:
@@ -215,6 +221,7 @@ def run_level(
         float(np.percentile(lat, 50)),
         float(np.percentile(lat, 95)),
         float(np.percentile(lat, 99)),
+        max(s.cpu_seconds / s.seconds for s in samples),
     )
 
 
@@ -300,8 +307,10 @@ def run(args: argparse.Namespace) -> int:
         items = make_items(workload, model, corpus, tokenizer, args.max_length, count=400)
         for c in levels:
             before = triton_counts(args.triton_metrics) if args.triton_metrics else {}
+            procs, t0 = cpu_usage.snapshot(), time.perf_counter()
             level = run_level(args.url, args.label, workload, items, c, args.duration, args.max_requests, args.processes)
             result = level.as_dict()
+            result["cpu_cores"] = cpu_usage.usage(procs, cpu_usage.snapshot(), time.perf_counter() - t0)
             if args.triton_metrics:
                 result["triton"] = triton_level(before, triton_counts(args.triton_metrics))
             results.append(result)
@@ -315,6 +324,12 @@ def run(args: argparse.Namespace) -> int:
                 print(
                     f"{'':>24} Triton {model}: {figures['rows_per_execution']:.2f} rows per execution; a request queued "
                     f"{figures['queue_ms_per_request']:.1f} ms, computed {figures['compute_ms_per_request']:.1f} ms",
+                    flush=True,
+                )
+            if result["cpu_cores"]:
+                print(
+                    f"{'':>24} CPU cores: {cpu_usage.describe(result['cpu_cores'])}; busiest load process "
+                    f"{level.load_process_cores:.2f}",
                     flush=True,
                 )
     args.out.mkdir(parents=True, exist_ok=True)

@@ -55,6 +55,7 @@ def test_bench_runs_every_workload(embedded_server, exported, tmp_path):
     for r in levels:
         assert r["requests"] > 0 and not r["errors"]
         assert r["tokens_per_s"] > 0 and r["p50_ms"] <= r["p99_ms"]
+        assert 0 < r["load_process_cores"] <= 1.5 and isinstance(r["cpu_cores"], dict)
     assert "| dify-embed | 1 | embedded |" in markdown(levels, baseline="embedded")
 
 
@@ -166,3 +167,74 @@ def test_compare_counts_rounds_of_a_backend_that_had_none_before(monkeypatch, tm
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: None)
     args = argparse.Namespace(workloads="dify-embed", dify_levels="16", duration=1, corpus=None, out=tmp_path)
     assert compare._bench("triton-fp32-ort", "http://127.0.0.1:1", tmp_path, args) == {"dify-embed": 7.5}
+
+
+def test_cpu_usage_finds_each_role_and_its_spawned_workers(tmp_path):
+    """bench.cpu_usage on the real /proc: a process whose command line names a role, and its multiprocessing-spawned
+    worker (as uvicorn starts ``fos serve --workers``), each charged with the CPU it burned."""
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    from bench import cpu_usage
+
+    script = tmp_path / "busy.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import multiprocessing, sys, time
+
+            def spin(seconds):
+                end = time.process_time() + seconds
+                while time.process_time() < end:
+                    pass
+
+            def worker(done):
+                spin(0.5)
+                done.set()
+                time.sleep(60)
+
+            if __name__ == "__main__":
+                ctx = multiprocessing.get_context("spawn")
+                done = ctx.Event()
+                child = ctx.Process(target=worker, args=(done,), daemon=True)
+                child.start()
+                spin(0.5)
+                done.wait(30)
+                print("ready", flush=True)
+                sys.stdin.readline()
+                child.terminate()
+            """
+        )
+    )
+    before, t0 = cpu_usage.snapshot(), time.perf_counter()
+    role = "bench.naive_server"  # on the command line: the role cpu_usage names it by
+    proc = subprocess.Popen([sys.executable, str(script), role], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        roles = cpu_usage.usage(before, cpu_usage.snapshot(), time.perf_counter() - t0)
+    finally:
+        proc.communicate("\n", timeout=30)
+    seconds = time.perf_counter() - t0
+    for role in ("naive server", "naive server worker"):
+        assert roles[role]["processes"] == 1
+        assert 0.45 / seconds <= roles[role]["cores"] <= 1.0, roles
+    assert "naive server" in cpu_usage.describe(roles)
+
+
+def test_cpu_usage_names_triton_stubs_by_model_and_ignores_processes_without_a_role():
+    from bench import cpu_usage
+
+    stub = ["/x/triton_python_backend_stub", "/repo/m__tokenizer/1/model.py", "shm", "1048576"]
+    assert cpu_usage.role_of(stub, "tritonserver") == "triton stub m__tokenizer"
+    assert cpu_usage.role_of(["/usr/bin/python3", "-m", "shim.cli", "serve", "--triton", "x"], None) == "fos serve"
+    assert cpu_usage.role_of(["python3", "-c", "from multiprocessing.spawn import spawn_main"], "fos serve") == "fos serve worker"
+    assert cpu_usage.role_of(["python3", "-c", "from multiprocessing.spawn import spawn_main"], None) is None
+    assert cpu_usage.role_of(["bash"], None) is None
+    before = {1: cpu_usage.Proc("fos bench", 10.0), 2: cpu_usage.Proc("tritonserver", 5.0)}
+    after = {1: cpu_usage.Proc("fos bench", 12.0), 2: cpu_usage.Proc("tritonserver", 6.0), 3: cpu_usage.Proc("tritonserver", 1.0)}
+    assert cpu_usage.usage(before, after, 2.0) == {
+        "fos bench": {"cores": 1.0, "processes": 1, "busiest": 1.0},
+        "tritonserver": {"cores": 1.0, "processes": 2, "busiest": 0.5},
+    }
