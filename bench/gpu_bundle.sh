@@ -32,7 +32,7 @@ PIECE_BYTES=$(( ${FOS_PIECE_MIB:-58} * 1024 * 1024 ))
 # (they normally come with onnx, huggingface-hub, onnxruntime, requests).
 SITE_WHEELS="fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 pydantic==2.14.4 pydantic-core==2.50.5
   annotated-types==0.8.0 typing-inspection==0.4.5 annotated-doc==0.0.7 opentelemetry-api==1.45.2
-  fugashi==1.5.2 tritonclient==2.73.0 python-rapidjson==1.25 onnxruntime-gpu==1.31.1 nvidia-pytriton==0.7.0
+  httptools==0.9.0 fugashi==1.5.2 tritonclient==2.73.0 python-rapidjson==1.25 onnxruntime-gpu==1.31.1 nvidia-pytriton==0.7.0
   openvino==2026.4.1"
 FALLBACK_WHEELS="click==8.5.1 ml-dtypes==0.5.4 flatbuffers==25.12.19 packaging==26.4 urllib3==2.8.0
   openvino-telemetry==2025.2.0"

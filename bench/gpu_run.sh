@@ -4,7 +4,7 @@
 #   bash bench/gpu_bundle.sh pack                          # here, once: what the GPU machine lacks, in pieces
 #   bash bench/gpu_bundle.sh unpack .carry                 # there, one call per piece (each ≤ 58 MiB)
 #   OUT=/some/dir bash bench/gpu_run.sh                    # there, last: about six minutes
-#                                                          (4.8 on the H100 at FOS_DURATION=12, before FOS_ROUNDS)
+#                                                          (4.8 on the H100 at FOS_DURATION=12, before FOS_SWEEP)
 #
 # Steps: a random model of cl-nagoya/ruri-large's exact shape (BertModel 24×1024, MeCab + WordPiece vocabulary
 # from JGLUE), `fos export --device gpu --precision fp16 --encoder-backend python`, the encoder alone against
@@ -26,7 +26,8 @@ WORKERS=${FOS_WORKERS:-4}                        # fos serve processes
 TOKENIZERS=${FOS_TOKENIZERS:-6}                  # Triton tokenizer instances
 LOADGEN=${FOS_LOADGEN:-4}                        # fos bench processes
 STEPS=${FOS_STEPS:-encoder,triton,naive}         # which measurements to run; cpu: the host's CPU engines (below)
-ROUNDS=${FOS_ROUNDS:-4 8}                         # more rounds in flight per shim worker, each a dify-embed level of its own
+PREP_CORES=${FOS_PREP_CORES:-$(( $(nproc) * 5 / 8 ))-$(( $(nproc) - 1 ))}  # cpuprep step: cores of its own (10-15 of 16)
+SWEEP=${FOS_SWEEP:-4:4 8:2 8:4}                  # more shim workers:rounds in flight per worker, each a dify-embed level
 CPU_CORES=${FOS_CPU_CORES:-}                     # cpu step: taskset's core list (e.g. 0-1); empty: every core
 CPU_SERVERS=${FOS_CPU_SERVERS:-naive,embedded-bf16}  # cpu step: add embedded-fp32 where there is time (~2 min more)
 CPU_DURATION=${FOS_CPU_DURATION:-$DURATION}      # cpu step: seconds per level
@@ -49,6 +50,7 @@ log() {  # a step begins: say so, and keep the archive current in case the run i
   echo "[$(date +%T)] $*"
   tar czf "$DEST/gpu-results.tar.gz" -C "$OUT" . 2>/dev/null || true
 }
+step() { [[ ",$STEPS," == *",$1,"* ]]; }
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 finish() { cleanup; tar czf "$DEST/gpu-results.tar.gz" -C "$OUT" .; }
@@ -64,7 +66,28 @@ cat "$OUT/machine.txt"
 
 log "model: ruri-large shape, random weights"
 [ -d "$WORK/model/st" ] || $PY -m bench.ruri_shape "$WORK/model" --corpus "$CORPUS" --size "$SIZE" > "$OUT/build.log" 2>&1
-if [[ $STEPS == *encoder* || $STEPS == *triton* ]]; then
+
+cpu_prep() {  # the cpu step's models and fp32 exports (each export checks parity on every CPU engine)
+  [ -d "$WORK/rerank/hf" ] || $PY -m bench.ruri_shape "$WORK/rerank" --reranker --corpus "$CORPUS" --size "$SIZE" \
+    > "$OUT/build-rerank.log" 2>&1
+  local task src name
+  for task in embed rerank; do
+    if [ $task = embed ]; then src=$WORK/model/st name=$NAME; else src=$WORK/rerank/hf name=cl-nagoya/ruri-reranker-large; fi
+    [ -f "$WORK/repo-cpu/${name/\//--}/config.pbtxt" ] || $PY -m shim.cli export --model "$src" --task $task --name "$name" \
+      --repository "$WORK/repo-cpu" --precision fp32 --device cpu --encoder-backend python > "$OUT/export-cpu-$task.log" 2>&1
+    grep -E 'parity|min cosine|check|engines that' "$OUT/export-cpu-$task.log" || true
+  done
+}
+# cpuprep: the cpu step's preparation, on cores of its own while the GPU export and the encoder alone run (the GPU is
+# what those measure), so that the cpu step's own call is only measurements. Finished before the served path starts.
+prep=
+if step cpuprep; then
+  log "cpu step's models and exports, in the background on cores $PREP_CORES"
+  (taskset -p -c "$PREP_CORES" $BASHPID > /dev/null 2>&1; cpu_prep > "$OUT/cpuprep.log" 2>&1
+   echo "cpuprep exit $?" >> "$OUT/cpuprep.log") &
+  prep=$!
+fi
+if step encoder || step triton; then
 log "export: $PRECISION, $DEVICE, Python-backend encoder, $TOKENIZERS tokenizer instances"
 [ -f "$WORK/repo/${NAME/\//--}/config.pbtxt" ] || $PY -m shim.cli export --model "$WORK/model/st" --task embed --name "$NAME" \
   --repository "$WORK/repo" --precision "$PRECISION" --device "$DEVICE" --encoder-backend python \
@@ -72,14 +95,16 @@ log "export: $PRECISION, $DEVICE, Python-backend encoder, $TOKENIZERS tokenizer 
 grep -E 'fused|parity|max \||min cosine|check' "$OUT/export.log" || true
 fi
 
-if [[ $STEPS == *encoder* ]]; then
+if step encoder; then
 log "encoder alone and sentence-transformers fp16"
 $PY -m bench.gpu --repository "$WORK/repo" --name "$NAME" --st "$WORK/model/st" --corpus "$CORPUS" --out "$OUT" \
   --device "$DEVICE" > "$OUT/encoder.log" 2>&1 || { tail -20 "$OUT/encoder.log"; exit 1; }
 grep -E 'tokens/s' "$OUT/encoder.log"
 fi
 
-if [[ $STEPS == *triton* ]]; then
+if [ -n "$prep" ]; then log "waiting for the cpu step's exports"; wait "$prep" || true; prep=; tail -3 "$OUT/cpuprep.log"; fi
+
+if step triton; then
 log "tritonserver + fos serve --workers $WORKERS"
 PYTHONPATH="$([ -d "$EXTRA" ] && echo "$EXTRA:")$PYTHONPATH" \
   $PY -m shim.cli triton --repository "$WORK/repo" --http-port 8000 --grpc-port 8001 --metrics-port 8002 > "$OUT/triton.log" 2>&1 &
@@ -103,43 +128,49 @@ bench fos-triton dify-embed "$DIFY_C" --processes "$LOADGEN" --triton-metrics ht
 bench fos-triton batch-embed "$BATCH_C" --processes "$LOADGEN" --triton-metrics http://127.0.0.1:8002/metrics
 curl -fsS http://127.0.0.1:8081/metrics > "$OUT/fos-metrics.txt" || true
 grep "fos encoder" "$OUT/triton.log" | tail -3 || true
-# The first H100 run with shape buckets found the encoder ~75% busy at dify-embed c=256 while most requests waited
-# in the shim for one of its workers' two rounds in flight: the same level with more rounds in flight per worker.
-for r in $ROUNDS; do
-  log "fos (Triton) dify-embed c=$DIFY_C, $r rounds in flight per worker"
+# The first H100 run with shape buckets found the encoder ~75% busy at dify-embed c=256 and ~21 rows per execution:
+# the same level with more shim workers and more rounds in flight per worker (FOS_SWEEP, workers:rounds), each
+# level's CPU use per process role beside it; then batch-embed again on the one that answered most tokens/s.
+restart_shim() {  # workers rounds
   kill "$serve" 2>/dev/null || true; wait "$serve" 2>/dev/null || true
-  $PY -m shim.cli serve --triton 127.0.0.1:8001 --port 8081 --workers "$WORKERS" --triton-rounds-in-flight "$r" \
+  $PY -m shim.cli serve --triton 127.0.0.1:8001 --port 8081 --workers "$1" --triton-rounds-in-flight "$2" \
     --log-level warning >> "$OUT/serve.log" 2>&1 &
   serve=$!
   pids+=($serve)
   wait_http http://127.0.0.1:8081/health 120 || { tail -40 "$OUT/serve.log"; exit 1; }
-  bench "fos-triton-r$r" dify-embed "$DIFY_C" --processes "$LOADGEN" --triton-metrics http://127.0.0.1:8002/metrics
+}
+for wr in $SWEEP; do
+  log "fos (Triton) dify-embed c=$DIFY_C, ${wr%:*} shim workers, ${wr#*:} rounds in flight per worker"
+  restart_shim "${wr%:*}" "${wr#*:}"
+  bench "fos-triton-w${wr%:*}r${wr#*:}" dify-embed "$DIFY_C" --processes "$LOADGEN" --triton-metrics http://127.0.0.1:8002/metrics
 done
+best=$($PY -c 'import json, pathlib, sys
+runs = [(json.loads(f.read_text())["levels"][-1]["tokens_per_s"], f.stem) for f in pathlib.Path(sys.argv[1]).glob("fos-triton-w*.json")]
+print(max(runs)[1].removeprefix("fos-triton-") if runs else "")' "$OUT")
+if [ -n "$best" ]; then
+  w=${best#w}; w=${w%r*}; r=${best#*r}
+  log "fos (Triton) batch-embed c=$BATCH_C on the best of the sweep: $w shim workers, $r rounds in flight"
+  restart_shim "$w" "$r"
+  bench "fos-triton-$best" batch-embed "$BATCH_C" --processes "$LOADGEN" --triton-metrics http://127.0.0.1:8002/metrics
+fi
 kill "$smi" 2>/dev/null || true
 curl -fsS http://127.0.0.1:8002/metrics > "$OUT/triton-metrics.txt" || true
 cleanup
 pids=()
 fi
 
-if [[ $STEPS == *naive* ]]; then
+if step naive; then
 log "naive sentence-transformers server, fp16 on the same GPU"
 $PY -m bench.naive_server --embed "$WORK/model/st" --device "$([ "$DEVICE" = gpu ] && echo cuda || echo cpu)" --port 8081 > "$OUT/naive.log" 2>&1 &
 pids+=($!)
 wait_http http://127.0.0.1:8081/health 300 || { tail -40 "$OUT/naive.log"; exit 1; }
 bench naive-fp16 dify-embed "$DIFY_C" --processes "$LOADGEN"
 fi
-if [[ $STEPS == *cpu* ]]; then
+if step cpu; then
 # The host's CPUs (AMX on the GPU machine): the naive server against the embedded backend on ONNX Runtime fp32 and
 # OpenVINO bf16, each server's engine alone at the rounds it formed; every encoder kept on the CPU.
 log "CPU engines: naive, onnxruntime fp32, openvino bf16 (fp32 export for the CPU)${CPU_CORES:+, cores $CPU_CORES}"
-[ -d "$WORK/rerank/hf" ] || $PY -m bench.ruri_shape "$WORK/rerank" --reranker --corpus "$CORPUS" --size "$SIZE" \
-  > "$OUT/build-rerank.log" 2>&1
-for task in embed rerank; do
-  if [ $task = embed ]; then src=$WORK/model/st name=$NAME; else src=$WORK/rerank/hf name=cl-nagoya/ruri-reranker-large; fi
-  [ -f "$WORK/repo-cpu/${name/\//--}/config.pbtxt" ] || $PY -m shim.cli export --model "$src" --task $task --name "$name" \
-    --repository "$WORK/repo-cpu" --precision fp32 --device cpu --encoder-backend python > "$OUT/export-cpu-$task.log" 2>&1
-  grep -E 'parity|min cosine|check|engines that' "$OUT/export-cpu-$task.log" || true
-done
+cpu_prep
 ${CPU_CORES:+taskset -c "$CPU_CORES"} $PY -m bench.compare --embed-dir "$WORK/model/st" --rerank-dir "$WORK/rerank/hf" \
   --repo-fp32 "$WORK/repo-cpu" --servers "$CPU_SERVERS" --workloads dify-embed,batch-embed,rerank \
   --dify-levels 16 --duration "$CPU_DURATION" ${CPU_ENGINE_ALONE:+--engine-alone --engine-seconds "$CPU_DURATION"} \
@@ -162,6 +193,10 @@ for f in sorted(out.glob("fos-triton*.json")) + [out / "naive-fp16.json"]:
             print(f"{lv['label']:>12} {lv['workload']:>12} c={lv['concurrency']:<4} {lv['tokens_per_s']:>10,.0f} tokens/s "
                   f"{lv['requests_per_s']:>8,.0f} req/s  p50 {lv['p50_ms']:.1f} p95 {lv['p95_ms']:.1f} p99 {lv['p99_ms']:.1f} ms "
                   f"errors {lv['errors'] or 0}  rows/encoder execution {enc}")
+            cores = lv.get("cpu_cores", {})
+            if cores:
+                print(" " * 14 + "CPU cores: " + ", ".join(f"{r} {u['cores']:.2f} (busiest {u['busiest']:.2f})" for r, u in cores.items())
+                      + f"; busiest load process {lv.get('load_process_cores', 0):.2f}")
 enc = json.loads((out / "encoder.json").read_text()) if (out / "encoder.json").exists() else {}
 if enc:
     print("encoder alone", round(enc["encoder_alone"]["tokens_per_s"]), "tokens/s; sentence-transformers fp16 bs32",
@@ -179,9 +214,9 @@ for (label, workload), fos in levels.items():
     if label.startswith("fos-triton") and workload == "dify-embed" and naive:
         print(f"dify-embed {label} / naive: {fos['tokens_per_s'] / naive['tokens_per_s']:.1f}x; "
               f"p99/p50 {fos['p99_ms'] / fos['p50_ms']:.2f}")
-batch = levels.get(("fos-triton", "batch-embed"))
-if batch and enc:
-    print(f"batch-embed / encoder alone: {batch['tokens_per_s'] / enc['encoder_alone']['tokens_per_s']:.2f}")
+for (label, workload), batch in levels.items():
+    if workload == "batch-embed" and label.startswith("fos-triton") and enc:
+        print(f"batch-embed {label} / encoder alone: {batch['tokens_per_s'] / enc['encoder_alone']['tokens_per_s']:.2f}")
 util = [float(r.split(",")[1].split()[0]) for r in (out / "gpu-util.csv").read_text().splitlines() if r.count(",") >= 2] if (out / "gpu-util.csv").exists() else []
 if util:
     print(f"GPU utilisation while fos was measured: mean {sum(util) / len(util):.0f}%, max {max(util):.0f}% ({len(util)} samples)")
