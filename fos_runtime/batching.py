@@ -35,7 +35,9 @@ class BatchPlan:
     max_padding: float  # share of a run's tokens that may be padding: little on a CPU, where it is all compute
     # Rounds the shim keeps in flight per model and Triton endpoint. A CPU encoder computes one at a time, and a
     # round that waits for it gathers more requests (16 at dify-embed c=16, against 5 with two in flight); a GPU
-    # encoder is fed while Triton tokenizes the next round.
+    # encoder is fed while Triton tokenizes the next rounds. On an H100 (dify-embed c=256, docs/benchmarks.md), 4
+    # rounds a worker instead of 2 gave 1.16x the tokens/s with 4 shim workers and the same with 8 (8 rounds: +2%,
+    # and more Triton calls for the same rows).
     rounds_in_flight: int
 
     def runs(self, lengths: Sequence[int]) -> list[list[int]]:
@@ -65,7 +67,7 @@ PLANS = {
         shape_buckets=True,
         # Small runs on a GPU cost their kernel launches, not their tokens: fewer runs beat less padding.
         max_padding=0.5,
-        rounds_in_flight=2,
+        rounds_in_flight=4,
     ),
 }
 DEVICES = tuple(PLANS)

@@ -44,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--triton-rounds-in-flight",
         type=int,
         metavar="N",
-        help="rounds of coalesced requests in flight per model and Triton endpoint (default: 1 for a CPU encoder, 2 for "
+        help="rounds of coalesced requests in flight per model and Triton endpoint (default: 1 for a CPU encoder, 4 for "
         "a GPU one, which Triton feeds while it tokenizes the next); more lowers latency at light load, fewer makes "
         "larger batches",
     )
