@@ -28,6 +28,7 @@ class ExportOptions:
     device: str = "cpu"
     tensorrt: bool = False
     tokenizer_instances: int | None = None  # None: the device's default (fos_runtime.batching)
+    encoder_instances: int = 1  # Triton encoder instances on the device (each its own process and engine session)
     engine: str = "auto"  # what runs the encoder (fos_runtime.engines.CHOICES), recorded in the spec
     normalize: bool = True
     prompts: dict[str, str] | None = None  # set or replace these of the model's prompts
@@ -57,6 +58,8 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> spec.Mode
     spec.triton_name(served)  # fail before the slow steps on a name Triton cannot hold
     if opts.tensorrt and (opts.encoder_backend, opts.device) != ("onnxruntime", "gpu"):
         raise ValueError("--tensorrt needs --encoder-backend onnxruntime --device gpu")
+    if opts.encoder_instances < 1 or (opts.tokenizer_instances is not None and opts.tokenizer_instances < 1):
+        raise ValueError("--encoder-instances and --tokenizer-instances must be at least 1")
     if opts.engine.startswith(engines.OPENVINO) and (opts.device, opts.precision) != ("cpu", "fp32"):
         raise ValueError(f"--engine {opts.engine}: OpenVINO serves fp32 exports for the CPU (--device cpu --precision fp32)")
     total = 5
@@ -114,6 +117,7 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> spec.Mode
             opts.encoder_backend,
             opts.tensorrt,
             tokenizer_instances=opts.tokenizer_instances,
+            encoder_instances=opts.encoder_instances,
             sample_texts=parity.SENTENCES,
         )
         log(f"      {s.name} (ensemble), {spec.tokenizer_model(s.name)}, {spec.encoder_model(s.name)} [{opts.encoder_backend}]")
@@ -186,6 +190,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="Triton tokenizer model instances (processes); default 1 with --device cpu, 4 with --device gpu",
     )
+    p.add_argument(
+        "--encoder-instances",
+        type=int,
+        default=1,
+        metavar="N",
+        help="Triton encoder model instances on the device (default 1). On a GPU one instance keeps it busy only part "
+        "of the time: its host process launches the kernels and pads the batches while the GPU waits",
+    )
     p.add_argument("--raw", action="store_true", help="serve raw vectors instead of L2-normalised ones")
     p.add_argument(
         "--prompt",
@@ -224,6 +236,7 @@ def options_from_args(args: argparse.Namespace) -> ExportOptions:
         device=args.device,
         tensorrt=args.tensorrt,
         tokenizer_instances=args.tokenizer_instances,
+        encoder_instances=args.encoder_instances,
         engine=args.engine,
         normalize=not args.raw,
         prompts=prompts,

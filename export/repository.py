@@ -60,7 +60,7 @@ def tokenizer_config(s: spec.ModelSpec, instances: int | None = None) -> mc.Mode
     return c
 
 
-def encoder_config(s: spec.ModelSpec, backend: str, tensorrt: bool = False) -> mc.ModelConfig:
+def encoder_config(s: spec.ModelSpec, backend: str, tensorrt: bool = False, instances: int = 1) -> mc.ModelConfig:
     if backend not in ENCODER_BACKENDS:
         raise ValueError(f"encoder backend must be one of {ENCODER_BACKENDS}")
     plan = batching.plan_for(s.device)
@@ -76,7 +76,7 @@ def encoder_config(s: spec.ModelSpec, backend: str, tensorrt: bool = False) -> m
     if backend == "python":
         c.parameters[spec.SPEC_PARAMETER].string_value = s.to_json()
     kind = mc.ModelInstanceGroup.KIND_GPU if s.device == "gpu" else mc.ModelInstanceGroup.KIND_CPU
-    c.instance_group.add(kind=kind, count=1)
+    c.instance_group.add(kind=kind, count=instances)
     c.dynamic_batching.max_queue_delay_microseconds = plan.queue_delay_us
     if tensorrt:
         if backend != "onnxruntime" or s.device != "gpu":
@@ -155,6 +155,7 @@ def write(
     encoder_backend: str = "onnxruntime",
     tensorrt: bool = False,
     tokenizer_instances: int | None = None,
+    encoder_instances: int = 1,
     sample_texts: Sequence[str] = ("東京は日本の首都です。",),
 ) -> Path:
     """Write the three models, replacing any earlier export of the same name only once all is written."""
@@ -173,7 +174,8 @@ def write(
         _save_tokenizer(tokenizer, spec.tokenizer_files(staging, s.name))
         copy_runtime(tok_dir / "1", "tokenizer_model.py")
 
-        (enc_dir / "config.pbtxt").write_text(render(encoder_config(s, encoder_backend, tensorrt)), encoding="utf-8")
+        encoder = encoder_config(s, encoder_backend, tensorrt, encoder_instances)
+        (enc_dir / "config.pbtxt").write_text(render(encoder), encoding="utf-8")
         shutil.copy(onnx_file, spec.encoder_file(staging, s.name))
         if encoder_backend == "python":
             copy_runtime(enc_dir / "1", "encoder_model.py")

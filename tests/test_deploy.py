@@ -172,3 +172,24 @@ def test_tokenizer_instances_follow_the_device_unless_given():
     assert tokenizer_config(gpu).instance_group[0].count == 4  # one MeCab process cannot feed a GPU
     assert tokenizer_config(gpu, 7).instance_group[0].count == 7
     assert tokenizer_config(gpu).max_batch_size == encoder_config(gpu, "onnxruntime").max_batch_size == 256
+
+
+def test_encoder_instances_are_an_export_option():
+    import argparse
+
+    from export.main import ExportOptions, add_arguments, export, options_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = ["--model", "m", "--task", "embed", "--device", "gpu", "--encoder-instances", "2"]
+    opts = options_from_args(parser.parse_args(args))
+    assert opts.encoder_instances == 2
+    assert options_from_args(parser.parse_args(["--model", "m", "--task", "embed"])).encoder_instances == 1
+    s = spec.ModelSpec(
+        served_name="m", task="embed", source="m", max_length=512, encoder_inputs=("input_ids",), pad_token_id=0,
+        vocab_size=10, dimension=4, device="gpu",
+    )  # fmt: skip
+    group = encoder_config(s, "python", instances=2).instance_group
+    assert len(group) == 1 and (group[0].kind, group[0].count) == (group[0].KIND_GPU, 2)
+    with pytest.raises(ValueError, match="at least 1"):  # refused before the model is loaded
+        export(ExportOptions(model="/nonexistent", name="m", task="embed", encoder_instances=0), log=lambda _: None)
