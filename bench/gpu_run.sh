@@ -3,8 +3,9 @@
 #
 #   bash bench/gpu_bundle.sh pack                          # here, once: what the GPU machine lacks, in pieces
 #   bash bench/gpu_bundle.sh unpack .carry                 # there, one call per piece (each ≤ 58 MiB)
-#   OUT=/some/dir bash bench/gpu_run.sh                    # there, last: about six minutes
-#                                                          (4.8 on the H100 at FOS_DURATION=12, before FOS_SWEEP)
+#   OUT=/some/dir bash bench/gpu_run.sh                    # there, last: about eight minutes
+#   (measured on the H100 at FOS_DURATION=12: 8.8 minutes with FOS_STEPS=cpuprep,encoder,triton,naive and a sweep of
+#   four levels; each level ~30 s, a second encoder count ~1.5 min)
 #
 # Steps: a random model of cl-nagoya/ruri-large's exact shape (BertModel 24×1024, MeCab + WordPiece vocabulary
 # from JGLUE), `fos export --device gpu --precision fp16 --encoder-backend python`, the encoder alone against
@@ -22,12 +23,13 @@ CORPUS=${FOS_CORPUS:-.carry/jglue}               # JGLUE's jsts/jsquad validatio
 DURATION=${FOS_DURATION:-20}                     # seconds per measured level
 DIFY_C=${FOS_DIFY_C:-256}                        # dify-embed concurrency
 BATCH_C=${FOS_BATCH_C:-32}                       # batch-embed concurrency
-WORKERS=${FOS_WORKERS:-4}                        # fos serve processes
+WORKERS=${FOS_WORKERS:-8}                        # fos serve processes (4 capped the H100 run at ~4,800 requests/s)
 TOKENIZERS=${FOS_TOKENIZERS:-6}                  # Triton tokenizer instances
+ENCODERS=${FOS_ENCODERS:-1 2}                    # Triton encoder instances on the GPU; each after the first: its own levels
 LOADGEN=${FOS_LOADGEN:-4}                        # fos bench processes
 STEPS=${FOS_STEPS:-encoder,triton,naive}         # which measurements to run; cpu: the host's CPU engines (below)
 PREP_CORES=${FOS_PREP_CORES:-$(( $(nproc) * 5 / 8 ))-$(( $(nproc) - 1 ))}  # cpuprep step: cores of its own (10-15 of 16)
-SWEEP=${FOS_SWEEP:-4:4 8:2 8:4}                  # more shim workers:rounds in flight per worker, each a dify-embed level
+SWEEP=${FOS_SWEEP:-8:8}                          # shim workers:rounds in flight per worker, each a dify-embed level
 CPU_CORES=${FOS_CPU_CORES:-}                     # cpu step: taskset's core list (e.g. 0-1); empty: every core
 CPU_SERVERS=${FOS_CPU_SERVERS:-naive,embedded-bf16}  # cpu step: add embedded-fp32 where there is time (~2 min more)
 CPU_DURATION=${FOS_CPU_DURATION:-$DURATION}      # cpu step: seconds per level
@@ -36,7 +38,8 @@ export FOS_ENCODER_TIMING=${FOS_ENCODER_TIMING:-200}  # Triton's encoder logs wh
 NAME=cl-nagoya/ruri-large
 # To try the script out on a CPU: FOS_DEVICE=cpu FOS_PRECISION=fp32 FOS_SIZE=tiny FOS_DURATION=3 (no GPU figures).
 # FOS_STEPS=cpu alone measures the host's CPU engines (AMX there), in a call of its own: about five minutes at
-# FOS_DURATION=12 (estimated; its models and exports took 2.4 on the H100 host).
+# FOS_DURATION=12 (estimated; its models and exports took 2.4 on the H100 host), about two after a cpuprep step in the
+# GPU call. That call must follow at once: the machine, and all it was given, goes back after 30 s idle.
 DEVICE=${FOS_DEVICE:-gpu}
 PRECISION=${FOS_PRECISION:-fp16}
 SIZE=${FOS_SIZE:-full}
@@ -91,7 +94,7 @@ if step encoder || step triton; then
 log "export: $PRECISION, $DEVICE, Python-backend encoder, $TOKENIZERS tokenizer instances"
 [ -f "$WORK/repo/${NAME/\//--}/config.pbtxt" ] || $PY -m shim.cli export --model "$WORK/model/st" --task embed --name "$NAME" \
   --repository "$WORK/repo" --precision "$PRECISION" --device "$DEVICE" --encoder-backend python \
-  --tokenizer-instances "$TOKENIZERS" > "$OUT/export.log" 2>&1
+  --tokenizer-instances "$TOKENIZERS" --encoder-instances "${ENCODERS%% *}" > "$OUT/export.log" 2>&1
 grep -E 'fused|parity|max \||min cosine|check' "$OUT/export.log" || true
 fi
 
@@ -105,11 +108,16 @@ fi
 if [ -n "$prep" ]; then log "waiting for the cpu step's exports"; wait "$prep" || true; prep=; tail -3 "$OUT/cpuprep.log"; fi
 
 if step triton; then
-log "tritonserver + fos serve --workers $WORKERS"
-PYTHONPATH="$([ -d "$EXTRA" ] && echo "$EXTRA:")$PYTHONPATH" \
-  $PY -m shim.cli triton --repository "$WORK/repo" --http-port 8000 --grpc-port 8001 --metrics-port 8002 > "$OUT/triton.log" 2>&1 &
-pids+=($!)
-wait_http http://127.0.0.1:8000/v2/health/ready 300 || { tail -40 "$OUT/triton.log"; exit 1; }
+log "tritonserver (${ENCODERS%% *} encoder instances) + fos serve --workers $WORKERS"
+rm -f "$OUT"/fos-triton*.json  # from an earlier run on this machine: the best-of-sweep pick and the summary read these
+start_triton() {
+  PYTHONPATH="$([ -d "$EXTRA" ] && echo "$EXTRA:")$PYTHONPATH" \
+    $PY -m shim.cli triton --repository "$WORK/repo" --http-port 8000 --grpc-port 8001 --metrics-port 8002 >> "$OUT/triton.log" 2>&1 &
+  triton=$!
+  pids+=($triton)
+  wait_http http://127.0.0.1:8000/v2/health/ready 300 || { tail -40 "$OUT/triton.log"; exit 1; }
+}
+start_triton
 $PY -m shim.cli serve --triton 127.0.0.1:8001 --port 8081 --workers "$WORKERS" --log-level warning > "$OUT/serve.log" 2>&1 &
 serve=$!
 pids+=($serve)
@@ -131,9 +139,9 @@ grep "fos encoder" "$OUT/triton.log" | tail -3 || true
 # The first H100 run with shape buckets found the encoder ~75% busy at dify-embed c=256 and ~21 rows per execution:
 # the same level with more shim workers and more rounds in flight per worker (FOS_SWEEP, workers:rounds), each
 # level's CPU use per process role beside it; then batch-embed again on the one that answered most tokens/s.
-restart_shim() {  # workers rounds
+restart_shim() {  # workers [rounds; default: the plan's]
   kill "$serve" 2>/dev/null || true; wait "$serve" 2>/dev/null || true
-  $PY -m shim.cli serve --triton 127.0.0.1:8001 --port 8081 --workers "$1" --triton-rounds-in-flight "$2" \
+  $PY -m shim.cli serve --triton 127.0.0.1:8001 --port 8081 --workers "$1" ${2:+--triton-rounds-in-flight "$2"} \
     --log-level warning >> "$OUT/serve.log" 2>&1 &
   serve=$!
   pids+=($serve)
@@ -146,13 +154,25 @@ for wr in $SWEEP; do
 done
 best=$($PY -c 'import json, pathlib, sys
 runs = [(json.loads(f.read_text())["levels"][-1]["tokens_per_s"], f.stem) for f in pathlib.Path(sys.argv[1]).glob("fos-triton-w*.json")]
-print(max(runs)[1].removeprefix("fos-triton-") if runs else "")' "$OUT")
+print(max(runs)[1].removeprefix("fos-triton-") if runs else "")' "$OUT")  # the step began with no fos-triton*.json
 if [ -n "$best" ]; then
   w=${best#w}; w=${w%r*}; r=${best#*r}
   log "fos (Triton) batch-embed c=$BATCH_C on the best of the sweep: $w shim workers, $r rounds in flight"
   restart_shim "$w" "$r"
   bench "fos-triton-$best" batch-embed "$BATCH_C" --processes "$LOADGEN" --triton-metrics http://127.0.0.1:8002/metrics
 fi
+# The same H100 run found the GPU busy ~25% of the time while its one encoder instance was busy ~95%: the instance's
+# host process (padding, kernel launches) is the bottleneck. More instances, each its own process and session.
+for n in ${ENCODERS#"${ENCODERS%% *}"}; do
+  log "fos (Triton) with $n encoder instances on the GPU: dify-embed c=$DIFY_C, batch-embed c=$BATCH_C"
+  kill "$serve" "$triton" 2>/dev/null || true; wait "$serve" "$triton" 2>/dev/null || true
+  sed -i -E "s/^(  count: )[0-9]+/\1$n/" "$WORK/repo/${NAME/\//--}__encoder/config.pbtxt"
+  grep -A3 instance_group "$WORK/repo/${NAME/\//--}__encoder/config.pbtxt" | tr '\n' ' '; echo
+  start_triton
+  restart_shim "$WORKERS"
+  bench "fos-triton-e$n" dify-embed "$DIFY_C" --processes "$LOADGEN" --triton-metrics http://127.0.0.1:8002/metrics
+  bench "fos-triton-e$n" batch-embed "$BATCH_C" --processes "$LOADGEN" --triton-metrics http://127.0.0.1:8002/metrics
+done
 kill "$smi" 2>/dev/null || true
 curl -fsS http://127.0.0.1:8002/metrics > "$OUT/triton-metrics.txt" || true
 cleanup
