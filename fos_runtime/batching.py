@@ -9,13 +9,13 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from . import spec
 from .encoder import Encoder
-from .padding import ROW_BUCKETS, bucket_length, pad
+from .padding import ROW_BUCKETS, bucket_length, merge_padded, pad, take
 from .tokenization import Encoded
 
 
@@ -168,12 +168,48 @@ def run(
     """One output array per element of ``encodeds``, rows in their order. ``max_length``, the model's
     context, bounds the shape buckets of a plan that uses them."""
     merged = merge(encodeds)
-    lengths = merged.lengths
-    result: np.ndarray | None = None
     buckets = plan.shape_buckets and max_length is not None
     limit = max_length if buckets else None
+
+    def feeds(batch: list[int]) -> dict[str, np.ndarray]:
+        return pad(merged, pad_token_id, inputs, order=batch, length_limit=limit, bucket_rows_too=buckets)
+
+    return _run(encoder, merged.lengths, [len(e.input_ids) for e in encodeds], feeds, plan, stats)
+
+
+def run_padded(
+    encoder: Encoder,
+    parts: Sequence[dict[str, np.ndarray]],
+    pad_token_id: int,
+    plan: BatchPlan,
+    stats: Stats | None = None,
+    max_length: int | None = None,
+) -> list[np.ndarray]:
+    """``run`` for requests that arrive padded (``padding.check_padded``; Triton's encoder): their rows are regrouped
+    and cut from the arrays as they are, never turned into lists and back (3 ms of a 214-row execution)."""
+    buckets = plan.shape_buckets and max_length is not None
+    limit = max_length if buckets else None
+    arrays, lengths = merge_padded(parts, pad_token_id, limit)
+
+    def feeds(batch: list[int]) -> dict[str, np.ndarray]:
+        return take(arrays, lengths, batch, length_limit=limit, bucket_rows_too=buckets)
+
+    return _run(encoder, lengths.tolist(), [len(p[spec.ATTENTION_MASK]) for p in parts], feeds, plan, stats)
+
+
+def _run(
+    encoder: Encoder,
+    lengths: list[int],
+    sizes: list[int],
+    feeds_of: Callable[[list[int]], dict[str, np.ndarray]],
+    plan: BatchPlan,
+    stats: Stats | None,
+) -> list[np.ndarray]:
+    """The plan's runs over all rows (``lengths``), each fed by ``feeds_of``; the outputs split back into the
+    parts of ``sizes`` rows."""
+    result: np.ndarray | None = None
     for batch in plan.runs(lengths):
-        feeds = pad(merged, pad_token_id, inputs, order=batch, length_limit=limit, bucket_rows_too=buckets)
+        feeds = feeds_of(batch)
         started = time.perf_counter()
         out = encoder.run(feeds)[: len(batch)]
         elapsed = time.perf_counter() - started
@@ -187,6 +223,6 @@ def run(
             stats.computed_tokens += feeds[spec.INPUT_IDS].size
             stats.seconds += elapsed
     if result is None:
-        return [np.zeros((0, 0), dtype=np.float32) for _ in encodeds]
-    bounds = np.cumsum([0] + [len(e.input_ids) for e in encodeds])
+        return [np.zeros((0, 0), dtype=np.float32) for _ in sizes]
+    bounds = np.cumsum([0, *sizes])
     return [result[a:b] for a, b in itertools.pairwise(bounds)]

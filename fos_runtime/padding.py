@@ -7,6 +7,7 @@ so a server that meets a new (rows, length) pair at every run would run twenty t
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -46,30 +47,82 @@ def pad(
     the caller drops.
     """
     idx = list(range(len(encoded.input_ids))) if order is None else list(order)
-    width = max((len(encoded.input_ids[i]) for i in idx), default=0)
-    if length_limit is not None and idx:
-        width = bucket_length(width, length_limit)
     if bucket_rows_too and idx:
         idx += [idx[0]] * (bucket_rows(len(idx)) - len(idx))
-    ids = np.full((len(idx), width), pad_token_id, dtype=np.int64)
-    mask = np.zeros((len(idx), width), dtype=np.int64)
-    types = np.zeros((len(idx), width), dtype=np.int64)
-    for row, i in enumerate(idx):
-        seq = encoded.input_ids[i]
-        ids[row, : len(seq)] = seq
-        mask[row, : len(seq)] = 1
-        if encoded.token_type_ids is not None:
-            types[row, : len(seq)] = encoded.token_type_ids[i]
-    arrays = {spec.INPUT_IDS: ids, spec.ATTENTION_MASK: mask, spec.TOKEN_TYPE_IDS: types}
-    return {name: arrays[name] for name in inputs}
+    lengths = np.fromiter((len(encoded.input_ids[i]) for i in idx), dtype=np.int64, count=len(idx))
+    width = int(lengths.max()) if idx else 0
+    if length_limit is not None and idx:
+        width = bucket_length(width, length_limit)
+    # Every row's tokens in one flat array, scattered through the mask (row by row, left to right): no Python loop
+    # over rows, which cost ~1.6 ms of each 214-row execution of Triton's encoder.
+    real = np.arange(width) < lengths[:, None]
+    total = int(lengths.sum())
+
+    def scattered(rows: Sequence[Sequence[int]], fill: int) -> np.ndarray:
+        out = np.full((len(idx), width), fill, dtype=np.int64)
+        out[real] = np.fromiter(itertools.chain.from_iterable(rows[i] for i in idx), dtype=np.int64, count=total)
+        return out
+
+    arrays: dict[str, np.ndarray] = {}
+    for name in inputs:
+        if name == spec.INPUT_IDS:
+            arrays[name] = scattered(encoded.input_ids, pad_token_id)
+        elif name == spec.ATTENTION_MASK:
+            arrays[name] = real.astype(np.int64)
+        elif name == spec.TOKEN_TYPE_IDS:
+            types = encoded.token_type_ids
+            arrays[name] = scattered(types, 0) if types is not None else np.zeros((len(idx), width), dtype=np.int64)
+        else:
+            raise KeyError(name)
+    return arrays
 
 
-def unpad(arrays: dict[str, np.ndarray]) -> Encoded:
-    """The inverse of ``pad``: sequences back from padded arrays and their attention mask."""
-    lengths = arrays[spec.ATTENTION_MASK].sum(axis=1).tolist()
-    ids = [row[:n].tolist() for row, n in zip(arrays[spec.INPUT_IDS], lengths, strict=True)]
-    types = arrays.get(spec.TOKEN_TYPE_IDS)
-    return Encoded(
-        input_ids=ids,
-        token_type_ids=[row[:n].tolist() for row, n in zip(types, lengths, strict=True)] if types is not None else None,
-    )
+def check_padded(arrays: dict[str, np.ndarray | None], inputs: Sequence[str]) -> dict[str, np.ndarray]:
+    """One request's padded arrays as the encoder takes them, or ValueError saying what is wrong with them."""
+    shapes: dict[str, tuple[int, ...]] = {name: a.shape for name in inputs if (a := arrays.get(name)) is not None}
+    if len(shapes) != len(inputs) or spec.ATTENTION_MASK not in inputs:
+        raise ValueError(f"wants {', '.join(inputs)}, got {', '.join(shapes)}")
+    if len(set(shapes.values())) != 1 or len(shapes[spec.ATTENTION_MASK]) != 2:
+        raise ValueError(f"the inputs must be 2-D arrays of one shape, not {shapes}")
+    return {name: np.asarray(arrays[name], dtype=np.int64) for name in inputs}
+
+
+def merge_padded(
+    parts: Sequence[dict[str, np.ndarray]], pad_token_id: int, length_limit: int | None = None
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Requests that arrive right-padded, each to its own longest row (Triton's encoder), as one set of arrays: their
+    rows stacked and padded to the longest row (its length bucket with ``length_limit``, so that ``take`` never needs
+    more columns); and each row's length. Rows are never turned into Python lists and back. Tokens past a row's
+    attention mask are kept as sent: nothing attends to them, and pooling leaves them out."""
+    names = list(parts[0]) if parts else [spec.INPUT_IDS, spec.ATTENTION_MASK]
+    lengths = np.concatenate([p[spec.ATTENTION_MASK].sum(axis=1) for p in parts] or [np.zeros(0)]).astype(np.int64)
+    width = int(lengths.max()) if len(lengths) else 0
+    if length_limit is not None and len(lengths):
+        width = bucket_length(width, length_limit)
+    merged = {}
+    for name in names:
+        out = np.full((len(lengths), width), pad_token_id if name == spec.INPUT_IDS else 0, dtype=np.int64)
+        start = 0
+        for p in parts:
+            block = p[name][:, :width]
+            out[start : start + len(block), : block.shape[1]] = block
+            start += len(block)
+        merged[name] = out
+    return merged, lengths
+
+
+def take(
+    arrays: dict[str, np.ndarray],
+    lengths: np.ndarray,
+    order: Sequence[int],
+    length_limit: int | None = None,
+    bucket_rows_too: bool = False,
+) -> dict[str, np.ndarray]:
+    """Rows ``order`` of ``merge_padded``'s arrays, cut to the longest of them: what ``pad`` makes of the same rows."""
+    idx = list(order)
+    if bucket_rows_too and idx:
+        idx += [idx[0]] * (bucket_rows(len(idx)) - len(idx))
+    width = int(lengths[idx].max()) if idx else 0
+    if length_limit is not None and idx:
+        width = bucket_length(width, length_limit)
+    return {name: a[idx, :width] for name, a in arrays.items()}

@@ -278,3 +278,54 @@ def test_warm_up_runs_each_bucketed_shape_once():
     assert batching.warm_up(Recorder(), batching.PLANS["cpu"], 0, ALL, 512) == 0  # a CPU has no shapes to warm
     n = batching.warm_up(Recorder(), batching.PLANS["gpu"], 0, ALL, 512)
     assert n == len(seen) == len(set(seen)) and (1, 16) in seen and (256, 256) in seen and (256, 512) not in seen
+
+
+_SEQS = st.lists(st.lists(st.integers(1, 30_000), min_size=1, max_size=40), min_size=1, max_size=12)
+
+
+@given(parts=st.lists(_SEQS, min_size=1, max_size=5), bucketed=st.booleans())
+def test_rows_cut_from_padded_requests_are_what_pad_makes_of_the_same_rows(parts, bucketed):
+    """Triton's encoder merges requests that arrive padded (``merge_padded``) and cuts runs from them (``take``):
+    each run must be exactly what ``pad`` makes of those rows from lists."""
+    import numpy as np
+
+    from fos_runtime.padding import merge_padded, take
+
+    encodeds = [Encoded(seqs, token_type_ids=[[i % 2 for i in range(len(s))] for s in seqs]) for seqs in parts]
+    arrived = [pad(e, pad_token_id=3, inputs=ALL) for e in encodeds]  # as the tokenizer model sends them
+    limit = 512 if bucketed else None
+    merged, lengths = merge_padded(arrived, pad_token_id=3, length_limit=limit)
+    flat = Encoded([s for e in encodeds for s in e.input_ids], [t for e in encodeds for t in e.token_type_ids or []])
+    assert lengths.tolist() == flat.lengths
+    rows = len(flat.input_ids)
+    for order in (list(range(rows)), list(range(rows))[::2], [rows - 1]):
+        got = take(merged, lengths, order, length_limit=limit, bucket_rows_too=bucketed)
+        want = pad(flat, 3, ALL, order=order, length_limit=limit, bucket_rows_too=bucketed)
+        assert set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in want)
+
+
+def test_padded_requests_run_as_lists_do_and_a_bad_one_is_named():
+    import numpy as np
+    import pytest
+
+    from fos_runtime import batching
+    from fos_runtime.padding import check_padded
+
+    class Echo:
+        def run(self, feeds):
+            mask = feeds["attention_mask"]
+            width = np.full(len(mask), mask.shape[1])  # the run's shape, which both paths must agree on
+            return np.stack([mask.sum(axis=1), feeds["input_ids"][:, 0], width], axis=1).astype(np.float32)
+
+    parts = [Encoded([[i + 1] * n for i, n in enumerate(lens)]) for lens in ([3, 17], [1], [40, 2, 9])]
+    padded = [check_padded(pad(e, 0, ALL), ALL) for e in parts]
+    for plan in (batching.PLANS["cpu"], batching.PLANS["gpu"]):
+        s1, s2 = batching.Stats(), batching.Stats()
+        want = batching.run(Echo(), parts, 0, ALL, plan, s1, max_length=512)
+        got = batching.run_padded(Echo(), padded, 0, plan, s2, max_length=512)
+        assert [g.tolist() for g in got] == [w.tolist() for w in want]
+        assert (s1.runs, s1.rows, s1.real_tokens, s1.computed_tokens) == (s2.runs, s2.rows, s2.real_tokens, s2.computed_tokens)
+    with pytest.raises(ValueError, match="wants input_ids, attention_mask, token_type_ids"):
+        check_padded({"input_ids": np.zeros((1, 2)), "attention_mask": None}, ALL)
+    with pytest.raises(ValueError, match="one shape"):
+        check_padded({"input_ids": np.zeros((1, 2)), "attention_mask": np.zeros((1, 3)), "token_type_ids": np.zeros((1, 2))}, ALL)

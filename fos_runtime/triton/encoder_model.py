@@ -18,9 +18,10 @@ from fos_runtime.triton.pythonpath import honour_pythonpath
 
 honour_pythonpath()
 
+import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from fos_runtime import batching, encoder, padding, spec, tokenization
+from fos_runtime import batching, encoder, padding, spec
 
 
 class TritonPythonModel:
@@ -62,17 +63,19 @@ class TritonPythonModel:
         return responses
 
     def _execute(self, requests):
-        encodeds, errors = [], {}
+        parts, errors = [], {}
+        names = self.encoder.input_names
         for n, request in enumerate(requests):
             try:
-                arrays = {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.encoder.input_names}
-                encodeds.append(padding.unpad(arrays))
+                tensors = {name: pb_utils.get_input_tensor_by_name(request, name) for name in names}
+                arrays = {name: t.as_numpy() if t is not None else None for name, t in tensors.items()}
+                parts.append(padding.check_padded(arrays, names))
             except Exception as exc:
                 errors[n] = f"encoder: bad request: {exc}"
-                encodeds.append(tokenization.Encoded(input_ids=[]))
+                parts.append({name: np.zeros((0, 0), dtype=np.int64) for name in names})
         try:
             s = self.spec
-            outputs = batching.run(self.encoder, encodeds, s.pad_token_id, s.encoder_inputs, self.plan, self.stats, s.max_length)
+            outputs = batching.run_padded(self.encoder, parts, s.pad_token_id, self.plan, self.stats, s.max_length)
         except Exception as exc:
             return [pb_utils.InferenceResponse(error=pb_utils.TritonError(f"encoder: {exc}")) for _ in requests]
         responses = []
