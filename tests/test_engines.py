@@ -210,3 +210,32 @@ def test_export_refuses_an_engine_that_could_not_serve_what_it_wrote(tiny_dirs, 
     with pytest.raises(ParityError, match="no bf16 units"):
         export(ExportOptions(**base, engine="openvino-bf16"), log=lambda line: None)
     export(ExportOptions(**base, engine="openvino-fp32"), log=lambda line: None)  # passed here: servable
+
+
+def test_triton_encoder_names_a_malformed_request_and_serves_the_next(triton, exported):
+    """A client calling the encoder model directly (perf_analyzer, another service) with inputs of different shapes
+    gets the encoder's own error, not a crash of its stub; a well-formed request still gets the vector it should."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    from fos_runtime.tokenization import Encoded
+
+    s = next(s for s in read_specs(exported["repository"]) if s.served_name == EMBED)
+    client = grpcclient.InferenceServerClient(triton["grpc"])
+
+    def call(arrays):
+        inputs = []
+        for name, a in arrays.items():
+            tensor = grpcclient.InferInput(name, list(a.shape), "INT64")
+            tensor.set_data_from_numpy(a)
+            inputs.append(tensor)
+        return client.infer(spec.encoder_model(s.name), inputs).as_numpy(spec.EMBEDDING)
+
+    good = padding.pad(Encoded([[2, 40, 41, 3], [2, 50, 3]]), s.pad_token_id, s.encoder_inputs)
+    bad = dict(good, attention_mask=good["attention_mask"][:, :3])
+    with pytest.raises(InferenceServerException, match="encoder: bad request: the inputs must be 2-D arrays of one shape"):
+        call(bad)
+    vectors = call(good)
+    assert vectors.shape == (2, s.dimension) and np.isfinite(vectors).all()
+    alone = call({k: v[1:, :3] for k, v in good.items()})  # the second row alone, unpadded
+    assert np.allclose(vectors[1], alone[0], atol=1e-5)
