@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -33,3 +34,26 @@ def test_triton_models_keep_scikit_learn_out():
     assert r.returncode != 0 and "sklearn" in r.stderr
     r = subprocess.run([sys.executable, "-c", "import fos_runtime.triton.pythonpath\nimport transformers\nimport sklearn"])
     assert r.returncode == 0  # only the stub's entry point keeps it out
+
+
+def test_triton_models_run_the_runtime_exported_beside_them(exported, tmp_path, monkeypatch):
+    """A repository carries the fos_runtime it was exported with. Another on the path (a newer checkout on PYTHONPATH,
+    an installed package) must not replace it under the older model.py: a repository outlives upgrades of fos."""
+    import shutil
+
+    from helpers import run_tritonserver
+
+    repo = tmp_path / "repo"
+    shutil.copytree(exported["repository"], repo)
+    for model in ("test--ruri-tiny__tokenizer", "test--ruri-tiny__encoder"):
+        with open(repo / model / "1" / "fos_runtime" / "__init__.py", "a") as f:
+            f.write(f'\nprint("fos_runtime of the repository: {model}", flush=True)\n')
+    for model in [d.name for d in repo.iterdir() if not d.name.startswith("test--ruri-tiny")]:
+        shutil.rmtree(repo / model)  # one model set is enough
+    root = str(Path(__file__).resolve().parent.parent)  # this checkout's fos_runtime, ahead on PYTHONPATH
+    monkeypatch.setenv("PYTHONPATH", root)
+    with run_tritonserver(repo, tmp_path):
+        pass
+    log = "".join(p.read_text(errors="replace") for p in tmp_path.glob("triton-*/tritonserver-*.log"))
+    assert "fos_runtime of the repository: test--ruri-tiny__tokenizer" in log
+    assert "fos_runtime of the repository: test--ruri-tiny__encoder" in log

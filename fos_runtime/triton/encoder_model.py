@@ -11,8 +11,13 @@ embedded backend does.
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
+
+# The fos_runtime that export copied beside this file, whatever else is on the path (a newer checkout on PYTHONPATH,
+# an installed package): the two were written together, so a repository exported by an older fos keeps working.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fos_runtime.triton.pythonpath import honour_pythonpath
 
