@@ -71,20 +71,40 @@ def pad(
             arrays[name] = real.astype(np.int64)
         elif name == spec.TOKEN_TYPE_IDS:
             types = encoded.token_type_ids
+            if types is not None and any(len(types[i]) != n for i, n in zip(idx, lengths.tolist(), strict=True)):
+                raise ValueError("token types and token ids differ in length")  # the flat scatter would misplace them
             arrays[name] = scattered(types, 0) if types is not None else np.zeros((len(idx), width), dtype=np.int64)
         else:
             raise KeyError(name)
     return arrays
 
 
-def check_padded(arrays: dict[str, np.ndarray | None], inputs: Sequence[str]) -> dict[str, np.ndarray]:
-    """One request's padded arrays as the encoder takes them, or ValueError saying what is wrong with them."""
+def check_padded(
+    arrays: dict[str, np.ndarray | None], inputs: Sequence[str], max_length: int, vocab_size: int
+) -> dict[str, np.ndarray]:
+    """One request's padded arrays as the encoder takes them, or ValueError saying what is wrong with them. A request
+    shares its execution with others: whatever would make the engine fail (a token id outside the vocabulary, a row
+    longer than the model's context) or make the rows' lengths wrong (a mask that is not 1s then 0s) is refused
+    here, so that it fails alone."""
     shapes: dict[str, tuple[int, ...]] = {name: a.shape for name in inputs if (a := arrays.get(name)) is not None}
     if len(shapes) != len(inputs) or spec.ATTENTION_MASK not in inputs:
         raise ValueError(f"wants {', '.join(inputs)}, got {', '.join(shapes)}")
     if len(set(shapes.values())) != 1 or len(shapes[spec.ATTENTION_MASK]) != 2:
         raise ValueError(f"the inputs must be 2-D arrays of one shape, not {shapes}")
-    return {name: np.asarray(arrays[name], dtype=np.int64) for name in inputs}
+    out = {name: np.asarray(arrays[name], dtype=np.int64) for name in inputs}
+    mask = out[spec.ATTENTION_MASK]
+    lengths = mask.sum(axis=1)
+    if not np.array_equal(mask, np.arange(mask.shape[1]) < lengths[:, None]) or (lengths < 1).any():
+        raise ValueError("each row's attention_mask must be 1s (at least one), then 0s")
+    if (lengths > max_length).any():
+        raise ValueError(f"a row is longer than the model's {max_length} tokens")
+    ids = out.get(spec.INPUT_IDS)
+    if ids is not None and ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise ValueError(f"token ids must be in [0, {vocab_size})")
+    types = out.get(spec.TOKEN_TYPE_IDS)
+    if types is not None and types.size and (types.min() < 0 or types.max() > 1):  # BERT's two segments
+        raise ValueError("token_type_ids must be 0 or 1")
+    return out
 
 
 def merge_padded(

@@ -36,6 +36,56 @@ def test_triton_models_keep_scikit_learn_out():
     assert r.returncode == 0  # only the stub's entry point keeps it out
 
 
+def test_triton_encoder_answers_the_good_requests_of_an_execution_that_holds_a_bad_one(monkeypatch):
+    """Triton hands the encoder several requests at once: one malformed (a client calling the encoder model directly)
+    gets its own error, and the others in the same execution their vectors, as if it had not been there."""
+    import importlib
+    import types
+
+    import numpy as np
+
+    from fos_runtime import batching, padding
+    from fos_runtime.tokenization import Encoded
+    from fos_runtime.triton import pythonpath
+
+    class Echo:
+        input_names = spec.ENCODER_INPUTS_ALL
+        engine = "echo"
+
+        def run(self, feeds):
+            return np.stack([feeds["attention_mask"].sum(axis=1), feeds["input_ids"][:, 0]], axis=1).astype(np.float32)
+
+    fake = types.SimpleNamespace(
+        get_input_tensor_by_name=lambda request, name: (
+            types.SimpleNamespace(as_numpy=lambda: request[name]) if name in request else None
+        ),
+        InferenceResponse=lambda output_tensors=None, error=None: types.SimpleNamespace(outputs=output_tensors, error=error),
+        TritonError=str,
+        Tensor=lambda name, array: array,
+        Logger=types.SimpleNamespace(log_info=lambda message: None),
+    )
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake)
+    monkeypatch.setattr(pythonpath, "honour_pythonpath", lambda: None)  # nothing of the stub's environment here
+    monkeypatch.delitem(sys.modules, "fos_runtime.triton.encoder_model", raising=False)
+    encoder_model = importlib.import_module("fos_runtime.triton.encoder_model")
+    monkeypatch.delitem(sys.modules, "fos_runtime.triton.encoder_model")
+
+    model = encoder_model.TritonPythonModel()
+    model.spec = spec.ModelSpec(
+        served_name="m", task="embed", source="m", max_length=8, encoder_inputs=spec.ENCODER_INPUTS_ALL, pad_token_id=0,
+        vocab_size=50, dimension=2, device="gpu",
+    )  # fmt: skip
+    model.encoder, model.plan, model.stats, model.output_name = Echo(), batching.PLANS["gpu"], batching.Stats(), "EMBEDDING"
+    model.report_every, model.executions, model.seconds = 0, 0, 0.0
+    first = padding.pad(Encoded([[2, 7, 3], [2, 9, 9, 9, 3]]), 0, spec.ENCODER_INPUTS_ALL)
+    second = padding.pad(Encoded([[2, 11, 3]]), 0, spec.ENCODER_INPUTS_ALL)
+    bad = dict(second, input_ids=np.array([[2, 99, 3]]))  # outside the vocabulary: the engine would fail them all
+    responses = model.execute([first, bad, second])
+    assert responses[1].error == "encoder: bad request: token ids must be in [0, 50)"
+    assert responses[0].error is None and responses[0].outputs[0].tolist() == [[3, 2], [5, 2]]
+    assert responses[2].error is None and responses[2].outputs[0].tolist() == [[3, 2]]
+
+
 def test_triton_models_run_the_runtime_exported_beside_them(exported, tmp_path, monkeypatch):
     """A repository carries the fos_runtime it was exported with. Another on the path (a newer checkout on PYTHONPATH,
     an installed package) must not replace it under the older model.py: a repository outlives upgrades of fos."""

@@ -280,7 +280,7 @@ def test_warm_up_runs_each_bucketed_shape_once():
     assert n == len(seen) == len(set(seen)) and (1, 16) in seen and (256, 256) in seen and (256, 512) not in seen
 
 
-_SEQS = st.lists(st.lists(st.integers(1, 30_000), min_size=1, max_size=40), min_size=1, max_size=12)
+_SEQS = st.lists(st.lists(st.integers(1, 30_000), min_size=1, max_size=40), min_size=0, max_size=12)
 
 
 @given(parts=st.lists(_SEQS, min_size=1, max_size=5), bucketed=st.booleans())
@@ -298,7 +298,7 @@ def test_rows_cut_from_padded_requests_are_what_pad_makes_of_the_same_rows(parts
     flat = Encoded([s for e in encodeds for s in e.input_ids], [t for e in encodeds for t in e.token_type_ids or []])
     assert lengths.tolist() == flat.lengths
     rows = len(flat.input_ids)
-    for order in (list(range(rows)), list(range(rows))[::2], [rows - 1]):
+    for order in (list(range(rows)), list(range(rows))[::2], [rows - 1] if rows else []):
         got = take(merged, lengths, order, length_limit=limit, bucket_rows_too=bucketed)
         want = pad(flat, 3, ALL, order=order, length_limit=limit, bucket_rows_too=bucketed)
         assert set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in want)
@@ -318,14 +318,34 @@ def test_padded_requests_run_as_lists_do_and_a_bad_one_is_named():
             return np.stack([mask.sum(axis=1), feeds["input_ids"][:, 0], width], axis=1).astype(np.float32)
 
     parts = [Encoded([[i + 1] * n for i, n in enumerate(lens)]) for lens in ([3, 17], [1], [40, 2, 9])]
-    padded = [check_padded(pad(e, 0, ALL), ALL) for e in parts]
+    padded = [check_padded(pad(e, 0, ALL), ALL, 512, 100) for e in parts]
     for plan in (batching.PLANS["cpu"], batching.PLANS["gpu"]):
         s1, s2 = batching.Stats(), batching.Stats()
         want = batching.run(Echo(), parts, 0, ALL, plan, s1, max_length=512)
         got = batching.run_padded(Echo(), padded, 0, plan, s2, max_length=512)
         assert [g.tolist() for g in got] == [w.tolist() for w in want]
         assert (s1.runs, s1.rows, s1.real_tokens, s1.computed_tokens) == (s2.runs, s2.rows, s2.real_tokens, s2.computed_tokens)
-    with pytest.raises(ValueError, match="wants input_ids, attention_mask, token_type_ids"):
-        check_padded({"input_ids": np.zeros((1, 2)), "attention_mask": None}, ALL)
-    with pytest.raises(ValueError, match="one shape"):
-        check_padded({"input_ids": np.zeros((1, 2)), "attention_mask": np.zeros((1, 3)), "token_type_ids": np.zeros((1, 2))}, ALL)
+    # A malformed request among good ones: refused alone (the encoder answers it with the error), the others as before.
+    placeholder = {name: np.zeros((0, 0), dtype=np.int64) for name in ALL}
+    got = batching.run_padded(Echo(), [padded[0], placeholder, padded[2]], 0, batching.PLANS["gpu"], max_length=512)
+    want = batching.run(Echo(), [parts[0], parts[2]], 0, ALL, batching.PLANS["gpu"], max_length=512)
+    assert [g.tolist() for g in got] == [want[0].tolist(), [], want[1].tolist()]
+
+    good = pad(Encoded([[5, 6, 7], [8]], token_type_ids=[[0, 0, 1], [0]]), 0, ALL)
+
+    def refused(change: dict, match: str) -> None:
+        with pytest.raises(ValueError, match=match):
+            check_padded({**good, **change}, ALL, max_length=3, vocab_size=10)
+
+    refused({"attention_mask": None}, "wants input_ids, attention_mask, token_type_ids")
+    refused({"attention_mask": np.ones((2, 2))}, "one shape")
+    refused({"attention_mask": np.array([[1, 1, 1], [0, 1, 0]])}, "1s .at least one., then 0s")  # left-padded
+    refused({"attention_mask": np.array([[1, 1, 1], [0, 0, 0]])}, "at least one")
+    refused({"attention_mask": np.array([[400, 400, 400], [1, 0, 0]])}, "then 0s")
+    refused({"input_ids": np.array([[5, 6, 10], [8, 0, 0]])}, r"token ids must be in \[0, 10\)")
+    refused({"token_type_ids": np.array([[0, 0, 2], [0, 0, 0]])}, "0 or 1")
+    with pytest.raises(ValueError, match="longer than the model's 2 tokens"):
+        check_padded(good, ALL, max_length=2, vocab_size=10)
+    assert check_padded(good, ALL, max_length=3, vocab_size=10)["token_type_ids"].tolist() == [[0, 0, 1], [0, 0, 0]]
+    with pytest.raises(ValueError, match="differ in length"):
+        pad(Encoded([[5, 6, 7]], token_type_ids=[[0, 1, 1, 1]]), 0, ALL)

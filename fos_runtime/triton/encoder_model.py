@@ -74,7 +74,7 @@ class TritonPythonModel:
             try:
                 tensors = {name: pb_utils.get_input_tensor_by_name(request, name) for name in names}
                 arrays = {name: t.as_numpy() if t is not None else None for name, t in tensors.items()}
-                parts.append(padding.check_padded(arrays, names))
+                parts.append(padding.check_padded(arrays, names, self.spec.max_length, self.spec.vocab_size))
             except Exception as exc:
                 errors[n] = f"encoder: bad request: {exc}"
                 parts.append({name: np.zeros((0, 0), dtype=np.int64) for name in names})
