@@ -264,3 +264,9 @@ def test_a_ragged_gpu_encoder_gets_a_round_in_as_few_calls_as_its_batch_size_all
     gpu = dataclasses.replace(SPEC, device="gpu", ragged=True)
     assert [len(c) for c in _calls(gpu, list(range(1, 46)))] == [45]
     assert [len(c) for c in _calls(gpu, [5] * 300)] == [256, 44]
+    # A repository exported before the spec said so: taken as an encoder that runs each call as it comes.
+    import json
+
+    old = json.loads(gpu.to_json())
+    del old["ragged"]
+    assert not ModelSpec.from_json(json.dumps(old)).ragged
