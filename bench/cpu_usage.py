@@ -29,9 +29,10 @@ _ROLES = (
 @dataclasses.dataclass(frozen=True)
 class Proc:
     role: str
-    # User + system CPU time so far, with that of its children that ended and were waited for: a load generator's
-    # pool lives within one level, and is gone by its end.
-    seconds: float
+    seconds: float  # user + system CPU time so far
+    # That of its children that ended and were waited for: a load generator's pool lives within one level, gone by
+    # its end. Counted in the role's cores, not as a process of its own.
+    children: float = 0.0
 
 
 def role_of(cmdline: list[str], parent_role: str | None) -> str | None:
@@ -49,14 +50,14 @@ def role_of(cmdline: list[str], parent_role: str | None) -> str | None:
 
 def snapshot(proc: Path = Path("/proc")) -> dict[int, Proc]:
     """Every process with a role, by pid. Empty where there is no /proc."""
-    raw: dict[int, tuple[int, list[str], float]] = {}
+    raw: dict[int, tuple[int, list[str], list[float]]] = {}
     for entry in proc.glob("[0-9]*"):
         try:
             cmdline = [a for a in (entry / "cmdline").read_bytes().decode(errors="replace").split("\0") if a]
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:  # gone meanwhile
             continue
-        raw[int(entry.name)] = (int(fields[1]), cmdline, sum(int(f) for f in fields[11:15]) / _TICK)
+        raw[int(entry.name)] = (int(fields[1]), cmdline, [int(f) / _TICK for f in fields[11:15]])
     roles: dict[int, str | None] = {}
 
     def resolve(pid: int, depth: int = 0) -> str | None:
@@ -67,24 +68,26 @@ def snapshot(proc: Path = Path("/proc")) -> dict[int, Proc]:
         return roles[pid]
 
     out = {}
-    for pid, (_, _, seconds) in raw.items():
+    for pid, (_, _, (user, system, child_user, child_system)) in raw.items():
         role = resolve(pid)
         if role:
-            out[pid] = Proc(role, seconds)
+            out[pid] = Proc(role, user + system, child_user + child_system)
     return out
 
 
 def usage(before: dict[int, Proc], after: dict[int, Proc], seconds: float) -> dict[str, dict[str, float]]:
-    """Per role over an interval of ``seconds``: cores used in all, its process count, and its busiest process's
-    cores (1.0: that process had a core to itself the whole time, and waits on nothing but its own work)."""
-    per_role: dict[str, list[float]] = {}
+    """Per role over ``seconds``: cores used in all (ended children included), its live process count, and its busiest
+    process's cores (1.0: that process had a core to itself the whole time, and waits on nothing but its own work)."""
+    own: dict[str, list[float]] = {}
+    ended: dict[str, float] = {}
     for pid, now in after.items():
         then = before.get(pid)
-        used = now.seconds - (then.seconds if then and then.role == now.role else 0.0)
-        per_role.setdefault(now.role, []).append(used / seconds)
+        same = then is not None and then.role == now.role
+        own.setdefault(now.role, []).append((now.seconds - (then.seconds if same else 0.0)) / seconds)
+        ended[now.role] = ended.get(now.role, 0.0) + (now.children - (then.children if same else 0.0)) / seconds
     return {
-        role: {"cores": round(sum(c), 3), "processes": len(c), "busiest": round(max(c), 3)}
-        for role, c in sorted(per_role.items())
+        role: {"cores": round(sum(c) + ended[role], 3), "processes": len(c), "busiest": round(max(c), 3)}
+        for role, c in sorted(own.items())
     }
 
 

@@ -307,10 +307,11 @@ def run(args: argparse.Namespace) -> int:
         items = make_items(workload, model, corpus, tokenizer, args.max_length, count=400)
         for c in levels:
             before = triton_counts(args.triton_metrics) if args.triton_metrics else {}
-            procs, t0 = cpu_usage.snapshot(), time.perf_counter()
+            procs = cpu_usage.snapshot()
             level = run_level(args.url, args.label, workload, items, c, args.duration, args.max_requests, args.processes)
             result = level.as_dict()
-            result["cpu_cores"] = cpu_usage.usage(procs, cpu_usage.snapshot(), time.perf_counter() - t0)
+            # Over the measured seconds: the servers' work happens then (the load processes' start-up is theirs).
+            result["cpu_cores"] = cpu_usage.usage(procs, cpu_usage.snapshot(), level.seconds)
             if args.triton_metrics:
                 result["triton"] = triton_level(before, triton_counts(args.triton_metrics))
             results.append(result)

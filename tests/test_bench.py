@@ -233,8 +233,12 @@ def test_cpu_usage_names_triton_stubs_by_model_and_ignores_processes_without_a_r
     assert cpu_usage.role_of(["python3", "-c", "from multiprocessing.spawn import spawn_main"], None) is None
     assert cpu_usage.role_of(["bash"], None) is None
     before = {1: cpu_usage.Proc("fos bench", 10.0), 2: cpu_usage.Proc("tritonserver", 5.0)}
-    after = {1: cpu_usage.Proc("fos bench", 12.0), 2: cpu_usage.Proc("tritonserver", 6.0), 3: cpu_usage.Proc("tritonserver", 1.0)}
+    after = {
+        1: cpu_usage.Proc("fos bench", 10.5, children=3.0),  # its pool worked 3 s and ended within the interval
+        2: cpu_usage.Proc("tritonserver", 6.0),
+        3: cpu_usage.Proc("tritonserver", 1.0),
+    }
     assert cpu_usage.usage(before, after, 2.0) == {
-        "fos bench": {"cores": 1.0, "processes": 1, "busiest": 1.0},
+        "fos bench": {"cores": 1.75, "processes": 1, "busiest": 0.25},  # ended children: in the role, not its busiest
         "tritonserver": {"cores": 1.0, "processes": 2, "busiest": 0.5},
     }
