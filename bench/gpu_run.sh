@@ -29,7 +29,7 @@ ENCODERS=${FOS_ENCODERS:-1 2}                    # Triton encoder instances on t
 LOADGEN=${FOS_LOADGEN:-4}                        # fos bench processes
 STEPS=${FOS_STEPS:-encoder,triton,naive}         # which measurements to run; cpu: the host's CPU engines (below)
 PREP_CORES=${FOS_PREP_CORES:-$(( $(nproc) * 5 / 8 ))-$(( $(nproc) - 1 ))}  # cpuprep step: cores of its own (10-15 of 16)
-SWEEP=${FOS_SWEEP:-8:8}                          # shim workers:rounds in flight per worker, each a dify-embed level
+SWEEP=${FOS_SWEEP-8:8}                           # shim workers:rounds in flight per worker, each a dify-embed level ("": none)
 CPU_CORES=${FOS_CPU_CORES:-}                     # cpu step: taskset's core list (e.g. 0-1); empty: every core
 CPU_SERVERS=${FOS_CPU_SERVERS:-naive,embedded-bf16}  # cpu step: add embedded-fp32 where there is time (~2 min more)
 CPU_DURATION=${FOS_CPU_DURATION:-$DURATION}      # cpu step: seconds per level
@@ -86,13 +86,16 @@ cpu_prep() {  # the cpu step's models and fp32 exports (each export checks parit
 prep=
 if step cpuprep; then
   log "cpu step's models and exports, in the background on cores $PREP_CORES"
-  (taskset -p -c "$PREP_CORES" $BASHPID > /dev/null 2>&1; cpu_prep > "$OUT/cpuprep.log" 2>&1
-   echo "cpuprep exit $?" >> "$OUT/cpuprep.log") &
+  (taskset -p -c "$PREP_CORES" $BASHPID > /dev/null 2>&1 || echo "taskset $PREP_CORES failed: every core" > "$OUT/cpuprep.log"
+   rc=0; cpu_prep >> "$OUT/cpuprep.log" 2>&1 || rc=$?; echo "cpuprep exit $rc" >> "$OUT/cpuprep.log") &
   prep=$!
+  # The GPU steps meanwhile on the other cores: the encoder alone is a figure of its own.
+  MAIN_CORES=0-$(( ${PREP_CORES%-*} - 1 ))
 fi
+pin() { if [ -n "$prep" ] && [ "${PREP_CORES%-*}" -gt 0 ] 2>/dev/null; then taskset -c "$MAIN_CORES" "$@"; else "$@"; fi; }
 if step encoder || step triton; then
 log "export: $PRECISION, $DEVICE, Python-backend encoder, $TOKENIZERS tokenizer instances"
-[ -f "$WORK/repo/${NAME/\//--}/config.pbtxt" ] || $PY -m shim.cli export --model "$WORK/model/st" --task embed --name "$NAME" \
+[ -f "$WORK/repo/${NAME/\//--}/config.pbtxt" ] || pin $PY -m shim.cli export --model "$WORK/model/st" --task embed --name "$NAME" \
   --repository "$WORK/repo" --precision "$PRECISION" --device "$DEVICE" --encoder-backend python \
   --tokenizer-instances "$TOKENIZERS" --encoder-instances "${ENCODERS%% *}" > "$OUT/export.log" 2>&1
 grep -E 'fused|parity|max \||min cosine|check' "$OUT/export.log" || true
@@ -100,15 +103,21 @@ fi
 
 if step encoder; then
 log "encoder alone and sentence-transformers fp16"
-$PY -m bench.gpu --repository "$WORK/repo" --name "$NAME" --st "$WORK/model/st" --corpus "$CORPUS" --out "$OUT" \
+pin $PY -m bench.gpu --repository "$WORK/repo" --name "$NAME" --st "$WORK/model/st" --corpus "$CORPUS" --out "$OUT" \
   --device "$DEVICE" > "$OUT/encoder.log" 2>&1 || { tail -20 "$OUT/encoder.log"; exit 1; }
 grep -E 'tokens/s' "$OUT/encoder.log"
 fi
 
-if [ -n "$prep" ]; then log "waiting for the cpu step's exports"; wait "$prep" || true; prep=; tail -3 "$OUT/cpuprep.log"; fi
+if [ -n "$prep" ]; then log "waiting for the cpu step's exports"; wait "$prep" || true; prep=; tail -3 "$OUT/cpuprep.log" || true; fi
 
 if step triton; then
 log "tritonserver (${ENCODERS%% *} encoder instances) + fos serve --workers $WORKERS"
+ENCODER_CONFIG="$WORK/repo/${NAME/\//--}__encoder/config.pbtxt"
+encoders() {  # the encoder's instance count in the repository (an earlier run on this machine may have changed it)
+  sed -i -E "s/^(  count: )[0-9]+$/\1$1/" "$ENCODER_CONFIG"
+  grep -q "^  count: $1$" "$ENCODER_CONFIG" || { echo "could not set $1 encoder instances in $ENCODER_CONFIG"; exit 1; }
+}
+encoders "${ENCODERS%% *}"
 rm -f "$OUT"/fos-triton*.json  # from an earlier run on this machine: the best-of-sweep pick and the summary read these
 start_triton() {
   PYTHONPATH="$([ -d "$EXTRA" ] && echo "$EXTRA:")$PYTHONPATH" \
@@ -148,6 +157,7 @@ restart_shim() {  # workers [rounds; default: the plan's]
   wait_http http://127.0.0.1:8081/health 120 || { tail -40 "$OUT/serve.log"; exit 1; }
 }
 for wr in $SWEEP; do
+  [[ $wr =~ ^[0-9]+:[0-9]+$ ]] || { echo "FOS_SWEEP wants workers:rounds entries, not $wr"; exit 1; }
   log "fos (Triton) dify-embed c=$DIFY_C, ${wr%:*} shim workers, ${wr#*:} rounds in flight per worker"
   restart_shim "${wr%:*}" "${wr#*:}"
   bench "fos-triton-w${wr%:*}r${wr#*:}" dify-embed "$DIFY_C" --processes "$LOADGEN" --triton-metrics http://127.0.0.1:8002/metrics
@@ -166,8 +176,7 @@ fi
 for n in ${ENCODERS#"${ENCODERS%% *}"}; do
   log "fos (Triton) with $n encoder instances on the GPU: dify-embed c=$DIFY_C, batch-embed c=$BATCH_C"
   kill "$serve" "$triton" 2>/dev/null || true; wait "$serve" "$triton" 2>/dev/null || true
-  sed -i -E "s/^(  count: )[0-9]+/\1$n/" "$WORK/repo/${NAME/\//--}__encoder/config.pbtxt"
-  grep -A3 instance_group "$WORK/repo/${NAME/\//--}__encoder/config.pbtxt" | tr '\n' ' '; echo
+  encoders "$n"
   start_triton
   restart_shim "$WORKERS"
   bench "fos-triton-e$n" dify-embed "$DIFY_C" --processes "$LOADGEN" --triton-metrics http://127.0.0.1:8002/metrics
