@@ -82,9 +82,10 @@ def usage(before: dict[int, Proc], after: dict[int, Proc], seconds: float) -> di
     ended: dict[str, float] = {}
     for pid, now in after.items():
         then = before.get(pid)
-        same = then is not None and then.role == now.role
-        own.setdefault(now.role, []).append((now.seconds - (then.seconds if same else 0.0)) / seconds)
-        ended[now.role] = ended.get(now.role, 0.0) + (now.children - (then.children if same else 0.0)) / seconds
+        if then is None or then.role != now.role:  # started meanwhile (or a reused pid): all of it is new
+            then = Proc(now.role, 0.0, 0.0)
+        own.setdefault(now.role, []).append((now.seconds - then.seconds) / seconds)
+        ended[now.role] = ended.get(now.role, 0.0) + (now.children - then.children) / seconds
     return {
         role: {"cores": round(sum(c) + ended[role], 3), "processes": len(c), "busiest": round(max(c), 3)}
         for role, c in sorted(own.items())
