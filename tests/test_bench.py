@@ -55,7 +55,7 @@ def test_bench_runs_every_workload(embedded_server, exported, tmp_path):
     for r in levels:
         assert r["requests"] > 0 and not r["errors"]
         assert r["tokens_per_s"] > 0 and r["p50_ms"] <= r["p99_ms"]
-        assert 0 < r["load_process_cores"] <= 1.5 and isinstance(r["cpu_cores"], dict)
+        assert 0 < r["load_process_cores"] <= 1.05 and isinstance(r["cpu_cores"], dict)  # one thread: one core at most
     assert "| dify-embed | 1 | embedded |" in markdown(levels, baseline="embedded")
 
 
