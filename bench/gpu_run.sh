@@ -108,6 +108,15 @@ pin $PY -m bench.gpu --repository "$WORK/repo" --name "$NAME" --st "$WORK/model/
 grep -E 'tokens/s' "$OUT/encoder.log"
 fi
 
+# Tokens are counted with the model's own tokenizer (the export's copy of it where there is one), for every server.
+TOK=$WORK/model/st
+[ -d "$WORK/repo/${NAME/\//--}__tokenizer/1/tokenizer" ] && TOK="$WORK/repo/${NAME/\//--}__tokenizer/1/tokenizer"
+bench() {  # label workload concurrency [extra...]
+  $PY -m shim.cli bench --url http://127.0.0.1:8081 --label "$1" --model "$NAME" --workload "$2" --concurrency "$3" \
+    --duration "$DURATION" --max-requests 10000000 --tokenizer "$TOK" --corpus "$CORPUS" --out "$OUT" \
+    --processes "$LOADGEN" "${@:4}"
+}
+
 if [ -n "$prep" ]; then log "waiting for the cpu step's exports"; wait "$prep" || true; prep=; tail -3 "$OUT/cpuprep.log" || true; fi
 
 if step triton; then
@@ -119,6 +128,7 @@ encoders() {  # the encoder's instance count in the repository (an earlier run o
 }
 encoders "${ENCODERS%% *}"
 rm -f "$OUT"/fos-triton*.json  # from an earlier run on this machine: the best-of-sweep pick and the summary read these
+: > "$OUT/triton.log"; : > "$OUT/serve.log"  # each start below appends
 start_triton() {
   PYTHONPATH="$([ -d "$EXTRA" ] && echo "$EXTRA:")$PYTHONPATH" \
     $PY -m shim.cli triton --repository "$WORK/repo" --http-port 8000 --grpc-port 8001 --metrics-port 8002 >> "$OUT/triton.log" 2>&1 &
@@ -126,41 +136,34 @@ start_triton() {
   pids+=($triton)
   wait_http http://127.0.0.1:8000/v2/health/ready 300 || { tail -40 "$OUT/triton.log"; exit 1; }
 }
-start_triton
-$PY -m shim.cli serve --triton 127.0.0.1:8001 --port 8081 --workers "$WORKERS" --log-level warning > "$OUT/serve.log" 2>&1 &
-serve=$!
-pids+=($serve)
-wait_http http://127.0.0.1:8081/health 120 || { tail -40 "$OUT/serve.log"; exit 1; }
-
-nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -lms 500 > "$OUT/gpu-util.csv" 2>/dev/null &
-smi=$!
-pids+=($smi)
-TOK="$WORK/repo/${NAME/\//--}__tokenizer/1/tokenizer"
-bench() {  # label workload concurrency [extra...]
-  $PY -m shim.cli bench --url http://127.0.0.1:8081 --label "$1" --model "$NAME" --workload "$2" --concurrency "$3" \
-    --duration "$DURATION" --max-requests 10000000 --tokenizer "$TOK" --corpus "$CORPUS" --out "$OUT" "${@:4}"
-}
-log "fos (Triton) dify-embed c=$DIFY_C, batch-embed c=$BATCH_C"
-bench fos-triton dify-embed "$DIFY_C" --processes "$LOADGEN" --triton-metrics http://127.0.0.1:8002/metrics
-bench fos-triton batch-embed "$BATCH_C" --processes "$LOADGEN" --triton-metrics http://127.0.0.1:8002/metrics
-curl -fsS http://127.0.0.1:8081/metrics > "$OUT/fos-metrics.txt" || true
-grep "fos encoder" "$OUT/triton.log" | tail -3 || true
-# The first H100 run with shape buckets found the encoder ~75% busy at dify-embed c=256 and ~21 rows per execution:
-# the same level with more shim workers and more rounds in flight per worker (FOS_SWEEP, workers:rounds), each
-# level's CPU use per process role beside it; then batch-embed again on the one that answered most tokens/s.
-restart_shim() {  # workers [rounds; default: the plan's]
-  kill "$serve" 2>/dev/null || true; wait "$serve" 2>/dev/null || true
+start_shim() {  # workers [rounds; default: the plan's], in place of the shim running now if any
+  [ -z "${serve:-}" ] || { kill "$serve" 2>/dev/null || true; wait "$serve" 2>/dev/null || true; }
   $PY -m shim.cli serve --triton 127.0.0.1:8001 --port 8081 --workers "$1" ${2:+--triton-rounds-in-flight "$2"} \
     --log-level warning >> "$OUT/serve.log" 2>&1 &
   serve=$!
   pids+=($serve)
   wait_http http://127.0.0.1:8081/health 120 || { tail -40 "$OUT/serve.log"; exit 1; }
 }
+start_triton
+start_shim "$WORKERS"
+
+nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -lms 500 > "$OUT/gpu-util.csv" 2>/dev/null &
+smi=$!
+pids+=($smi)
+fos_bench() { bench "$@" --triton-metrics http://127.0.0.1:8002/metrics; }  # label workload concurrency
+log "fos (Triton) dify-embed c=$DIFY_C, batch-embed c=$BATCH_C"
+fos_bench fos-triton dify-embed "$DIFY_C"
+fos_bench fos-triton batch-embed "$BATCH_C"
+curl -fsS http://127.0.0.1:8081/metrics > "$OUT/fos-metrics.txt" || true
+grep "fos encoder" "$OUT/triton.log" | tail -3 || true
+# The first H100 run with shape buckets found the encoder ~75% busy at dify-embed c=256 and ~21 rows per execution:
+# the same level with more shim workers and more rounds in flight per worker (FOS_SWEEP, workers:rounds), each
+# level's CPU use per process role beside it; then batch-embed again on the one that answered most tokens/s.
 for wr in $SWEEP; do
   [[ $wr =~ ^[0-9]+:[0-9]+$ ]] || { echo "FOS_SWEEP wants workers:rounds entries, not $wr"; exit 1; }
   log "fos (Triton) dify-embed c=$DIFY_C, ${wr%:*} shim workers, ${wr#*:} rounds in flight per worker"
-  restart_shim "${wr%:*}" "${wr#*:}"
-  bench "fos-triton-w${wr%:*}r${wr#*:}" dify-embed "$DIFY_C" --processes "$LOADGEN" --triton-metrics http://127.0.0.1:8002/metrics
+  start_shim "${wr%:*}" "${wr#*:}"
+  fos_bench "fos-triton-w${wr%:*}r${wr#*:}" dify-embed "$DIFY_C"
 done
 best=$($PY -c 'import json, pathlib, sys
 runs = [(json.loads(f.read_text())["levels"][-1]["tokens_per_s"], f.stem) for f in pathlib.Path(sys.argv[1]).glob("fos-triton-w*.json")]
@@ -168,19 +171,20 @@ print(max(runs)[1].removeprefix("fos-triton-") if runs else "")' "$OUT")  # the 
 if [ -n "$best" ]; then
   w=${best#w}; w=${w%r*}; r=${best#*r}
   log "fos (Triton) batch-embed c=$BATCH_C on the best of the sweep: $w shim workers, $r rounds in flight"
-  restart_shim "$w" "$r"
-  bench "fos-triton-$best" batch-embed "$BATCH_C" --processes "$LOADGEN" --triton-metrics http://127.0.0.1:8002/metrics
+  start_shim "$w" "$r"
+  fos_bench "fos-triton-$best" batch-embed "$BATCH_C"
 fi
 # The same H100 run found the GPU busy ~25% of the time while its one encoder instance was busy ~95%: the instance's
 # host process (padding, kernel launches) is the bottleneck. More instances, each its own process and session.
 for n in ${ENCODERS#"${ENCODERS%% *}"}; do
   log "fos (Triton) with $n encoder instances on the GPU: dify-embed c=$DIFY_C, batch-embed c=$BATCH_C"
   kill "$serve" "$triton" 2>/dev/null || true; wait "$serve" "$triton" 2>/dev/null || true
+  serve=
   encoders "$n"
   start_triton
-  restart_shim "$WORKERS"
-  bench "fos-triton-e$n" dify-embed "$DIFY_C" --processes "$LOADGEN" --triton-metrics http://127.0.0.1:8002/metrics
-  bench "fos-triton-e$n" batch-embed "$BATCH_C" --processes "$LOADGEN" --triton-metrics http://127.0.0.1:8002/metrics
+  start_shim "$WORKERS"
+  fos_bench "fos-triton-e$n" dify-embed "$DIFY_C"
+  fos_bench "fos-triton-e$n" batch-embed "$BATCH_C"
 done
 kill "$smi" 2>/dev/null || true
 curl -fsS http://127.0.0.1:8002/metrics > "$OUT/triton-metrics.txt" || true
@@ -193,7 +197,7 @@ log "naive sentence-transformers server, fp16 on the same GPU"
 $PY -m bench.naive_server --embed "$WORK/model/st" --device "$([ "$DEVICE" = gpu ] && echo cuda || echo cpu)" --port 8081 > "$OUT/naive.log" 2>&1 &
 pids+=($!)
 wait_http http://127.0.0.1:8081/health 300 || { tail -40 "$OUT/naive.log"; exit 1; }
-bench naive-fp16 dify-embed "$DIFY_C" --processes "$LOADGEN"
+bench naive-fp16 dify-embed "$DIFY_C"
 fi
 if step cpu; then
 # The host's CPUs (AMX on the GPU machine): the naive server against the embedded backend on ONNX Runtime fp32 and
