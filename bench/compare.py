@@ -24,6 +24,8 @@ from pathlib import Path
 
 from fos_runtime import spec
 
+from .loadgen import prometheus_samples
+
 EMBED = "cl-nagoya/ruri-large"
 RERANK = "cl-nagoya/ruri-reranker-large"
 # Triton behind the shim: (ragged batching as exported, rounds in flight per model; None: the plan's). Without ragged
@@ -156,11 +158,8 @@ def _metrics(url: str) -> list[str]:
 
 def _counters(url: str, model: str) -> dict[str, float]:
     """The shim's fos_* samples for one model (empty where it cannot be read)."""
-    return {
-        line.split("{")[0]: float(line.rsplit(" ", 1)[1])
-        for line in _metrics(url)
-        if line.startswith("fos_") and f'model="{model}"' in line
-    }
+    samples = prometheus_samples("\n".join(_metrics(url)))
+    return {name: value for name, of, value in samples if name.startswith("fos_") and of == model}
 
 
 def _engine_alone(server: str, repo: Path, engine: str, per_round: dict[str, float], args) -> None:

@@ -20,6 +20,7 @@ import random
 import time
 import urllib.parse
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -251,12 +252,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # Triton's cumulative counters per model: rows, executions, requests, and the microseconds its requests spent
 # queued and computing (each request of a batch counts the batch's compute time).
 _TRITON_COUNTERS = {
-    "nv_inference_count{": "rows",
-    "nv_inference_exec_count{": "executions",
-    "nv_inference_request_success{": "requests",
-    "nv_inference_queue_duration_us{": "queue_us",
-    "nv_inference_compute_infer_duration_us{": "compute_us",
+    "nv_inference_count": "rows",
+    "nv_inference_exec_count": "executions",
+    "nv_inference_request_success": "requests",
+    "nv_inference_queue_duration_us": "queue_us",
+    "nv_inference_compute_infer_duration_us": "compute_us",
 }
+
+
+def prometheus_samples(text: str) -> Iterator[tuple[str, str, float]]:
+    """Each sample of a Prometheus text page (Triton's, the shim's): metric name, ``model`` label ('' if none), value."""
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name = line.split("{", 1)[0].split(" ", 1)[0]
+            model = line.split('model="', 1)[1].split('"', 1)[0] if 'model="' in line else ""
+            yield name, model, float(line.rsplit(" ", 1)[1])
 
 
 def triton_counts(url: str) -> dict[str, dict[str, float]]:
@@ -270,12 +280,10 @@ def triton_counts(url: str) -> dict[str, dict[str, float]]:
 
 def parse_triton_counts(text: str) -> dict[str, dict[str, float]]:
     counts: dict[str, dict[str, float]] = {}
-    for line in text.splitlines():
-        for metric, key in _TRITON_COUNTERS.items():
-            if line.startswith(metric):
-                model = line.split('model="', 1)[1].split('"', 1)[0]
-                per_model = counts.setdefault(model, dict.fromkeys(_TRITON_COUNTERS.values(), 0.0))
-                per_model[key] += float(line.rsplit(" ", 1)[1])
+    for name, model, value in prometheus_samples(text):
+        if name in _TRITON_COUNTERS:
+            per_model = counts.setdefault(model, dict.fromkeys(_TRITON_COUNTERS.values(), 0.0))
+            per_model[_TRITON_COUNTERS[name]] += value
     return counts
 
 
