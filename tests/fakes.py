@@ -1,4 +1,4 @@
-"""A backend without a model, for tests of the HTTP layer alone."""
+"""A backend without a model, for tests of the HTTP layer alone; an encoder without one, for the batching code."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 
 import numpy as np
 
-from fos_runtime.spec import ModelSpec
+from fos_runtime.spec import ENCODER_INPUTS_ALL, ModelSpec
 from shim.backends.base import Output
 
 EMBED_SPEC = ModelSpec(
@@ -80,3 +80,13 @@ class SlowBackend(FakeBackend):
             raise
         self.finished += 1
         return result
+
+
+class EchoEncoder:
+    """Returns each row's token count and first token, to see which rows came back from which run."""
+
+    input_names = ENCODER_INPUTS_ALL
+    engine = "echo"
+
+    def run(self, feeds):
+        return np.stack([feeds["attention_mask"].sum(axis=1), feeds["input_ids"][:, 0]], axis=1).astype(np.float32)

@@ -12,6 +12,8 @@ from fos_runtime import spec
 from fos_runtime.encoder import Encoder
 from shim.repository import read_specs
 
+from fakes import EchoEncoder
+
 
 def test_a_gpu_encoder_that_lands_on_the_cpu_is_an_error(exported, monkeypatch):
     # onnxruntime-gpu that cannot load CUDA (a library missing) runs the session on the CPU with only a log
@@ -48,13 +50,6 @@ def test_triton_encoder_answers_the_good_requests_of_an_execution_that_holds_a_b
     from fos_runtime.tokenization import Encoded
     from fos_runtime.triton import pythonpath
 
-    class Echo:
-        input_names = spec.ENCODER_INPUTS_ALL
-        engine = "echo"
-
-        def run(self, feeds):
-            return np.stack([feeds["attention_mask"].sum(axis=1), feeds["input_ids"][:, 0]], axis=1).astype(np.float32)
-
     fake = types.SimpleNamespace(
         get_input_tensor_by_name=lambda request, name: (
             types.SimpleNamespace(as_numpy=lambda: request[name]) if name in request else None
@@ -75,7 +70,12 @@ def test_triton_encoder_answers_the_good_requests_of_an_execution_that_holds_a_b
         served_name="m", task="embed", source="m", max_length=8, encoder_inputs=spec.ENCODER_INPUTS_ALL, pad_token_id=0,
         vocab_size=50, dimension=2, device="gpu",
     )  # fmt: skip
-    model.encoder, model.plan, model.stats, model.output_name = Echo(), batching.PLANS["gpu"], batching.Stats(), "EMBEDDING"
+    model.encoder, model.plan, model.stats, model.output_name = (
+        EchoEncoder(),
+        batching.PLANS["gpu"],
+        batching.Stats(),
+        "EMBEDDING",
+    )
     model.report_every, model.executions, model.seconds = 0, 0, 0.0
     first = padding.pad(Encoded([[2, 7, 3], [2, 9, 9, 9, 3]]), 0, spec.ENCODER_INPUTS_ALL)
     second = padding.pad(Encoded([[2, 11, 3]]), 0, spec.ENCODER_INPUTS_ALL)

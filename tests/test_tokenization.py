@@ -13,6 +13,8 @@ from fos_runtime.padding import pad
 from fos_runtime.spec import ModelSpec, known_prompts, triton_name
 from fos_runtime.tokenization import Encoded, truncate_ids
 
+from fakes import EchoEncoder
+
 ALL = spec.ENCODER_INPUTS_ALL
 
 
@@ -244,25 +246,16 @@ def test_bucketed_runs_answer_as_plain_ones():
     # The GPU plan pads runs to bucket shapes; the rows it adds are dropped, the others unchanged.
     import dataclasses
 
-    import numpy as np
-
     from fos_runtime import batching
-
-    class Echo:
-        """Returns each row's token count and first token, to see which rows came back."""
-
-        def run(self, feeds):
-            mask = feeds["attention_mask"]
-            return np.stack([mask.sum(axis=1), feeds["input_ids"][:, 0]], axis=1).astype(np.float32)
 
     seqs = [[i + 1] * n for i, n in enumerate([3, 17, 1, 40, 2])]
     plain = batching.PLANS["cpu"]
     bucketed = dataclasses.replace(batching.PLANS["gpu"])
     for plan in (plain, bucketed):
-        (out,) = batching.run(Echo(), [Encoded(seqs)], 0, ALL, plan, max_length=512)
+        (out,) = batching.run(EchoEncoder(), [Encoded(seqs)], 0, ALL, plan, max_length=512)
         assert out.tolist() == [[len(s), s[0]] for s in seqs]
     stats = batching.Stats()
-    batching.run(Echo(), [Encoded(seqs)], 0, ALL, bucketed, stats, max_length=512)
+    batching.run(EchoEncoder(), [Encoded(seqs)], 0, ALL, bucketed, stats, max_length=512)
     assert stats.rows == len(seqs) and stats.computed_tokens % 16 == 0
 
 
@@ -311,11 +304,10 @@ def test_padded_requests_run_as_lists_do_and_a_bad_one_is_named():
     from fos_runtime import batching
     from fos_runtime.padding import check_padded
 
-    class Echo:
+    class Echo(EchoEncoder):
         def run(self, feeds):
-            mask = feeds["attention_mask"]
-            width = np.full(len(mask), mask.shape[1])  # the run's shape, which both paths must agree on
-            return np.stack([mask.sum(axis=1), feeds["input_ids"][:, 0], width], axis=1).astype(np.float32)
+            width = np.full(len(feeds["input_ids"]), feeds["input_ids"].shape[1])  # the run's shape: both paths agree on it
+            return np.column_stack([super().run(feeds), width]).astype(np.float32)
 
     parts = [Encoded([[i + 1] * n for i, n in enumerate(lens)]) for lens in ([3, 17], [1], [40, 2, 9])]
     padded = [check_padded(pad(e, 0, ALL), ALL, 512, 100) for e in parts]
