@@ -9,12 +9,12 @@ the real ones. Sleeping frees the CPU, so a scale of 10-20 keeps a 2-core machin
 settings with each other in one run, never with the GPU's figures.
 
 Cost of a run, from the H100 runs in docs/benchmarks.md (milliseconds, padded tokens P = rows x width):
-``run_ms + per_token_ms * P ** power``, fitted to 3.56 ms for executions of 21 rows at padding efficiency 0.43
-(about 1.1 runs of 740 padded tokens) and 110 ms for the encoder alone's runs of 65,536 tokens.
+``run_ms + per_token_ms * P ** power``, fitted to the encoder's executions at seven served levels of the third run;
+the same figures predict that run's encoder alone within 2% (395,598 tokens/s against 386,929 and 387,674 measured).
 
-    python -m bench.fake_gpu --repository REPO --out FAKE_REPO --scale 20 [--max-padding 0.15]
+    python -m bench.fake_gpu --repository REPO --out FAKE_REPO --scale 20 [--run-cost-tokens 750]
     fos triton --repository FAKE_REPO ...    # then fos serve --triton, fos bench, as on the GPU machine
-    python -m bench.fake_gpu --simulate TOKENIZER_DIR   # the cost model over dify-length executions, per padding rule
+    python -m bench.fake_gpu --simulate TOKENIZER_DIR   # the cost model over served executions, per run cost
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from export import repository
 from fos_runtime import spec
 from shim.repository import read_specs
 
-COST = {"run_ms": 0.3, "per_token_ms": 0.0099, "power": 0.85}
+COST = {"run_ms": 4.15, "per_token_ms": 0.00138, "power": 1.0}
 
 # The encoder's model.py: the real one (kept beside it as fos_encoder_model.py) with a sleeping engine.
 WRAPPER = '''"""bench.fake_gpu: the exported encoder model with an engine that sleeps like a GPU (fake_gpu.json)."""
@@ -124,8 +124,8 @@ def run_ms(rows: int, width: int) -> float:
 
 
 def simulate(tokenizer_dir: Path, corpus: Path | None, max_length: int = 512) -> None:
-    """What the cost model says executions of dify-embed requests are worth, by rows an execution and the GPU plan's
-    padding rule: the same grouping and buckets as the encoder (``batching``, ``padding``), no Triton."""
+    """What the cost model says executions of dify-embed and batch-embed requests are worth, by the run cost the GPU
+    plan groups with (``batching.cheapest_runs``): the same grouping and buckets as the encoder, no Triton."""
     import random
 
     from transformers import AutoTokenizer
@@ -133,30 +133,35 @@ def simulate(tokenizer_dir: Path, corpus: Path | None, max_length: int = 512) ->
     from bench import corpus as corpora
     from fos_runtime import batching, padding
 
-    texts = corpora.load(corpus).short
+    texts = corpora.load(corpus)
     rng = random.Random(0)
-    sample = [rng.choice(texts) for _ in range(3072)]
-    ids = AutoTokenizer.from_pretrained(str(tokenizer_dir))(sample, truncation=True, max_length=max_length)["input_ids"]
-    lengths = [len(x) for x in ids]
-    print(f"{len(lengths)} dify-embed inputs, {sum(lengths) / len(lengths):.1f} tokens on average")
-    for rows in (21, 48, 96):
-        for max_padding in (0.15, 0.3, 0.5, 1.0):
-            plan = dataclasses.replace(batching.plan_for("gpu"), max_padding=max_padding)
-            ms = real = computed = runs = 0.0
+    workloads = {
+        "dify-embed": [rng.choice(texts.short) for _ in range(3072)],
+        "batch-embed": [rng.choice(texts.long) if rng.random() < 0.25 else rng.choice(texts.short) for _ in range(6848)],
+    }
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    own = batching.plan_for("gpu").run_cost_tokens
+    for workload, sample in workloads.items():
+        lengths = [len(x) for x in tokenizer(sample, truncation=True, max_length=max_length)["input_ids"]]
+        print(f"{workload}: {len(lengths)} inputs, {sum(lengths) / len(lengths):.1f} tokens on average")
+        for rows in (23, 48) if workload == "dify-embed" else (96, 214):
             executions = [lengths[k : k + rows] for k in range(0, len(lengths) - rows + 1, rows)]
-            for lens in executions:
-                for run in plan.runs(lens):
-                    width = padding.bucket_length(max(lens[i] for i in run), max_length)
-                    height = padding.bucket_rows(len(run))
-                    ms += run_ms(height, width)
-                    real += sum(lens[i] for i in run)
-                    computed += height * width
-                    runs += 1
-            n = len(executions)
-            print(
-                f"{rows:4} rows an execution, padding up to {max_padding:4.0%}: {ms / n:6.2f} ms, {runs / n:.2f} runs, "
-                f"efficiency {real / computed:.2f}, {1000 * real / ms:9,.0f} tokens/s"
-            )
+            for cost in sorted({0, 750, own, 12000}):
+                plan = dataclasses.replace(batching.plan_for("gpu"), run_cost_tokens=cost)
+                ms = real = computed = runs = 0.0
+                for lens in executions:
+                    for run in plan.runs(lens, max_length):
+                        width = padding.bucket_length(max(lens[i] for i in run), max_length)
+                        height = padding.bucket_rows(len(run))
+                        ms += run_ms(height, width)
+                        real += sum(lens[i] for i in run)
+                        computed += height * width
+                        runs += 1
+                n = len(executions)
+                print(
+                    f"{rows:5} rows an execution, a run costs {cost:5} tokens{' (the plan)' if cost == own else '':11}: "
+                    f"{ms / n:6.2f} ms, {runs / n:.2f} runs, efficiency {real / computed:.2f}, {1000 * real / ms:9,.0f} tokens/s"
+                )
 
 
 def main() -> None:
@@ -168,13 +173,13 @@ def main() -> None:
     p.add_argument("--scale", type=float, default=20.0, help="the sleeping GPU is this many times slower than the H100")
     p.add_argument("--max-length", type=int, default=512, help="ruri-large's context (a tiny model's may be shorter)")
     p.add_argument("--tokenizer-instances", type=int, default=2)
-    p.add_argument("--max-padding", type=float, help="the GPU plan's max_padding instead of its own")
+    p.add_argument("--run-cost-tokens", type=int, help="the GPU plan's run_cost_tokens instead of its own")
     args = p.parse_args()
     if args.simulate:
         return simulate(args.simulate, args.corpus, args.max_length)
     if not (args.repository and args.out):
         p.error("--repository and --out, or --simulate")
-    plan = {} if args.max_padding is None else {"max_padding": args.max_padding}
+    plan = {} if args.run_cost_tokens is None else {"run_cost_tokens": args.run_cost_tokens}
     names = make(args.repository, args.out, args.scale, args.max_length, args.tokenizer_instances, plan)
     print(f"wrote {args.out}: {', '.join(names)} (a sleeping GPU, {args.scale:g}x slower than the H100)")
 

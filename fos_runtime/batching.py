@@ -14,8 +14,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from . import spec
-from .encoder import Encoder
-from .padding import ROW_BUCKETS, bucket_length, merge_padded, pad, take
+from .encoder import Encoder, available_cores
+from .padding import ROW_BUCKETS, bucket_length, bucket_rows, merge_padded, pad, take
 from .tokenization import Encoded
 
 
@@ -32,7 +32,9 @@ class BatchPlan:
     queue_delay_us: int  # how long Triton's dynamic batcher waits for more requests
     tokenizer_instances: int  # Triton tokenizer processes: MeCab + WordPiece does ~130k tokens/s on one core
     shape_buckets: bool  # round run shapes up to a few buckets (padding.py: a GPU pays for every new shape)
-    max_padding: float  # share of a run's tokens that may be padding: little on a CPU, where it is all compute
+    # What a run costs the device beyond its padded tokens (kernel launches, a pass over the weights, threads
+    # meeting at each layer), counted in padded tokens: runs are cut where that costs less than the padding it saves.
+    run_cost_tokens: int
     # Rounds the shim keeps in flight per model and Triton endpoint. A CPU encoder computes one at a time, and a
     # round that waits for it gathers more requests (16 at dify-embed c=16, against 5 with two in flight); a GPU
     # encoder is fed while Triton tokenizes the next rounds. On an H100 (dify-embed c=256, docs/benchmarks.md), 4
@@ -40,8 +42,12 @@ class BatchPlan:
     # and more Triton calls for the same rows).
     rounds_in_flight: int
 
-    def runs(self, lengths: Sequence[int]) -> list[list[int]]:
-        return length_batches(lengths, self.max_rows, self.max_tokens, self.max_padding)
+    def runs(self, lengths: Sequence[int], length_limit: int | None = None) -> list[list[int]]:
+        """The cheapest runs of these rows; ``length_limit`` (the model's context) when the plan pads to shape buckets."""
+        buckets = self.shape_buckets and length_limit is not None
+        return cheapest_runs(
+            lengths, self.max_rows, self.max_tokens, self.run_cost_tokens, length_limit if buckets else None, buckets
+        )
 
 
 # A CPU is saturated by 32 rows; a GPU is not: on an H200, ruri-large fp16 ran 1.33x faster in runs of
@@ -55,7 +61,9 @@ PLANS = {
         queue_delay_us=2_000,
         tokenizer_instances=1,
         shape_buckets=False,
-        max_padding=0.15,
+        # Per core: plan_for multiplies. A run's fixed cost (10-17 ms for ruri-large's shape) stays as threads are
+        # added while each token's falls: 3-6 padded tokens' worth on one Zen 4 core, 8-12 on two (OpenVINO bf16).
+        run_cost_tokens=5,
         rounds_in_flight=1,
     ),
     "gpu": BatchPlan(
@@ -65,8 +73,10 @@ PLANS = {
         queue_delay_us=500,
         tokenizer_instances=4,
         shape_buckets=True,
-        # Small runs on a GPU cost their kernel launches, not their tokens: fewer runs beat less padding.
-        max_padding=0.5,
+        # ruri-large fp16 on an H100: 4.15 ms a run and 1.38 us a padded token, fitted to the served executions of
+        # one run; the same costs predict its encoder alone within 2% (docs/benchmarks.md). Small runs cost their
+        # kernel launches, not their tokens.
+        run_cost_tokens=3000,
         rounds_in_flight=4,
     ),
 }
@@ -74,9 +84,13 @@ DEVICES = tuple(PLANS)
 
 
 def plan_for(device: str) -> BatchPlan:
+    """The plan for an encoder on ``device`` in this process: on a CPU, one that runs on all its cores."""
     if device not in PLANS:
         raise ValueError(f"device must be one of {DEVICES}, not {device!r}")
-    return PLANS[device]
+    plan = PLANS[device]
+    if device == "cpu":
+        return dataclasses.replace(plan, run_cost_tokens=plan.run_cost_tokens * available_cores())
+    return plan
 
 
 @dataclasses.dataclass
@@ -93,33 +107,85 @@ class Stats:
         return self.real_tokens / self.computed_tokens if self.computed_tokens else 1.0
 
 
-def length_batches(
-    lengths: Sequence[int], max_batch: int, max_tokens: int, max_padding: float = 0.15, row_slack: int = 4
+def cheapest_runs(
+    lengths: Sequence[int],
+    max_rows: int,
+    max_tokens: int,
+    run_cost_tokens: int,
+    length_limit: int | None = None,
+    bucket_rows_too: bool = False,
 ) -> list[list[int]]:
-    """Group input indices into batches of similar length, so padding stays small.
+    """Group input indices into the runs that cost the encoder least, in padded tokens: each run its rows x width
+    (both rounded up to their buckets where ``length_limit`` / ``bucket_rows_too`` say so, as ``padding.pad`` will),
+    plus ``run_cost_tokens``. Sorted by length, a run takes neighbours, at most ``max_rows`` of them and
+    ``max_tokens`` padded tokens; a single input longer than that still gets a run of its own.
 
-    Sorted by length, a batch holds at most ``max_batch`` inputs and ``max_tokens`` padded tokens
-    (rows x longest row), and wastes on padding at most ``max_padding`` of what it computes, or
-    ``row_slack`` tokens a row where that is more (short inputs gain more from sharing a run than
-    they lose to a few pad tokens). A single over-long input still gets a batch of its own.
-    """
+    Rows of one width (after rounding) are parted only for the limits or to fill row buckets, so the search runs over
+    groups of equal width: a few dozen at most, however many rows."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    batches: list[list[int]] = []
-    current: list[int] = []
-    real = 0
-    for i in order:
-        width = max(lengths[i], 1)  # sorted ascending: the newest input is the widest
-        rows = len(current) + 1
-        padded = rows * width
-        waste = padded - (real + lengths[i])
-        if current and (rows > max_batch or padded > max_tokens or waste > max(max_padding * padded, row_slack * rows)):
-            batches.append(current)
-            current, real = [], 0
-        current.append(i)
-        real += lengths[i]
-    if current:
-        batches.append(current)
-    return batches
+    ends: list[int] = []  # position in ``order`` past each group of equal width
+    widths: list[int] = []
+    for k, i in enumerate(order):
+        width = max(lengths[i], 1)
+        if length_limit is not None:
+            width = bucket_length(width, length_limit)
+        if widths and widths[-1] == width:
+            ends[-1] = k + 1
+        else:
+            ends.append(k + 1)
+            widths.append(width)
+    starts = [0, *ends]
+
+    def height(rows: int) -> int:
+        return bucket_rows(rows) if bucket_rows_too else rows
+
+    def cost(parts: list[int], width: int) -> int:
+        return len(parts) * run_cost_tokens + width * sum(height(n) for n in parts)
+
+    def split(rows: int, cap: int, width: int) -> list[int]:
+        """``rows`` of at most ``width`` in runs of at most ``cap``: as few runs as may be, or with row buckets, runs
+        that fill theirs exactly (33 rows as 32 + 1 rather than in a bucket of 48), whichever costs less."""
+        fewest = [cap] * ((rows - 1) // cap) + [rows - cap * ((rows - 1) // cap)]
+        if not bucket_rows_too:
+            return fewest
+        exact, left = [], rows
+        while left:
+            exact.append(max(b for b in ROW_BUCKETS if b <= min(left, cap)))
+            left -= exact[-1]
+        return min(fewest, exact, key=lambda parts: cost(parts, width))
+
+    # best[g]: the least cost of the first g groups; cut[g]: where the last run(s) of those begin.
+    best = [0.0] + [float("inf")] * len(widths)
+    cut = [0] * (len(widths) + 1)
+    caps = [_run_cap(w, max_rows, max_tokens, bucket_rows_too) for w in widths]
+    for b in range(1, len(widths) + 1):
+        width, cap = widths[b - 1], caps[b - 1]
+        for a in range(b - 1, -1, -1):
+            rows = starts[b] - starts[a]
+            if rows > cap and a < b - 1:
+                break
+            total = best[a] + cost(split(rows, cap, width), width)
+            if total <= best[b]:  # on a tie, the longer span: fewer runs
+                best[b], cut[b] = total, a
+    runs: list[list[int]] = []
+    b = len(widths)
+    while b:
+        a = cut[b]
+        span = order[starts[a] : starts[b]]
+        at = 0
+        for n in split(len(span), caps[b - 1], widths[b - 1]):
+            runs.append(span[at : at + n])
+            at += n
+        b = a
+    return runs[::-1]
+
+
+def _run_cap(width: int, max_rows: int, max_tokens: int, bucket_rows_too: bool) -> int:
+    """The most rows a run of this width may hold: ``max_rows``, and ``max_tokens`` padded tokens (rows rounded up to
+    their bucket where asked); at least one."""
+    if bucket_rows_too:
+        return max((b for b in ROW_BUCKETS if b <= max_rows and b * width <= max_tokens), default=1)
+    return max(1, min(max_rows, max_tokens // width))
 
 
 def warm_up(
@@ -174,7 +240,7 @@ def run(
     def feeds(batch: list[int]) -> dict[str, np.ndarray]:
         return pad(merged, pad_token_id, inputs, order=batch, length_limit=limit, bucket_rows_too=buckets)
 
-    return _run(encoder, merged.lengths, [len(e.input_ids) for e in encodeds], feeds, plan, stats)
+    return _run(encoder, merged.lengths, [len(e.input_ids) for e in encodeds], feeds, plan, stats, max_length)
 
 
 def run_padded(
@@ -194,7 +260,7 @@ def run_padded(
     def feeds(batch: list[int]) -> dict[str, np.ndarray]:
         return take(arrays, lengths, batch, length_limit=limit, bucket_rows_too=buckets)
 
-    return _run(encoder, lengths.tolist(), [len(p[spec.ATTENTION_MASK]) for p in parts], feeds, plan, stats)
+    return _run(encoder, lengths.tolist(), [len(p[spec.ATTENTION_MASK]) for p in parts], feeds, plan, stats, max_length)
 
 
 def _run(
@@ -204,11 +270,12 @@ def _run(
     feeds_of: Callable[[list[int]], dict[str, np.ndarray]],
     plan: BatchPlan,
     stats: Stats | None,
+    max_length: int | None,
 ) -> list[np.ndarray]:
     """The plan's runs over all rows (``lengths``), each fed by ``feeds_of``; the outputs split back into the
     parts of ``sizes`` rows."""
     result: np.ndarray | None = None
-    for batch in plan.runs(lengths):
+    for batch in plan.runs(lengths, max_length):
         feeds = feeds_of(batch)
         started = time.perf_counter()
         out = encoder.run(feeds)[: len(batch)]

@@ -123,7 +123,7 @@ def test_fake_gpu_repository_serves_on_the_gpu_plan_with_a_sleeping_encoder(expo
     from helpers import EMBED_V3, ServerThread, run_tritonserver
 
     repo = tmp_path / "fake"
-    assert sorted(fake_gpu.make(exported["repository"], repo, 0.5, 512, 1, {"max_padding": 0.3})) == [EMBED, EMBED_V3]
+    assert sorted(fake_gpu.make(exported["repository"], repo, 0.5, 512, 1, {"run_cost_tokens": 750})) == [EMBED, EMBED_V3]
     with (
         run_tritonserver(repo, tmp_path) as triton,
         ServerThread(create_app(backend := TritonBackend(triton["grpc"]))) as server,
@@ -242,3 +242,4 @@ def test_cpu_usage_names_triton_stubs_by_model_and_ignores_processes_without_a_r
         "fos bench": {"cores": 1.75, "processes": 1, "busiest": 0.25},  # ended children: in the role, not its busiest
         "tritonserver": {"cores": 1.0, "processes": 2, "busiest": 0.5},
     }
+

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 from hypothesis import given
 from hypothesis import strategies as st
 
 from fos_runtime import spec
-from fos_runtime.batching import length_batches
-from fos_runtime.padding import pad
+from fos_runtime.batching import cheapest_runs
+from fos_runtime.padding import bucket_length, bucket_rows, pad
 from fos_runtime.spec import ModelSpec, known_prompts, triton_name
 from fos_runtime.tokenization import Encoded, truncate_ids
 
@@ -77,25 +78,63 @@ def test_tokenizer_reads_past_control_characters(tmp_path):
     assert tok.hf(["テスト\x00テスト"])["input_ids"] != tok.hf(["テスト テスト"])["input_ids"]  # what it fixes
 
 
-@given(st.lists(st.integers(1, 600), max_size=200), st.integers(1, 40), st.integers(1, 5000))
-def test_length_batches_cover_every_input_once_within_limits(lengths, max_batch, max_tokens):
-    batches = length_batches(lengths, max_batch, max_tokens)
-    flat = [i for b in batches for i in b]
-    assert sorted(flat) == list(range(len(lengths)))
-    for b in batches:
-        assert 1 <= len(b) <= max_batch
-        widest = max(lengths[i] for i in b)
-        padded = len(b) * widest
-        assert len(b) == 1 or padded <= max_tokens
-        waste = padded - sum(lengths[i] for i in b)
-        assert waste <= max(0.15 * padded, 4 * len(b))
+@given(
+    st.lists(st.integers(1, 600), max_size=200),
+    st.integers(1, 40),
+    st.integers(1, 5000),
+    st.integers(0, 5000),
+    st.booleans(),
+)
+def test_cheapest_runs_cover_every_input_once_within_limits(lengths, max_rows, max_tokens, run_cost, buckets):
+    limit = 512 if buckets else None
+    runs = cheapest_runs(lengths, max_rows, max_tokens, run_cost, limit, buckets)
+    assert sorted(i for r in runs for i in r) == list(range(len(lengths)))
+    for r in runs:
+        width = max(lengths[i] for i in r)
+        rows = len(r)
+        if buckets:
+            width, rows = bucket_length(width, 512), bucket_rows(rows)
+        assert 1 <= len(r) <= max_rows
+        assert len(r) == 1 or rows * width <= max_tokens
 
 
-def test_length_batches_group_similar_lengths():
-    lengths = [100, 3, 100, 3, 100, 3]
-    assert length_batches(lengths, max_batch=3, max_tokens=10_000) == [[1, 3, 5], [0, 2, 4]]
-    # One batch would fit the token budget, but 80% of it would be padding.
-    assert length_batches([12, 14, 15, 193], max_batch=32, max_tokens=8192) == [[0, 1, 2], [3]]
+def _cost(lengths, runs, run_cost):
+    return sum(run_cost + len(r) * max(lengths[i] for i in r) for r in runs)
+
+
+@given(st.lists(st.integers(1, 300), min_size=1, max_size=9), st.integers(0, 400))
+def test_cheapest_runs_cost_least(lengths, run_cost):
+    # Against every way of cutting the sorted inputs into runs, where the limits do not bind.
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    best = min(
+        _cost(lengths, [order[a:b] for a, b in itertools.pairwise([0, *cuts, len(order)])], run_cost)
+        for k in range(len(order))
+        for cuts in itertools.combinations(range(1, len(order)), k)
+    )
+    assert _cost(lengths, cheapest_runs(lengths, 1000, 10**9, run_cost), run_cost) == best
+
+
+def test_cheapest_runs_weigh_a_run_against_its_padding():
+    # One run would cost 4 x 193 padded tokens: two cost 3 x 15 + 193 and one run more.
+    assert cheapest_runs([12, 14, 15, 193], max_rows=32, max_tokens=8192, run_cost_tokens=8) == [[0, 1, 2], [3]]
+    # Where a run costs more than all the padding (a GPU's kernel launches), one run.
+    assert cheapest_runs([12, 14, 15, 193], max_rows=32, max_tokens=8192, run_cost_tokens=3000) == [[0, 1, 2, 3]]
+    # Where runs are free, no padding at all.
+    assert cheapest_runs([5, 3, 5, 4], max_rows=32, max_tokens=8192, run_cost_tokens=0) == [[1], [3], [0, 2]]
+    # The row limit splits similar inputs, the shortest together.
+    assert cheapest_runs([100, 3, 100, 3, 100, 3], max_rows=3, max_tokens=10_000, run_cost_tokens=8) == [[1, 3, 5], [0, 2, 4]]
+
+
+def test_cheapest_runs_cost_the_shapes_that_buckets_make():
+    # 17 and 30 tokens are one width (32) once bucketed: no reason to part them, whatever a run costs.
+    assert cheapest_runs([17, 30], 256, 65536, 0, length_limit=512) == [[0, 1]]
+    assert cheapest_runs([17, 30], 256, 65536, 0) == [[0], [1]]
+    # 33 rows of one width hold a 48-row bucket; 32 of them and one more run, with a 1-row bucket, cost less.
+    runs = cheapest_runs([20] * 33, 256, 65536, 8, length_limit=512, bucket_rows_too=True)
+    assert sorted(len(r) for r in runs) == [1, 32]
+    # The token limit counts bucketed rows: 48 x 32 would pass unbucketed (33 x 32 = 1,056 <= 1,100), not bucketed.
+    runs = cheapest_runs([20] * 33, 256, 1100, 3000, length_limit=512, bucket_rows_too=True)
+    assert all(bucket_rows(len(r)) * 32 <= 1100 for r in runs)
 
 
 def test_triton_names_and_known_prompts():

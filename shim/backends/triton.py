@@ -28,7 +28,7 @@ import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from fos_runtime import spec as specs
-from fos_runtime.batching import length_batches, plan_for
+from fos_runtime.batching import plan_for
 from fos_runtime.engines import Choice
 from fos_runtime.padding import ROW_BUCKETS, pad
 from fos_runtime.spec import ModelSpec
@@ -73,7 +73,8 @@ def _calls(s: ModelSpec, lengths: list[int]) -> list[list[int]]:
     A ragged encoder shapes its own runs: there a round is as few calls as max_batch_size allows, each
     one Triton request less through the ensemble, the tokenizer and the encoder."""
     plan = plan_for(s.device)
-    calls = length_batches(lengths, plan.max_rows, max_tokens=1 << 30, max_padding=1.0)
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    calls = [order[k : k + plan.max_rows] for k in range(0, len(order), plan.max_rows)]
     if not plan.shape_buckets or s.ragged:
         return calls
     cut: list[list[int]] = []
