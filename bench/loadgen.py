@@ -20,8 +20,9 @@ import random
 import time
 import urllib.parse
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -142,9 +143,6 @@ async def _drive(url: str, items: list[Item], concurrency: int, start_at: float,
     headers = {"Content-Type": "application/json"}
     connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
     async with aiohttp.ClientSession(url, connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as http:
-        for item, body in bodies[:2]:  # load models, open connections; not measured
-            async with http.post(item.path, data=body, headers=headers) as r:
-                await r.read()
         await asyncio.sleep(max(0.0, start_at - time.time()))
         # The event loop's own thread: all the load generator's work, and nothing of a server sharing its process
         # (as the tests' in-process servers do).
@@ -183,6 +181,18 @@ def _drive_in_process(args: tuple) -> Sample:
     return asyncio.run(_drive(*args))
 
 
+async def _warm_up(url: str, items: list[Item]) -> None:
+    """Two requests, answered before the level starts: the server loads what it loads lazily. A slow server (the
+    naive one takes seconds a batch-embed request) would otherwise have its warm-up counted in the level's CPU use."""
+    import aiohttp
+
+    async with aiohttp.ClientSession(url, timeout=aiohttp.ClientTimeout(total=600)) as http:
+        for item in items[:2]:
+            body = json.dumps(item.body, ensure_ascii=False).encode()
+            async with http.post(item.path, data=body, headers={"Content-Type": "application/json"}) as r:
+                await r.read()
+
+
 def run_level(
     url: str,
     label: str,
@@ -192,9 +202,14 @@ def run_level(
     duration: float,
     max_requests: int,
     processes: int = 1,
+    on_start: Callable[[], None] | None = None,
 ) -> Level:
     """One concurrency level, its clients spread over ``processes`` processes: one Python process cannot send
-    more than a thousand or so requests a second, which a server on a GPU answers."""
+    more than a thousand or so requests a second, which a server on a GPU answers. ``on_start`` is called after the
+    warm-up, as the level begins: where readings of the servers (CPU time, Triton's counters) start from."""
+    asyncio.run(_warm_up(url, items))
+    if on_start is not None:
+        on_start()
     processes = max(1, min(processes, concurrency))
     shares = [concurrency // processes + (k < concurrency % processes) for k in range(processes)]
     start_at = time.time() + (1.0 if processes > 1 else 0.0)
@@ -316,14 +331,18 @@ def run(args: argparse.Namespace) -> int:
         model = args.rerank_model if workload == "rerank" and args.rerank_model else args.model
         items = make_items(workload, model, corpus, tokenizer, args.max_length, count=400)
         for c in levels:
-            before = triton_counts(args.triton_metrics) if args.triton_metrics else {}
-            procs = cpu_usage.snapshot()
-            level = run_level(args.url, args.label, workload, items, c, args.duration, args.max_requests, args.processes)
+            readings: dict[str, Any] = {}
+
+            def read(into: dict[str, Any] = readings) -> None:
+                into["triton"] = triton_counts(args.triton_metrics) if args.triton_metrics else {}
+                into["procs"] = cpu_usage.snapshot()
+
+            level = run_level(args.url, args.label, workload, items, c, args.duration, args.max_requests, args.processes, read)
             result = level.as_dict()
             # Over the measured seconds: the servers' work happens then (the load processes' start-up is theirs).
-            result["cpu_cores"] = cpu_usage.usage(procs, cpu_usage.snapshot(), level.seconds)
+            result["cpu_cores"] = cpu_usage.usage(readings["procs"], cpu_usage.snapshot(), level.seconds)
             if args.triton_metrics:
-                result["triton"] = triton_level(before, triton_counts(args.triton_metrics))
+                result["triton"] = triton_level(readings["triton"], triton_counts(args.triton_metrics))
             results.append(result)
             print(
                 f"{args.label:>24} {workload:>12} c={c:<3} {level.requests_per_s:8.2f} req/s {level.inputs_per_s:8.1f} inputs/s "

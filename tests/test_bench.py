@@ -243,3 +243,31 @@ def test_cpu_usage_names_triton_stubs_by_model_and_ignores_processes_without_a_r
         "tritonserver": {"cores": 1.0, "processes": 2, "busiest": 0.5},
     }
 
+
+def test_a_level_reads_the_servers_after_its_warm_up():
+    """What a level reports of the servers (CPU time, Triton's counters) starts after the two warm-up requests are
+    answered: the naive server spends seconds on each, which were counted as the level's before."""
+    from fastapi import FastAPI
+
+    from bench.loadgen import Item, run_level
+
+    from helpers import ServerThread
+
+    app = FastAPI()
+    answered: list[int] = []
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {}
+
+    @app.post("/v1/embeddings")
+    async def embed() -> dict:
+        answered.append(1)
+        return {}
+
+    items = [Item("/v1/embeddings", {"model": "m", "input": [f"文{i}"]}, 1, 3) for i in range(4)]
+    at_start: list[int] = []
+    with ServerThread(app) as server:
+        level = run_level(server.url, "t", "dify-embed", items, 2, 0.3, 6, on_start=lambda: at_start.append(len(answered)))
+    assert at_start == [2]
+    assert level.requests == len(answered) - 2 >= 6  # each client checks the bound before its next request
