@@ -4,8 +4,8 @@
 #   bash bench/gpu_bundle.sh pack                          # here, once: what the GPU machine lacks, in pieces
 #   bash bench/gpu_bundle.sh unpack .carry                 # there, one call per piece (each ≤ 58 MiB)
 #   OUT=/some/dir bash bench/gpu_run.sh                    # there, last: about eight minutes
-#   (measured on the H100 at FOS_DURATION=12: 8.8 minutes with FOS_STEPS=cpuprep,encoder,triton,naive and a sweep of
-#   four levels; each level ~30 s, a second encoder count ~1.5 min)
+#   (measured on the H100 at FOS_DURATION=12 with FOS_STEPS=cpuprep,encoder,triton,naive: 9.0 minutes with the
+#   defaults, 8.8 with a sweep of four levels and one encoder count; each level ~30 s, a second encoder count ~1.5 min)
 #
 # Steps: a random model of cl-nagoya/ruri-large's exact shape (BertModel 24×1024, MeCab + WordPiece vocabulary
 # from JGLUE), `fos export --device gpu --precision fp16 --encoder-backend python`, the encoder alone against
@@ -38,8 +38,9 @@ export FOS_ENCODER_TIMING=${FOS_ENCODER_TIMING:-200}  # Triton's encoder logs wh
 NAME=cl-nagoya/ruri-large
 # To try the script out on a CPU: FOS_DEVICE=cpu FOS_PRECISION=fp32 FOS_SIZE=tiny FOS_DURATION=3 (no GPU figures).
 # FOS_STEPS=cpu alone measures the host's CPU engines (AMX there), in a call of its own: about five minutes at
-# FOS_DURATION=12 (estimated; its models and exports took 2.4 on the H100 host), about two after a cpuprep step in the
-# GPU call. That call must follow at once: the machine, and all it was given, goes back after 30 s idle.
+# FOS_DURATION=12 (estimated; its models and exports took 2.4 on the H100 host), 195 s at FOS_CPU_DURATION=8 after a
+# cpuprep step in the GPU call. That call must follow at once: the machine, and all it was given, goes back after 30 s
+# idle.
 DEVICE=${FOS_DEVICE:-gpu}
 PRECISION=${FOS_PRECISION:-fp16}
 SIZE=${FOS_SIZE:-full}
