@@ -64,7 +64,9 @@ def encoder_config(s: spec.ModelSpec, backend: str, tensorrt: bool = False, inst
     if backend not in ENCODER_BACKENDS:
         raise ValueError(f"encoder backend must be one of {ENCODER_BACKENDS}")
     plan = batching.plan_for(s.device)
-    c = mc.ModelConfig(name=spec.encoder_model(s.name), backend=backend, max_batch_size=plan.max_rows)
+    # The ONNX Runtime backend runs each execution as one run; the Python encoder cuts its own runs from its rows.
+    rows = plan.execution_rows if backend == "python" else plan.max_rows
+    c = mc.ModelConfig(name=spec.encoder_model(s.name), backend=backend, max_batch_size=rows)
     if backend == "onnxruntime":
         c.default_model_filename = "model.onnx"
     for name in s.encoder_inputs:

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from export.repository import encoder_config
-from fos_runtime import spec
+from fos_runtime import batching, spec
 from shim.repository import parse
 from shim.serve import add_arguments as serve_arguments
 
@@ -172,6 +172,20 @@ def test_tokenizer_instances_follow_the_device_unless_given():
     assert tokenizer_config(gpu).instance_group[0].count == 4  # one MeCab process cannot feed a GPU
     assert tokenizer_config(gpu, 7).instance_group[0].count == 7
     assert tokenizer_config(gpu).max_batch_size == encoder_config(gpu, "onnxruntime").max_batch_size == 256
+
+
+def test_a_ragged_encoder_takes_more_rows_at_once_than_a_run_holds():
+    # Triton's Python encoder sorts every row it is handed into runs of at most max_rows: handed more, it pads less.
+    # The ONNX Runtime backend runs each execution as it comes, so there an execution is a run.
+    s = spec.ModelSpec(
+        served_name="m", task="embed", source="m", max_length=512, encoder_inputs=("input_ids",), pad_token_id=0,
+        vocab_size=10, dimension=4, device="gpu",
+    )  # fmt: skip
+    plan = batching.plan_for("gpu")
+    assert encoder_config(s, "python").max_batch_size == plan.execution_rows > plan.max_rows
+    assert encoder_config(s, "onnxruntime").max_batch_size == plan.max_rows
+    cpu = dataclasses.replace(s, device="cpu")
+    assert encoder_config(cpu, "python").max_batch_size == batching.plan_for("cpu").max_rows
 
 
 def test_encoder_instances_are_an_export_option():
