@@ -33,6 +33,7 @@ def main() -> None:
     p.add_argument("--round-requests", type=float, default=1.0, help="requests per round (the server's average)")
     p.add_argument("--engine", default=None, help="as fos serve --engine (default: the model's own)")
     p.add_argument("--threads", type=int)
+    p.add_argument("--streams", type=int, default=1, help="as fos serve --engine-streams")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu"), help="as fos serve --device")
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument(
@@ -52,6 +53,7 @@ def main() -> None:
         device=args.device,
         engine=args.engine or s.engine,
         precision=s.precision,
+        streams=args.streams,
     )
     plan = batching.plan_for(encoder.device)
     corpus = corpora.load(Path(args.corpus) if args.corpus else None)

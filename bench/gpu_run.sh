@@ -31,7 +31,9 @@ STEPS=${FOS_STEPS:-encoder,triton,naive}         # which measurements to run; cp
 PREP_CORES=${FOS_PREP_CORES:-$(( $(nproc) * 5 / 8 ))-$(( $(nproc) - 1 ))}  # cpuprep step: cores of its own (10-15 of 16)
 SWEEP=${FOS_SWEEP-8:8}                           # shim workers:rounds in flight per worker, each a dify-embed level ("": none)
 CPU_CORES=${FOS_CPU_CORES:-}                     # cpu step: taskset's core list (e.g. 0-1); empty: every core
-CPU_SERVERS=${FOS_CPU_SERVERS:-naive,embedded-bf16}  # cpu step: add embedded-fp32 where there is time (~2 min more)
+# cpu step: embedded-bf16-s4 runs 4 batches of a round at once (fos serve --engine-streams 4): the fourth run's 16 cores
+# ran batches of 3-5 rows one at a time. Add embedded-fp32 where there is time (~1 min more).
+CPU_SERVERS=${FOS_CPU_SERVERS:-naive,embedded-bf16,embedded-bf16-s4}
 CPU_DURATION=${FOS_CPU_DURATION:-$DURATION}      # cpu step: seconds per level
 CPU_ENGINE_ALONE=${FOS_CPU_ENGINE_ALONE:-}       # cpu step: 1 adds each server's engine alone (~1 min a server)
 export FOS_ENCODER_TIMING=${FOS_ENCODER_TIMING:-200}  # Triton's encoder logs where its time goes

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +45,7 @@ class Encoder:
         device: str = "auto",
         engine: str | engines.Choice = engines.ONNXRUNTIME,
         precision: str = "fp32",
+        streams: int = 1,
     ):
         path = Path(path)
         self._openvino: engines.OpenVINOSession | None = None
@@ -55,7 +56,7 @@ class Encoder:
         if self.engine.engine == engines.OPENVINO:
             if device == "gpu":
                 raise engines.NotServable("OpenVINO runs on the CPU, and this encoder is on the GPU")
-            self._openvino = engines.OpenVINOSession(path, self.engine.compute, threads or available_cores())
+            self._openvino = engines.OpenVINOSession(path, self.engine.compute, threads or available_cores(), streams)
             self.device = "cpu"
             self.input_names = self._openvino.input_names
             return
@@ -88,6 +89,12 @@ class Encoder:
             return self._openvino.run(feeds)
         out = self.session.run([self.output_name], {name: feeds[name] for name in self.input_names})[0]
         return np.asarray(out, dtype=np.float32)
+
+    def run_many(self, feeds: Sequence[Mapping[str, np.ndarray]]) -> list[np.ndarray]:
+        """``run`` of each batch, in order: several at once where the engine has streams (OpenVINO), else one by one."""
+        if self._openvino is not None:
+            return self._openvino.run_many(feeds)
+        return [self.run(f) for f in feeds]
 
 
 def choose_engine(path: Path, engine: str, precision: str, device: str = "auto") -> tuple[engines.Choice, str]:

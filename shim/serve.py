@@ -80,6 +80,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--threads", type=int, help="encoder threads, onnxruntime's or OpenVINO's (default: all cores)")
     p.add_argument(
+        "--engine-streams",
+        type=int,
+        default=1,
+        metavar="N",
+        help="OpenVINO: compute up to N batches of a round at once, each on its share of the threads (CPUs with many "
+        "cores, where one small batch cannot keep them all busy); onnxruntime ignores it",
+    )
+    p.add_argument(
         "--device",
         choices=("auto", "cpu", "gpu"),
         default="auto",
@@ -209,7 +217,9 @@ def build_app(args: argparse.Namespace) -> FastAPI:
     else:
         from .backends.embedded import EmbeddedBackend
 
-        backend = EmbeddedBackend(args.repository, threads=args.threads, engine=args.engine, device=args.device)
+        backend = EmbeddedBackend(
+            args.repository, threads=args.threads, engine=args.engine, device=args.device, streams=args.engine_streams
+        )
     limits = Limits(
         max_inputs=args.max_inputs,
         max_input_chars=args.max_input_chars,
@@ -238,6 +248,10 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("--workers must be at least 1")
     if args.workers > 1 and not args.triton:
         raise SystemExit("--workers needs --triton: the embedded backend batches requests within one process")
+    if args.engine_streams < 1:
+        raise SystemExit("--engine-streams must be at least 1")
+    if args.engine_streams > 1 and args.triton:
+        raise SystemExit("--engine-streams is the embedded backend's; Triton's encoder runs one batch at a time")
     if args.engine and args.triton:
         raise SystemExit("--engine chooses the embedded backend's engine; for Triton's Python encoder, export with --engine")
     if args.device != "auto" and args.triton:

@@ -90,3 +90,6 @@ class EchoEncoder:
 
     def run(self, feeds):
         return np.stack([feeds["attention_mask"].sum(axis=1), feeds["input_ids"][:, 0]], axis=1).astype(np.float32)
+
+    def run_many(self, feeds):
+        return [self.run(f) for f in feeds]

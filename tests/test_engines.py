@@ -116,6 +116,21 @@ def test_openvino_fp32_computes_fp32_on_any_cpu(exported, served):
     assert np.max(np.abs(ov.run(f) - reference)) <= 1e-5
 
 
+def test_openvino_streams_compute_a_rounds_batches_at_once_and_answer_in_order(exported):
+    # Batches of different shapes: each answer must land where its batch was, whichever stream finished first.
+    _, model = model_of(exported, EMBED)
+    f = feeds(exported, EMBED)
+    batches = [{k: v[:n, :w] for k, v in f.items()} for n, w in ((3, 8), (1, f["input_ids"].shape[1]), (2, 5), (1, 3))]
+    one = Encoder(model, engine="openvino-fp32")
+    two = Encoder(model, engine="openvino-fp32", streams=2)
+    assert two._openvino is not None and two._openvino.streams == 2 and two._openvino.queue is not None
+    want = [one.run(b) for b in batches]
+    got = two.run_many(batches)
+    assert [g.shape for g in got] == [w.shape for w in want]
+    assert all(np.max(np.abs(g - w)) <= 1e-5 for g, w in zip(got, want, strict=True))
+    assert np.max(np.abs(Encoder(model, engine="onnxruntime").run_many(batches)[2] - want[2])) <= 1e-5
+
+
 def test_bf16_runs_where_the_cpu_has_units_and_is_refused_elsewhere(exported):
     _, model = model_of(exported, EMBED)
     f = feeds(exported, EMBED)

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from helpers import EMBED, free_port, wait_for
 
@@ -51,3 +52,20 @@ def test_workers_need_triton(exported):
         timeout=60,
     )
     assert r.returncode != 0 and "--workers needs --triton" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--engine-streams", "0"], "--engine-streams must be at least 1"),
+        (["--engine-streams", "2", "--triton", "127.0.0.1:1"], "--engine-streams is the embedded backend's"),
+    ],
+)
+def test_engine_streams_are_checked_before_anything_loads(exported, flags, message):
+    r = subprocess.run(
+        [sys.executable, "-m", "shim.cli", "serve", "--repository", str(exported["repository"]), *flags],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode != 0 and message in r.stderr

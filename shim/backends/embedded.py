@@ -79,12 +79,13 @@ class _Model:
         threads: int | None,
         engine: str,
         device: str,
+        streams: int = 1,
     ):
         self.spec = s
         self.tokenize_pool = tokenize_pool
         self.tokenizer = Tokenizer(specs.tokenizer_files(repository, s.name), s.max_length)
         model = specs.encoder_file(repository, s.name)
-        self.encoder = Encoder(model, threads=threads, device=device, engine=engine, precision=s.precision)
+        self.encoder = Encoder(model, threads=threads, device=device, engine=engine, precision=s.precision, streams=streams)
         log.info("%s: %s on the %s (%s)", s.served_name, self.encoder.engine, self.encoder.device, self.encoder.reason)
         self.executor = executor
         self.plan = plan or batching.plan_for(self.encoder.device)
@@ -131,6 +132,7 @@ class EmbeddedBackend:
         threads: int | None = None,
         engine: str | None = None,
         device: str = "auto",
+        streams: int = 1,
     ):
         self.repository = Path(repository)
         self.plan = plan  # None: per model, from its encoder's device
@@ -139,6 +141,8 @@ class EmbeddedBackend:
         # auto: onnxruntime's GPU where it has one; cpu keeps the encoders off a GPU the machine has (OpenVINO, or
         # a GPU left to other work).
         self.device = device
+        # OpenVINO: batches of a round computed at once, each on its share of the threads (CPUs with many cores).
+        self.streams = streams
         self.models: dict[str, _Model] = {}
         # One inference thread: onnxruntime already spreads one run over every core, and two runs
         # at once would only fight over them.
@@ -163,6 +167,7 @@ class EmbeddedBackend:
                 self.threads,
                 self.engine or s.engine,
                 self.device,
+                self.streams,
             )
             model.rounds.start()
             self.models[s.served_name] = model
