@@ -199,6 +199,7 @@ class OpenVINOSession:
         # The first run of a compiled model prepares its kernels: at load, not in the first request's time.
         warm = {name: np.full((1, 8), 0 if name == spec.TOKEN_TYPE_IDS else 1, dtype=np.int64) for name in self.input_names}
         self.run(warm)
+        self.run_many([warm] * self.streams)  # each stream's request too
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
         out = self.request.infer({name: feeds[name] for name in self.input_names})
