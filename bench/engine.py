@@ -55,7 +55,7 @@ def main() -> None:
         precision=s.precision,
         streams=args.streams,
     )
-    plan = batching.plan_for(encoder.device)
+    plan = batching.plan_for(encoder.device, encoder.run_threads)
     corpus = corpora.load(Path(args.corpus) if args.corpus else None)
     items = make_items(args.workload, s.served_name, corpus, tokenizer.hf, s.max_length, 400)[: args.requests]
     encodeds = []

@@ -22,9 +22,10 @@ from .tokenization import Encoded
 @dataclasses.dataclass(frozen=True)
 class BatchPlan:
     """How much work goes to the encoder at once on one kind of device: the one place these numbers
-    live. Export writes ``max_rows`` as every Triton model's ``max_batch_size`` and ``queue_delay_us``
-    as the encoder's batching delay; the encoders cut their runs by ``max_rows``/``max_tokens``; the
-    shim gathers rounds of ``round_tokens`` and never sends Triton more than ``max_rows`` rows a call."""
+    live. Export writes ``max_rows`` as every Triton model's ``max_batch_size`` (``execution_rows`` for the Python
+    encoder, which cuts its own runs) and ``queue_delay_us`` as the encoder's batching delay; the encoders cut their
+    runs by ``max_rows``/``max_tokens``; the shim gathers rounds of ``round_tokens`` and never sends Triton more than
+    ``max_rows`` rows a call."""
 
     max_rows: int  # rows per encoder run (and per Triton request)
     # Rows Triton hands a ragged encoder (Triton's Python-backend one) at once, from several requests: it cuts its own
@@ -91,13 +92,14 @@ PLANS = {
 DEVICES = tuple(PLANS)
 
 
-def plan_for(device: str) -> BatchPlan:
-    """The plan for an encoder on ``device`` in this process: on a CPU, one that runs on all its cores."""
+def plan_for(device: str, threads: int | None = None) -> BatchPlan:
+    """The plan for an encoder on ``device`` in this process: on a CPU, one whose runs each have ``threads`` threads
+    (default: every core)."""
     if device not in PLANS:
         raise ValueError(f"device must be one of {DEVICES}, not {device!r}")
     plan = PLANS[device]
     if device == "cpu":
-        return dataclasses.replace(plan, run_cost_tokens=plan.run_cost_tokens * available_cores())
+        return dataclasses.replace(plan, run_cost_tokens=plan.run_cost_tokens * (threads or available_cores()))
     return plan
 
 
@@ -128,63 +130,39 @@ def cheapest_runs(
     plus ``run_cost_tokens``. Sorted by length, a run takes neighbours, at most ``max_rows`` of them and
     ``max_tokens`` padded tokens; a single input longer than that still gets a run of its own.
 
-    Rows of one width (after rounding) are parted only for the limits or to fill row buckets, so the search runs over
-    groups of equal width: a few dozen at most, however many rows."""
+    The search runs over the sorted rows, each the last of a run of every size it may have. With row buckets only
+    the bucket sizes are tried: a run of r rows costs what one of its bucket's size does, and starting that run
+    earlier never costs the rows before it more (15 sizes a row, however many rows)."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    ends: list[int] = []  # position in ``order`` past each group of equal width
-    widths: list[int] = []
-    for k, i in enumerate(order):
-        width = max(lengths[i], 1)
-        if length_limit is not None:
-            width = bucket_length(width, length_limit)
-        if widths and widths[-1] == width:
-            ends[-1] = k + 1
-        else:
-            ends.append(k + 1)
-            widths.append(width)
-    starts = [0, *ends]
-
-    def height(rows: int) -> int:
-        return bucket_rows(rows) if bucket_rows_too else rows
-
-    def cost(parts: list[int], width: int) -> int:
-        return len(parts) * run_cost_tokens + width * sum(height(n) for n in parts)
-
-    def split(rows: int, cap: int, width: int) -> list[int]:
-        """``rows`` of at most ``width`` in runs of at most ``cap``: as few runs as may be, or with row buckets, runs
-        that fill theirs exactly (33 rows as 32 + 1 rather than in a bucket of 48), whichever costs less."""
-        fewest = [cap] * ((rows - 1) // cap) + [rows - cap * ((rows - 1) // cap)]
-        if not bucket_rows_too:
-            return fewest
-        exact, left = [], rows
-        while left:
-            exact.append(max(b for b in ROW_BUCKETS if b <= min(left, cap)))
-            left -= exact[-1]
-        return min(fewest, exact, key=lambda parts: cost(parts, width))
-
-    # best[g]: the least cost of the first g groups; cut[g]: where the last run(s) of those begin.
-    best = [0.0] + [float("inf")] * len(widths)
-    cut = [0] * (len(widths) + 1)
-    caps = [_run_cap(w, max_rows, max_tokens, bucket_rows_too) for w in widths]
-    for b in range(1, len(widths) + 1):
-        width, cap = widths[b - 1], caps[b - 1]
-        for a in range(b - 1, -1, -1):
-            rows = starts[b] - starts[a]
-            if rows > cap and a < b - 1:
+    widths = [max(lengths[i], 1) for i in order]
+    if length_limit is not None:
+        widths = [bucket_length(w, length_limit) for w in widths]
+    # best[j]: the least cost of the j shortest rows; cut[j]: where the last of their runs begins.
+    best = [0] * (len(order) + 1)
+    cut = [0] * (len(order) + 1)
+    sizes_of: dict[int, list[int]] = {}  # by width: the run sizes to try
+    for j in range(1, len(order) + 1):
+        width = widths[j - 1]
+        sizes = sizes_of.get(width)
+        if sizes is None:
+            cap = _run_cap(width, max_rows, max_tokens, bucket_rows_too)
+            sizes = sizes_of[width] = [b for b in ROW_BUCKETS if b <= cap] if bucket_rows_too else list(range(1, cap + 1))
+        found = -1
+        for size in sizes:  # ascending: on a tie, the larger run (fewer runs) wins
+            if size >= j:  # the run starts at the first row: it holds j rows, in their bucket
+                cost = run_cost_tokens + width * (bucket_rows(j) if bucket_rows_too else j)
+                if found < 0 or cost <= found:
+                    found, cut[j] = cost, 0
                 break
-            total = best[a] + cost(split(rows, cap, width), width)
-            if total <= best[b]:  # on a tie, the longer span: fewer runs
-                best[b], cut[b] = total, a
+            cost = best[j - size] + run_cost_tokens + width * size
+            if found < 0 or cost <= found:
+                found, cut[j] = cost, j - size
+        best[j] = found
     runs: list[list[int]] = []
-    b = len(widths)
-    while b:
-        a = cut[b]
-        span = order[starts[a] : starts[b]]
-        at = 0
-        for n in split(len(span), caps[b - 1], widths[b - 1]):
-            runs.append(span[at : at + n])
-            at += n
-        b = a
+    j = len(order)
+    while j:
+        runs.append(order[cut[j] : j])
+        j = cut[j]
     return runs[::-1]
 
 

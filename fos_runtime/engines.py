@@ -9,6 +9,7 @@ recorded there, so what serves is what was checked. Without the record (an older
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -195,7 +196,7 @@ class OpenVINOSession:
         self.input_names = tuple(i.get_any_name() for i in model.inputs)
         self.request = self.compiled.create_infer_request()
         self.streams = int(self.compiled.get_property("NUM_STREAMS"))
-        self.queue = ov.AsyncInferQueue(self.compiled, self.streams) if self.streams > 1 else None
+        self.queue = self._new_queue() if self.streams > 1 else None
         # The first run of a compiled model prepares its kernels: at load, not in the first request's time.
         warm = {name: np.full((1, 8), 0 if name == spec.TOKEN_TYPE_IDS else 1, dtype=np.int64) for name in self.input_names}
         self.run(warm)
@@ -215,9 +216,22 @@ class OpenVINOSession:
             outs[k] = np.array(request.get_output_tensor(0).data, dtype=np.float32)
 
         self.queue.set_callback(done)
-        for k, f in enumerate(feeds):
-            self.queue.start_async({name: f[name] for name in self.input_names}, k)
-        self.queue.wait_all()
+        try:
+            for k, f in enumerate(feeds):
+                self.queue.start_async({name: f[name] for name in self.input_names}, k)
+            self.queue.wait_all()
+        except Exception:
+            # A queue whose request failed raises that error again at every later wait: drain it and start a new one,
+            # so that one bad round does not fail all the rounds after it.
+            with contextlib.suppress(Exception):
+                self.queue.wait_all()
+            self.queue = self._new_queue()
+            raise
         if any(o is None for o in outs):  # a failed request calls back with nothing to copy
             raise RuntimeError("OpenVINO: a batch of the round did not complete")
         return [o for o in outs if o is not None]
+
+    def _new_queue(self):
+        import openvino as ov
+
+        return ov.AsyncInferQueue(self.compiled, self.streams)

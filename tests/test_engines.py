@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from fos_runtime import engines, padding, spec
-from fos_runtime.encoder import Encoder
+from fos_runtime.encoder import Encoder, available_cores
 from fos_runtime.engines import Choice, Cpu, NotServable, resolve
 from fos_runtime.tokenization import Tokenizer
 from shim.repository import read_specs
@@ -124,11 +124,38 @@ def test_openvino_streams_compute_a_rounds_batches_at_once_and_answer_in_order(e
     one = Encoder(model, engine="openvino-fp32")
     two = Encoder(model, engine="openvino-fp32", streams=2)
     assert two._openvino is not None and two._openvino.streams == 2 and two._openvino.queue is not None
+    assert two.run_threads == max(1, available_cores() // 2)  # what the CPU plan's run cost scales with
     want = [one.run(b) for b in batches]
     got = two.run_many(batches)
     assert [g.shape for g in got] == [w.shape for w in want]
     assert all(np.max(np.abs(g - w)) <= 1e-5 for g, w in zip(got, want, strict=True))
     assert np.max(np.abs(Encoder(model, engine="onnxruntime").run_many(batches)[2] - want[2])) <= 1e-5
+    # A round whose batch fails fails alone: OpenVINO's queue raises a failed request's error at every later wait, so
+    # it is replaced. (A failure is simulated: inputs the engine refuses can crash it natively, and pad never makes
+    # them.)
+    session = two._openvino
+    real = session.queue
+
+    class Failing:
+        def __init__(self):
+            self.waited = 0
+
+        def set_callback(self, callback):
+            pass
+
+        def start_async(self, inputs, k):
+            if k == 1:
+                raise RuntimeError("a batch failed")
+
+        def wait_all(self):
+            self.waited += 1
+
+    failing = session.queue = Failing()
+    with pytest.raises(RuntimeError, match="a batch failed"):
+        two.run_many(batches)
+    assert failing.waited == 1 and session.queue is not failing and session.queue is not real
+    again = two.run_many(batches)
+    assert all(np.max(np.abs(g - w)) <= 1e-5 for g, w in zip(again, want, strict=True))
 
 
 def test_bf16_runs_where_the_cpu_has_units_and_is_refused_elsewhere(exported):

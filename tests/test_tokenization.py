@@ -98,20 +98,25 @@ def test_cheapest_runs_cover_every_input_once_within_limits(lengths, max_rows, m
         assert len(r) == 1 or rows * width <= max_tokens
 
 
-def _cost(lengths, runs, run_cost):
+def _cost(lengths, runs, run_cost, buckets=False):
+    if buckets:
+        return sum(run_cost + bucket_rows(len(r)) * bucket_length(max(lengths[i] for i in r), 512) for r in runs)
     return sum(run_cost + len(r) * max(lengths[i] for i in r) for r in runs)
 
 
-@given(st.lists(st.integers(1, 300), min_size=1, max_size=9), st.integers(0, 400))
-def test_cheapest_runs_cost_least(lengths, run_cost):
-    # Against every way of cutting the sorted inputs into runs, where the limits do not bind.
+@given(st.lists(st.integers(1, 300), min_size=1, max_size=9), st.integers(0, 400), st.booleans())
+def test_cheapest_runs_cost_least(lengths, run_cost, buckets):
+    # Against every way of cutting the sorted inputs into runs, where the limits do not bind; with buckets, the
+    # shapes padding.pad makes (a few short rows may join a longer run to fill its row bucket).
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     best = min(
-        _cost(lengths, [order[a:b] for a, b in itertools.pairwise([0, *cuts, len(order)])], run_cost)
+        _cost(lengths, [order[a:b] for a, b in itertools.pairwise([0, *cuts, len(order)])], run_cost, buckets)
         for k in range(len(order))
         for cuts in itertools.combinations(range(1, len(order)), k)
     )
-    assert _cost(lengths, cheapest_runs(lengths, 1000, 10**9, run_cost), run_cost) == best
+    limit = 512 if buckets else None
+    runs = cheapest_runs(lengths, 1000, 10**9, run_cost, limit, buckets)
+    assert _cost(lengths, runs, run_cost, buckets) == best
 
 
 def test_cheapest_runs_weigh_a_run_against_its_padding():
@@ -123,6 +128,17 @@ def test_cheapest_runs_weigh_a_run_against_its_padding():
     assert cheapest_runs([5, 3, 5, 4], max_rows=32, max_tokens=8192, run_cost_tokens=0) == [[1], [3], [0, 2]]
     # The row limit splits similar inputs, the shortest together.
     assert cheapest_runs([100, 3, 100, 3, 100, 3], max_rows=3, max_tokens=10_000, run_cost_tokens=8) == [[1, 3, 5], [0, 2, 4]]
+
+
+def test_a_cpu_runs_fixed_cost_follows_its_threads():
+    # A run's fixed cost stays while each token's falls with the threads: --threads 4 on a big host is not every core.
+    from fos_runtime import batching
+    from fos_runtime.encoder import available_cores
+
+    per_core = batching.PLANS["cpu"].run_cost_tokens
+    assert batching.plan_for("cpu", 4).run_cost_tokens == 4 * per_core
+    assert batching.plan_for("cpu").run_cost_tokens == available_cores() * per_core
+    assert batching.plan_for("gpu", 4).run_cost_tokens == batching.PLANS["gpu"].run_cost_tokens
 
 
 def test_cheapest_runs_cost_the_shapes_that_buckets_make():

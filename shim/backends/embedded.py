@@ -88,7 +88,7 @@ class _Model:
         self.encoder = Encoder(model, threads=threads, device=device, engine=engine, precision=s.precision, streams=streams)
         log.info("%s: %s on the %s (%s)", s.served_name, self.encoder.engine, self.encoder.device, self.encoder.reason)
         self.executor = executor
-        self.plan = plan or batching.plan_for(self.encoder.device)
+        self.plan = plan or batching.plan_for(self.encoder.device, self.encoder.run_threads)
         started = time.perf_counter()
         shapes = batching.warm_up(self.encoder, self.plan, s.pad_token_id, s.encoder_inputs, s.max_length)
         if shapes:
