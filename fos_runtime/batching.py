@@ -46,12 +46,14 @@ class BatchPlan:
     # and more Triton calls for the same rows).
     rounds_in_flight: int
 
-    def runs(self, lengths: Sequence[int], length_limit: int | None = None) -> list[list[int]]:
-        """The cheapest runs of these rows; ``length_limit`` (the model's context) when the plan pads to shape buckets."""
-        buckets = self.shape_buckets and length_limit is not None
-        return cheapest_runs(
-            lengths, self.max_rows, self.max_tokens, self.run_cost_tokens, length_limit if buckets else None, buckets
-        )
+    def bucket_limit(self, max_length: int | None) -> int | None:
+        """The model's context where this plan pads runs to shape buckets (it bounds them), else None."""
+        return max_length if self.shape_buckets else None
+
+    def runs(self, lengths: Sequence[int], max_length: int | None = None) -> list[list[int]]:
+        """The cheapest runs of these rows, in the shapes this plan pads them to (``max_length``: the model's context)."""
+        limit = self.bucket_limit(max_length)
+        return cheapest_runs(lengths, self.max_rows, self.max_tokens, self.run_cost_tokens, limit, limit is not None)
 
 
 # A CPU is saturated by 32 rows; a GPU is not: on an H200, ruri-large fp16 ran 1.33x faster in runs of
@@ -145,8 +147,7 @@ def cheapest_runs(
         width = widths[j - 1]
         sizes = sizes_of.get(width)
         if sizes is None:
-            cap = _run_cap(width, max_rows, max_tokens, bucket_rows_too)
-            sizes = sizes_of[width] = [b for b in ROW_BUCKETS if b <= cap] if bucket_rows_too else list(range(1, cap + 1))
+            sizes = sizes_of[width] = _run_sizes(width, max_rows, max_tokens, bucket_rows_too)
         found = -1
         for size in sizes:  # ascending: on a tie, the larger run (fewer runs) wins
             if size >= j:  # the run starts at the first row: it holds j rows, in their bucket
@@ -166,12 +167,12 @@ def cheapest_runs(
     return runs[::-1]
 
 
-def _run_cap(width: int, max_rows: int, max_tokens: int, bucket_rows_too: bool) -> int:
-    """The most rows a run of this width may hold: ``max_rows``, and ``max_tokens`` padded tokens (rows rounded up to
-    their bucket where asked); at least one."""
+def _run_sizes(width: int, max_rows: int, max_tokens: int, bucket_rows_too: bool) -> list[int]:
+    """The sizes a run of this width may have, ascending: at most ``max_rows`` rows and ``max_tokens`` padded tokens
+    (only bucket sizes where rows are rounded up to their bucket); one row at least."""
     if bucket_rows_too:
-        return max((b for b in ROW_BUCKETS if b <= max_rows and b * width <= max_tokens), default=1)
-    return max(1, min(max_rows, max_tokens // width))
+        return [b for b in ROW_BUCKETS if b <= max_rows and b * width <= max_tokens] or [1]
+    return list(range(1, max(1, min(max_rows, max_tokens // width)) + 1))
 
 
 def warm_up(
@@ -220,11 +221,10 @@ def run(
     """One output array per element of ``encodeds``, rows in their order. ``max_length``, the model's
     context, bounds the shape buckets of a plan that uses them."""
     merged = merge(encodeds)
-    buckets = plan.shape_buckets and max_length is not None
-    limit = max_length if buckets else None
+    limit = plan.bucket_limit(max_length)
 
     def feeds(batch: list[int]) -> dict[str, np.ndarray]:
-        return pad(merged, pad_token_id, inputs, order=batch, length_limit=limit, bucket_rows_too=buckets)
+        return pad(merged, pad_token_id, inputs, order=batch, length_limit=limit, bucket_rows_too=limit is not None)
 
     return _run(encoder, merged.lengths, [len(e.input_ids) for e in encodeds], feeds, plan, stats, max_length)
 
@@ -239,12 +239,11 @@ def run_padded(
 ) -> list[np.ndarray]:
     """``run`` for requests that arrive padded (``padding.check_padded``; Triton's encoder): their rows are regrouped
     and cut from the arrays as they are, never turned into lists and back (3 ms of a 214-row execution)."""
-    buckets = plan.shape_buckets and max_length is not None
-    limit = max_length if buckets else None
+    limit = plan.bucket_limit(max_length)
     arrays, lengths = merge_padded(parts, pad_token_id, limit)
 
     def feeds(batch: list[int]) -> dict[str, np.ndarray]:
-        return take(arrays, lengths, batch, length_limit=limit, bucket_rows_too=buckets)
+        return take(arrays, lengths, batch, length_limit=limit, bucket_rows_too=limit is not None)
 
     return _run(encoder, lengths.tolist(), [len(p[spec.ATTENTION_MASK]) for p in parts], feeds, plan, stats, max_length)
 
