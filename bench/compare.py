@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -37,16 +38,24 @@ TRITON_VARIANTS: dict[str, tuple[bool, int | None]] = {
     "triton-fp32-ort-uncoalesced": (False, 4096),
 }
 PLAN = {"dify-embed": "1,4,16", "batch-embed": "2", "rerank": "2"}  # concurrency levels
-# The embedded backend: (repository, fos serve --engine, --engine-streams). bf16 is OpenVINO's on the fp32 export (a
-# CPU with AMX or AVX512-BF16); the int8 repository is onnxruntime's dynamic quantization. With 4 streams a round's
-# batches run 4 at once, for CPUs with many cores (16 on the GPU machine's host).
+# The embedded backend's variants: (repository, fos serve --engine). bf16 is OpenVINO's on the fp32 export (a CPU with
+# AMX or AVX512-BF16); the int8 repository is onnxruntime's dynamic quantization.
 EMBEDDED = {
-    "embedded-fp32": ("fp32", "onnxruntime", 1),
-    "embedded-bf16": ("fp32", "openvino-bf16", 1),
-    "embedded-bf16-s4": ("fp32", "openvino-bf16", 4),
-    "embedded-ov-fp32": ("fp32", "openvino-fp32", 1),
-    "embedded-int8": ("int8", "onnxruntime", 1),
+    "fp32": ("fp32", "onnxruntime"),
+    "bf16": ("fp32", "openvino-bf16"),
+    "ov-fp32": ("fp32", "openvino-fp32"),
+    "int8": ("int8", "onnxruntime"),
 }
+
+
+def embedded(server: str) -> tuple[str, str, int, int | None] | None:
+    """``embedded-VARIANT[-sN][-tN]`` as (repository, engine, --engine-streams, --threads), else None: e.g.
+    ``embedded-bf16-s4-t8`` runs 4 batches of a round at once over 8 threads (a CPU with many cores, where one
+    batch at a time over all of them leaves most idle)."""
+    m = re.fullmatch(r"embedded-(.+?)(?:-s(\d+))?(?:-t(\d+))?", server)
+    if not m or m[1] not in EMBEDDED:
+        return None
+    return (*EMBEDDED[m[1]], int(m[2] or 1), int(m[3]) if m[3] else None)
 
 
 def _wait(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
@@ -164,7 +173,9 @@ def _counters(url: str, model: str) -> dict[str, float]:
     return {name: value for name, of, value in samples if name.startswith("fos_") and of == model}
 
 
-def _engine_alone(server: str, repo: Path, engine: str, streams: int, per_round: dict[str, float], args) -> None:
+def _engine_alone(
+    server: str, repo: Path, engine: str, streams: int, threads: int | None, per_round: dict[str, float], args
+) -> None:
     """After the server has stopped: its engine alone (``bench.engine``) on the same requests in rounds of the size
     the server formed, against the end-to-end figure; how much of its engine the server delivers."""
     for workload, round_requests in per_round.items():
@@ -178,6 +189,7 @@ def _engine_alone(server: str, repo: Path, engine: str, streams: int, per_round:
         cmd = [sys.executable, "-m", "bench.engine", "--repository", str(repo), "--workload", workload]
         cmd += ["--model", RERANK if workload == "rerank" else EMBED, "--engine", engine, "--device", args.device]
         cmd += ["--seconds", str(args.engine_seconds), "--streams", str(streams)]
+        cmd += ["--threads", str(threads)] if threads else []
         cmd += ["--round-requests", f"{round_requests:.3f}", "--requests", str(level["requests"])]
         cmd += ["--corpus", str(args.corpus)] if args.corpus else []
         raw = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
@@ -246,16 +258,17 @@ def main() -> None:
             ]
             with _server(cmd, url + "/health", log):
                 _bench(server, url, tokenizer, args)
-        elif server in EMBEDDED:
-            exported, engine, streams = EMBEDDED[server]
+        elif (variant := embedded(server)) is not None:
+            exported, engine, streams, threads = variant
             repo = args.repo_fp32 if exported == "fp32" else args.repo_int8
             serve = [*fos, "serve", "--repository", str(repo), "--port", str(port), "--log-level", "warning"]
             serve += ["--engine", engine, "--device", args.device, "--engine-streams", str(streams)]
+            serve += ["--threads", str(threads)] if threads else []
             with _server(serve, url + "/health", log):
                 per_round = _bench(server, url, tokenizer, args)
                 _save_metrics(server, url, args.out)
             if args.engine_alone:
-                _engine_alone(server, repo, engine, streams, per_round, args)
+                _engine_alone(server, repo, engine, streams, threads, per_round, args)
         elif server in TRITON_VARIANTS:
             _triton_runs_onnxruntime(args.repo_fp32)
             ragged, rounds = TRITON_VARIANTS[server]

@@ -32,7 +32,8 @@ PREP_CORES=${FOS_PREP_CORES:-$(( $(nproc) * 5 / 8 ))-$(( $(nproc) - 1 ))}  # cpu
 SWEEP=${FOS_SWEEP-8:8}                           # shim workers:rounds in flight per worker, each a dify-embed level ("": none)
 CPU_CORES=${FOS_CPU_CORES:-}                     # cpu step: taskset's core list (e.g. 0-1); empty: every core
 # cpu step: embedded-bf16-s4 runs 4 batches of a round at once (fos serve --engine-streams 4): the fourth run's 16 cores
-# ran batches of 3-5 rows one at a time. Add embedded-fp32 where there is time (~1 min more).
+# ran batches of 3-5 rows one at a time. Names: bench/compare.py (embedded-bf16-s4-t8: 4 streams over 8 threads).
+# Add embedded-fp32 where there is time (~1 min more).
 CPU_SERVERS=${FOS_CPU_SERVERS:-naive,embedded-bf16,embedded-bf16-s4}
 CPU_DURATION=${FOS_CPU_DURATION:-$DURATION}      # cpu step: seconds per level
 CPU_ENGINE_ALONE=${FOS_CPU_ENGINE_ALONE:-}       # cpu step: 1 adds each server's engine alone (~1 min a server)
@@ -66,7 +67,7 @@ wait_http() {  # url seconds: the server last started must answer, and must not 
   echo "not ready: $1"; return 1
 }
 
-{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; lscpu | grep -E 'Model name|^CPU\(s\)';
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; lscpu | grep -E 'Model name|^CPU\(s\)|Thread\(s\) per core|Core\(s\) per socket|Socket\(s\)|NUMA node\(s\)';
   grep -o -w -E 'avx512_bf16|amx_tile|avx512f' /proc/cpuinfo | sort -u | tr '\n' ' '; echo; } > "$OUT/machine.txt" 2>&1 || true
 cat "$OUT/machine.txt"
 
