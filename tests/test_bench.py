@@ -84,6 +84,28 @@ def test_engine_alone_forms_the_servers_batches(exported, tmp_path, served, work
     assert 0 < result["padding_efficiency"] <= 1 and result["rows_per_run"] >= 1
 
 
+def test_engine_shapes_measures_each_configuration_and_fits_a_run_cost(exported):
+    import subprocess
+    import sys
+
+    from bench.engine_shapes import fit
+
+    args = ["--repository", str(exported["repository"]), "--model", EMBED, "--configs", "1:1,2:2"]
+    args += ["--shapes", "1x8,4x16", "--seconds", "0.05"]
+    r = subprocess.run([sys.executable, "-m", "bench.engine_shapes", *args], capture_output=True, text=True, check=True)
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert [(x["threads"], x["streams"], x["rows"], x["tokens"]) for x in result["results"]] == [
+        (1, 1, 1, 8),
+        (1, 1, 4, 16),
+        (2, 2, 1, 8),
+        (2, 2, 4, 16),
+    ]
+    assert all(x["tokens_per_s"] > 0 for x in result["results"])
+    assert r.stdout.count("run cost") == 2
+    fixed, per_token = fit([(100, 12.0), (300, 16.0), (500, 20.0)])
+    assert (round(fixed, 6), round(per_token, 6)) == (10.0, 0.02)
+
+
 def test_triton_level_reports_rows_queue_and_compute_per_request():
     from bench.loadgen import parse_triton_counts, triton_level
 
@@ -271,3 +293,13 @@ def test_a_level_reads_the_servers_after_its_warm_up():
         level = run_level(server.url, "t", "dify-embed", items, 2, 0.3, 6, on_start=lambda: at_start.append(len(answered)))
     assert at_start == [2]
     assert level.requests == len(answered) - 2 >= 6  # each client checks the bound before its next request
+
+
+def test_compare_names_embedded_servers_by_variant_streams_and_threads():
+    from bench.compare import embedded
+
+    assert embedded("embedded-bf16") == ("fp32", "openvino-bf16", 1, None)
+    assert embedded("embedded-bf16-s4-t8") == ("fp32", "openvino-bf16", 4, 8)
+    assert embedded("embedded-int8-t2") == ("int8", "onnxruntime", 1, 2)
+    assert embedded("embedded-ov-fp32-s2") == ("fp32", "openvino-fp32", 2, None)
+    assert embedded("embedded-bf17") is None and embedded("naive") is None and embedded("embedded-bf16-t8-s4") is None

@@ -1,0 +1,84 @@
+"""An engine's throughput on uniform batch shapes, for a few thread and stream counts: the ceiling that a server's
+rounds can reach on this machine, and what a run costs beyond its tokens (a line fitted per configuration).
+
+Rounds of ``streams`` equal batches go through ``Encoder.run_many`` as the embedded backend sends a round's batches;
+inputs are constant tokens (speed does not depend on their values). The line fitted to each configuration's rounds,
+milliseconds = fixed + per_token * padded tokens of one batch, gives ``fixed / per_token``: a run's cost in padded
+tokens, what ``fos_runtime.batching``'s ``run_cost_tokens`` stands for.
+
+    uv run python -m bench.engine_shapes --repository DIR --model cl-nagoya/ruri-large --engine openvino-bf16 \\
+        --configs 16:1,8:1,16:4 --shapes 1x32,4x32,16x32,64x32,4x128,16x128,32x128,64x128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+from fos_runtime import spec
+from fos_runtime.encoder import Encoder
+from shim.repository import read_specs
+
+
+def fit(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """Least squares ``ms = fixed + per_token * tokens`` over (tokens, ms) points: (fixed, per_token)."""
+    tokens = np.array([p[0] for p in points], dtype=float)
+    ms = np.array([p[1] for p in points], dtype=float)
+    per_token, fixed = np.polyfit(tokens, ms, 1)
+    return float(fixed), float(per_token)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repository", required=True)
+    p.add_argument("--model", required=True, help="served name")
+    p.add_argument("--engine", default=None, help="as fos serve --engine (default: the model's own)")
+    p.add_argument("--configs", default="0:1", help="threads:streams, comma-separated (threads 0: every core)")
+    p.add_argument("--shapes", default="1x32,4x32,16x32,64x32", help="ROWSxTOKENS, comma-separated")
+    p.add_argument("--seconds", type=float, default=1.5, help="per shape and configuration")
+    args = p.parse_args()
+    s = next(s for s in read_specs(args.repository) if s.served_name == args.model)
+    shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes.split(",")]
+    results = []
+    for config in args.configs.split(","):
+        threads, streams = (int(n) for n in config.split(":"))
+        encoder = Encoder(
+            spec.encoder_file(args.repository, s.name),
+            threads=threads or None,
+            engine=args.engine or s.engine,
+            precision=s.precision,
+            streams=streams,
+        )
+        points = []
+        for rows, length in shapes:
+            feeds = {
+                name: np.full((rows, length), 0 if name == spec.TOKEN_TYPE_IDS else 1, np.int64) for name in s.encoder_inputs
+            }
+            encoder.run_many([feeds] * streams)  # a new shape's first run prepares its kernels
+            rounds, began = 0, time.perf_counter()
+            while time.perf_counter() - began < args.seconds:
+                encoder.run_many([feeds] * streams)
+                rounds += 1
+            elapsed = time.perf_counter() - began
+            ms = elapsed / rounds * 1000
+            points.append((rows * length, ms))
+            tps = rounds * streams * rows * length / elapsed
+            shape = {"threads": threads, "streams": streams, "rows": rows, "tokens": length}
+            results.append(shape | {"tokens_per_s": tps, "ms_per_round": ms})
+            label = f"threads {threads or 'all'} streams {streams} {rows}x{length}"
+            print(f"{label}: {tps:,.0f} tokens/s, {ms:.1f} ms a round", flush=True)
+        if len(points) > 1:
+            fixed, per_token = fit(points)
+            print(
+                f"threads {threads or 'all'} streams {streams}: a run {fixed:.1f} ms + {per_token:.4f} ms a padded token; "
+                f"run cost {fixed / per_token:.0f} padded tokens",
+                flush=True,
+            )
+    print(json.dumps({"engine": f"{encoder.engine.engine} {encoder.engine.compute}", "results": results}))
+
+
+if __name__ == "__main__":
+    main()
