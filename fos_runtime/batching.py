@@ -69,7 +69,8 @@ PLANS = {
         tokenizer_instances=1,
         shape_buckets=False,
         # Per core: plan_for multiplies. A run's fixed cost (10-17 ms for ruri-large's shape) stays as threads are
-        # added while each token's falls: 3-6 padded tokens' worth on one Zen 4 core, 8-12 on two (OpenVINO bf16).
+        # added while each token's falls: 3-6 padded tokens' worth on one Zen 4 core, 8-12 on two (OpenVINO bf16);
+        # 96 on 16 AMX cores (bench.engine_shapes, docs/benchmarks.md).
         run_cost_tokens=5,
         rounds_in_flight=1,
     ),
@@ -78,6 +79,7 @@ PLANS = {
         # batch-embed c=32 through Triton on bench.fake_gpu (the fitted H100 costs x20, this 2-core CPU, two runs):
         # 256 rows an execution 12,775 and 12,416 tokens/s; 512: 14,881 and 14,459; 1024 (441 rows used): 15,237 and
         # 15,386, p50 and p95 lower too. dify-embed c=128 (42 rows an execution) the same within 5%.
+        # On the H100 itself (fifth run) batch-embed c=32 executions held ~220 rows: a fast GPU never lets 1024 queue.
         execution_rows=1024,
         max_tokens=65536,
         round_tokens=65536,
