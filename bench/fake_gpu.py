@@ -56,6 +56,7 @@ class _SleepingGPU:
     engine = "fake-gpu"
     device = "gpu"
     reason = "bench.fake_gpu"
+    streams = 1
 
     def __init__(self, input_names, dimension, fake):
         self.input_names = tuple(input_names)

@@ -169,6 +169,24 @@ def cheapest_runs(
     return runs[::-1]
 
 
+def fill_streams(runs: Sequence[list[int]], lengths: Sequence[int], streams: int) -> list[list[int]]:
+    """``runs`` (each sorted by length) with the costliest of those of two rows or more cut in two, until each of
+    ``streams`` streams has one or no run has two rows. Runs computed at once on an engine's streams each get a share of
+    its threads: a round of fewer runs than streams leaves threads idle (dify-embed on 16 AMX cores with 4 streams: 0.56x
+    one stream), while an extra run's fixed cost is paid on a stream that would have waited anyway."""
+    runs = [list(r) for r in runs]
+    while len(runs) < streams:
+        splittable = [i for i, r in enumerate(runs) if len(r) > 1]
+        if not splittable:
+            break
+        k = max(splittable, key=lambda i: len(runs[i]) * lengths[runs[i][-1]])
+        run = runs[k]
+        # Where the two parts' padded tokens are closest: the shorter rows' part may take more of them.
+        cut = min(range(1, len(run)), key=lambda c: max(c * lengths[run[c - 1]], (len(run) - c) * lengths[run[-1]]))
+        runs[k : k + 1] = [run[:cut], run[cut:]]
+    return runs
+
+
 def _run_sizes(width: int, max_rows: int, max_tokens: int, bucket_rows_too: bool) -> list[int]:
     """The sizes a run of this width may have, ascending: at most ``max_rows`` rows and ``max_tokens`` padded tokens
     (only bucket sizes where rows are rounded up to their bucket); one row at least."""
@@ -262,6 +280,8 @@ def _run(
     """The plan's runs over all rows (``lengths``), each fed by ``feeds_of``; the outputs split back into the
     parts of ``sizes`` rows."""
     batches = plan.runs(lengths, max_length)
+    if encoder.streams > 1:
+        batches = fill_streams(batches, lengths, encoder.streams)
     if not batches:
         return [np.zeros((0, 0), dtype=np.float32) for _ in sizes]
     feeds = [feeds_of(batch) for batch in batches]

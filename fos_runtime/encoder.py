@@ -57,6 +57,7 @@ class Encoder:
             if device == "gpu":
                 raise engines.NotServable("OpenVINO runs on the CPU, and this encoder is on the GPU")
             self._openvino = engines.OpenVINOSession(path, self.engine.compute, threads or available_cores(), streams)
+            self.streams = self._openvino.streams  # batches computed at once (run_many)
             self.run_threads = max(1, (threads or available_cores()) // self._openvino.streams)
             self.device = "cpu"
             self.input_names = self._openvino.input_names
@@ -76,6 +77,7 @@ class Encoder:
         # operations: a pool of threads there only waits on cores that tokenizers and HTTP workers need.
         options.intra_op_num_threads = threads or (1 if len(providers) > 1 else available_cores())
         self.run_threads = options.intra_op_num_threads  # each run's threads: what a CPU run's fixed cost scales with
+        self.streams = 1
         options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)

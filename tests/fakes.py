@@ -88,8 +88,13 @@ class EchoEncoder:
     input_names = ENCODER_INPUTS_ALL
     engine = "echo"
 
+    def __init__(self, streams: int = 1):
+        self.streams = streams
+        self.rounds: list[int] = []  # batches per run_many call
+
     def run(self, feeds):
         return np.stack([feeds["attention_mask"].sum(axis=1), feeds["input_ids"][:, 0]], axis=1).astype(np.float32)
 
     def run_many(self, feeds):
+        self.rounds.append(len(feeds))
         return [self.run(f) for f in feeds]

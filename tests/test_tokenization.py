@@ -314,6 +314,33 @@ def test_bucketed_runs_answer_as_plain_ones():
     assert stats.rows == len(seqs) and stats.computed_tokens % 16 == 0
 
 
+@given(st.lists(st.integers(1, 300), min_size=1, max_size=40), st.integers(1, 6))
+def test_fill_streams_gives_each_stream_a_run_while_rows_allow(lengths, streams):
+    from fos_runtime.batching import fill_streams
+
+    runs = cheapest_runs(lengths, 32, 8192, 80)
+    filled = fill_streams(runs, lengths, streams)
+    assert sorted(i for r in filled for i in r) == list(range(len(lengths)))  # every row once
+    assert len(filled) == max(len(runs), min(streams, len(lengths)))
+    for run in filled:  # still neighbours by length
+        assert [lengths[i] for i in run] == sorted(lengths[i] for i in run)
+
+
+def test_a_round_of_fewer_runs_than_streams_is_cut_for_every_stream():
+    # One run's worth of rows (the CPU plan keeps 6 similar rows together) on an engine with 4 streams: 4 runs at
+    # once, the costliest cut where the parts' padded tokens are closest; answers as with one stream.
+    from fos_runtime import batching
+
+    seqs = [[i + 1] * n for i, n in enumerate([12, 10, 11, 12, 9, 12])]
+    one, four = EchoEncoder(), EchoEncoder(streams=4)
+    s1, s4 = batching.Stats(), batching.Stats()
+    (want,) = batching.run(one, [Encoded(seqs)], 0, ALL, batching.plan_for("cpu", 16), s1)
+    (got,) = batching.run(four, [Encoded(seqs)], 0, ALL, batching.plan_for("cpu", 4), s4)
+    assert got.tolist() == want.tolist() == [[len(q), q[0]] for q in seqs]
+    assert (one.rounds, four.rounds, s1.runs, s4.runs) == ([1], [4], 1, 4)
+    assert batching.fill_streams([[0, 1, 2, 3]], [1, 1, 1, 9], 2) == [[0, 1, 2], [3]]  # 3x1 against 1x9 tokens
+
+
 def test_warm_up_runs_each_bucketed_shape_once():
     from fos_runtime import batching
 
