@@ -2,8 +2,8 @@
 rounds can reach on this machine, and what a run costs beyond its tokens (a line fitted per configuration).
 
 Rounds of ``streams`` equal batches go through ``Encoder.run_many`` as the embedded backend sends a round's batches;
-inputs are constant tokens (speed does not depend on their values). The line fitted to each configuration's rounds,
-milliseconds = fixed + per_token * padded tokens of one batch, gives ``fixed / per_token``: a run's cost in padded
+inputs are constant tokens (speed does not depend on their values). The line fitted to each configuration's rounds of one
+width, milliseconds = fixed + per_token * padded tokens of one batch, gives ``fixed / per_token``: a run's cost in padded
 tokens, what ``fos_runtime.batching``'s ``run_cost_tokens`` stands for.
 
     uv run python -m bench.engine_shapes --repository DIR --model cl-nagoya/ruri-large --engine openvino-bf16 \\
@@ -39,6 +39,8 @@ def main() -> None:
     p.add_argument("--configs", default="0:1", help="threads:streams, comma-separated (threads 0: every core)")
     p.add_argument("--shapes", default="1x32,4x32,16x32,64x32", help="ROWSxTOKENS, comma-separated")
     p.add_argument("--seconds", type=float, default=1.5, help="per shape and configuration")
+    # On a GPU host onnxruntime would go to the GPU and OpenVINO be refused: this measures the CPU unless told otherwise.
+    p.add_argument("--device", default="cpu", choices=("cpu", "gpu"), help="as fos serve --device")
     args = p.parse_args()
     s = next(s for s in read_specs(args.repository) if s.served_name == args.model)
     shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes.split(",")]
@@ -51,8 +53,11 @@ def main() -> None:
             engine=args.engine or s.engine,
             precision=s.precision,
             streams=streams,
+            device=args.device,
         )
-        points = []
+        if encoder.streams != streams:  # onnxruntime has none; OpenVINO may grant another number
+            raise SystemExit(f"{encoder.engine} runs {encoder.streams} streams, not {streams}")
+        points: dict[int, list[tuple[int, float]]] = {}  # by width: a line for each (attention grows with it)
         for rows, length in shapes:
             feeds = {
                 name: np.full((rows, length), 0 if name == spec.TOKEN_TYPE_IDS else 1, np.int64) for name in s.encoder_inputs
@@ -64,19 +69,20 @@ def main() -> None:
                 rounds += 1
             elapsed = time.perf_counter() - began
             ms = elapsed / rounds * 1000
-            points.append((rows * length, ms))
+            points.setdefault(length, []).append((rows * length, ms))
             tps = rounds * streams * rows * length / elapsed
             shape = {"threads": threads, "streams": streams, "rows": rows, "tokens": length}
             results.append(shape | {"tokens_per_s": tps, "ms_per_round": ms})
             label = f"threads {threads or 'all'} streams {streams} {rows}x{length}"
             print(f"{label}: {tps:,.0f} tokens/s, {ms:.1f} ms a round", flush=True)
-        if len(points) > 1:
-            fixed, per_token = fit(points)
-            print(
-                f"threads {threads or 'all'} streams {streams}: a run {fixed:.1f} ms + {per_token:.4f} ms a padded token; "
-                f"run cost {fixed / per_token:.0f} padded tokens",
-                flush=True,
-            )
+        for length, line in points.items():
+            if len(line) > 1:
+                fixed, per_token = fit(line)
+                print(
+                    f"threads {threads or 'all'} streams {streams} x{length}: a run {fixed:.1f} ms + {per_token:.4f} ms a "
+                    f"padded token; run cost {fixed / per_token:.0f} padded tokens",
+                    flush=True,
+                )
     print(json.dumps({"engine": f"{encoder.engine.engine} {encoder.engine.compute}", "results": results}))
 
 

@@ -181,7 +181,7 @@ def fill_streams(runs: Sequence[list[int]], lengths: Sequence[int], streams: int
             break
         k = max(splittable, key=lambda i: len(runs[i]) * lengths[runs[i][-1]])
         run = runs[k]
-        # Where the two parts' padded tokens are closest: the shorter rows' part may take more of them.
+        # Where the larger part's padded tokens are fewest (the two run at once): the shorter rows' part may take more.
         cut = min(range(1, len(run)), key=lambda c: max(c * lengths[run[c - 1]], (len(run) - c) * lengths[run[-1]]))
         runs[k : k + 1] = [run[:cut], run[cut:]]
     return runs
