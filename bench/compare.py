@@ -45,6 +45,7 @@ EMBEDDED = {
     "bf16": ("fp32", "openvino-bf16"),
     "ov-fp32": ("fp32", "openvino-fp32"),
     "int8": ("int8", "onnxruntime"),
+    "ov-int8": ("int8", "openvino-int8"),  # OpenVINO's own int8 beside it (NNCF)
 }
 
 

@@ -12,6 +12,7 @@ padding and batch shapes. End-to-end tokens/s over this figure is how much of it
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -35,6 +36,7 @@ def main() -> None:
     p.add_argument("--threads", type=int)
     p.add_argument("--streams", type=int, default=1, help="as fos serve --engine-streams")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu"), help="as fos serve --device")
+    p.add_argument("--run-cost-tokens", type=int, help="the plan's run_cost_tokens instead of its own (a run's fixed cost)")
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument(
         "--requests",
@@ -56,6 +58,8 @@ def main() -> None:
         streams=args.streams,
     )
     plan = batching.plan_for(encoder.device, encoder.run_threads)
+    if args.run_cost_tokens is not None:
+        plan = dataclasses.replace(plan, run_cost_tokens=args.run_cost_tokens)
     corpus = corpora.load(Path(args.corpus) if args.corpus else None)
     items = make_items(args.workload, s.served_name, corpus, tokenizer.hf, s.max_length, 400)[: args.requests]
     encodeds = []

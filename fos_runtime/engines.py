@@ -1,10 +1,13 @@
-"""Which engine runs an exported encoder, at which compute precision: onnxruntime as exported, or OpenVINO on the
-fp32 graph in f32 or in bf16 (CPUs with AMX or AVX512-BF16).
+"""Which engine runs an exported encoder, at which compute precision: onnxruntime as exported, OpenVINO on the
+fp32 graph in f32 or in bf16 (CPUs with AMX or AVX512-BF16), or OpenVINO's own int8 of an int8 export.
 
 An export's precision is what its ONNX file holds (fp32, fp16, int8); bf16 is a serving choice on an fp32 export:
-OpenVINO computes in bf16 where the CPU has units for it. Export's parity check runs every variant this machine can
-run and records which passed beside the model (``engines.json``); ``auto`` and explicit choices serve only a variant
-recorded there, so what serves is what was checked. Without the record (an older export) only onnxruntime serves.
+OpenVINO computes in bf16 where the CPU has units for it. An int8 export holds onnxruntime's dynamic quantization
+(which OpenVINO cannot read) and, where export was asked for it (``--openvino-int8``), OpenVINO's static int8 of the
+same graph (``spec.OPENVINO_INT8_FILE``), served only when asked for too. Export's parity check runs every variant this
+machine can run and records which passed beside the model (``engines.json``); ``auto`` and explicit choices serve only
+a variant recorded there, so what serves is what was checked. Without the record (an older export) only onnxruntime
+serves.
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ log = logging.getLogger("fos.engines")
 ONNXRUNTIME = "onnxruntime"
 OPENVINO = "openvino"
 # What a user may ask for: a variant, an engine at its best checked precision, or auto.
-VARIANTS = ("onnxruntime", "openvino-fp32", "openvino-bf16")
-CHOICES = ("auto", "onnxruntime", "openvino", "openvino-fp32", "openvino-bf16")
+VARIANTS = ("onnxruntime", "openvino-fp32", "openvino-bf16", "openvino-int8")
+CHOICES = ("auto", "onnxruntime", "openvino", "openvino-fp32", "openvino-bf16", "openvino-int8")
 
 RECORD = "engines.json"  # beside model.onnx: the variants export's parity check passed
 
@@ -40,7 +43,7 @@ class Choice:
     """One way of running the graph: an engine and the precision it computes in."""
 
     engine: str  # onnxruntime | openvino
-    compute: str  # onnxruntime: the export's precision (fp32, fp16, int8); openvino: fp32 or bf16
+    compute: str  # onnxruntime: the export's precision (fp32, fp16, int8); openvino: fp32, bf16 or int8
 
     @property
     def variant(self) -> str:
@@ -120,7 +123,9 @@ def resolve(requested: str, folder: Path, precision: str, gpu: bool, cpu: Cpu | 
     if requested == ONNXRUNTIME:
         return native, "asked for"
     if requested == "auto" and precision != "fp32":
-        return native, f"OpenVINO runs fp32 exports only, and this one is {precision}"
+        # An int8 export's OpenVINO int8 is served only when asked for: at the server's shapes it matched onnxruntime's
+        # int8 rather than beat it (AMD Zen 4, docs/benchmarks.md).
+        return native, f"auto picks OpenVINO for fp32 exports only, and this one is {precision}"
     if gpu:
         if requested != "auto":
             raise NotServable(
@@ -130,7 +135,7 @@ def resolve(requested: str, folder: Path, precision: str, gpu: bool, cpu: Cpu | 
         return native, "the encoder is on the GPU"
     record = read_record(folder)
     cpu = cpu or Cpu.detect()
-    usable = [v for v in ("openvino-bf16", "openvino-fp32") if v in record]
+    usable = [v for v in ("openvino-int8", "openvino-bf16", "openvino-fp32") if v in record]
     if not cpu.bf16:
         usable = [v for v in usable if v != "openvino-bf16"]
     if requested == "auto":
@@ -152,6 +157,8 @@ def resolve(requested: str, folder: Path, precision: str, gpu: bool, cpu: Cpu | 
     for variant in wanted:
         if variant in usable:
             return Choice(OPENVINO, variant.removeprefix("openvino-")), "asked for"
+    if requested == "openvino-int8" and precision != "int8":
+        raise NotServable("--engine openvino-int8 serves int8 exports (fos export --precision int8)")
     if requested == "openvino-bf16" and not cpu.bf16:
         raise NotServable(
             "--engine openvino-bf16: this CPU has no bf16 units OpenVINO uses (AMX or AVX512-BF16); use openvino-fp32"
@@ -176,7 +183,8 @@ class OpenVINOSession:
         import openvino as ov
 
         core = ov.Core()
-        model = core.read_model(str(path))
+        # int8: the IR beside the (onnxruntime int8) ONNX file; what NNCF left in float runs in f32, as export checked.
+        model = core.read_model(str(spec.openvino_int8_file(path) if compute == "int8" else path))
         model.reshape({i.get_any_name(): ov.PartialShape([-1, -1]) for i in model.inputs})
         precision = "bf16" if compute == "bf16" else "f32"
         config: dict[str, object] = {

@@ -75,6 +75,15 @@ def encoder_file(repository: Path, name: str) -> Path:
     return Path(repository) / encoder_model(name) / "1" / "model.onnx"
 
 
+# Beside an int8 export's model.onnx (onnxruntime's dynamic quantization, which OpenVINO cannot read): OpenVINO's own
+# int8 of the same fp32 graph (NNCF's static quantization), as OpenVINO IR (.xml + .bin).
+OPENVINO_INT8_FILE = "openvino-int8.xml"
+
+
+def openvino_int8_file(onnx_file: Path) -> Path:
+    return Path(onnx_file).with_name(OPENVINO_INT8_FILE)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """What the shim needs to know about one exported model; written once by export."""

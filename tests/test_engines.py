@@ -57,6 +57,21 @@ def test_auto_serves_only_what_parity_passed(tmp_path):
         assert resolve("auto", tmp_path, precision, gpu=False, cpu=BF16_CPU)[0] == Choice("onnxruntime", precision)
 
 
+def test_an_int8_exports_openvino_int8_is_served_only_when_asked_for(tmp_path):
+    both = folder_with(tmp_path / "both", {"onnxruntime": {}, "openvino-int8": {}})
+    choice, why = resolve("auto", both, "int8", gpu=False, cpu=BF16_CPU)
+    assert choice == Choice("onnxruntime", "int8") and "fp32 exports only" in why
+    # Asked for: an int8 export's OpenVINO is its int8, whatever the CPU; an fp32 export has none.
+    assert resolve("openvino", both, "int8", gpu=False, cpu=AVX2_CPU)[0] == Choice("openvino", "int8")
+    assert resolve("openvino-int8", both, "int8", gpu=False, cpu=AVX2_CPU)[0] == Choice("openvino", "int8")
+    with pytest.raises(NotServable, match="serves int8 exports"):
+        resolve("openvino-int8", folder_with(tmp_path / "fp32", ALL_CHECKED), "fp32", gpu=False, cpu=BF16_CPU)
+    with pytest.raises(NotServable, match="parity check did not pass"):
+        resolve("openvino-int8", folder_with(tmp_path / "ort", {"onnxruntime": {}}), "int8", gpu=False, cpu=BF16_CPU)
+    with pytest.raises(NotServable, match="on the GPU"):
+        resolve("openvino-int8", both, "int8", gpu=True, cpu=BF16_CPU)
+
+
 def test_explicit_choices(tmp_path):
     folder = folder_with(tmp_path, ALL_CHECKED)
     assert resolve("openvino", folder, "fp32", gpu=False, cpu=BF16_CPU)[0] == Choice("openvino", "bf16")
@@ -247,6 +262,15 @@ def test_export_refuses_an_engine_that_could_not_serve_what_it_wrote(tiny_dirs, 
     for wrong in (dict(device="gpu"), dict(precision="int8")):
         with pytest.raises(ValueError, match="OpenVINO serves fp32 exports for the CPU"):
             export(ExportOptions(**base, engine="openvino-bf16", **wrong), log=lambda line: None)
+    with pytest.raises(ValueError, match="OpenVINO serves int8 exports for the CPU"):
+        export(ExportOptions(**base, engine="openvino-int8"), log=lambda line: None)
+    with pytest.raises(ValueError, match="--openvino-int8 goes with --precision int8"):
+        export(ExportOptions(**base, openvino_int8=True), log=lambda line: None)
+    int8 = dict(base, precision="int8")
+    with pytest.raises(ValueError, match="--engine openvino-int8 needs --openvino-int8"):
+        export(ExportOptions(**int8, engine="openvino-int8"), log=lambda line: None)
+    with pytest.raises(ValueError, match=r"--calibration is for OpenVINO's int8 \(--openvino-int8\)"):
+        export(ExportOptions(**int8, calibration=tmp_path / "texts.txt"), log=lambda line: None)
     assert not (tmp_path / "repo").exists()  # nothing was loaded or written
     monkeypatch.setattr(Cpu, "detect", classmethod(lambda cls: AVX2_CPU))
     with pytest.raises(ParityError, match="no bf16 units"):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
+import json
 
 import numpy as np
 import pytest
@@ -108,20 +110,39 @@ def test_detect_task(tiny_dirs):
 def test_other_precisions(tiny_dirs, tmp_path, key, precision):
     task = key.split("_")[0]
     lines: list[str] = []
-    s = run_export(
-        ExportOptions(model=str(tiny_dirs[key]), task=task, name=f"p/{key}", repository=tmp_path / "repo", precision=precision),
-        log=lines.append,
-    )
+    opts = ExportOptions(model=str(tiny_dirs[key]), task=task, name=f"p/{key}", repository=tmp_path / "repo", precision=precision)
+    s = run_export(dataclasses.replace(opts, openvino_int8=precision == "int8"), log=lines.append)
     assert s.precision == precision
     text = "\n".join(lines)
     assert "PASS" in text, text
     print(f"{key} {precision}:", *(line.strip() for line in lines if "max |diff|" in line or "min cosine" in line))
     if precision == "int8":
         assert "reported only" in text
+        # OpenVINO's own int8 beside onnxruntime's, checked against its own tolerance, and what parity passed recorded.
+        folder = spec.encoder_file(tmp_path / "repo", s.name).parent
+        assert (folder / spec.OPENVINO_INT8_FILE).exists() and (folder / "openvino-int8.bin").exists()
+        assert "openvino int8 (NNCF" in text and ("min_cosine ≥ 0.99 -> PASS" in text or "max_abs_diff ≤ 0.05 -> PASS" in text)
+        assert set(json.loads((folder / "engines.json").read_text())) == {"onnxruntime", "openvino-int8"}
     enc = parse((tmp_path / "repo" / spec.encoder_model(s.name) / "config.pbtxt").read_text())
     assert enc.backend == "onnxruntime" and enc.default_model_filename == "model.onnx"
     assert not (tmp_path / "repo" / enc.name / "1" / "model.py").exists()
     assert not s.ragged  # the ONNX Runtime backend runs each request as it comes
+
+
+def test_int8_calibration_takes_the_users_text_too(tiny_dirs, tmp_path):
+    from export import calibration
+
+    texts = tmp_path / "texts.txt"
+    texts.write_text(
+        "\n".join(f"{n}番目の文書は、検索で使われる文章の例です。" * (n + 1) for n in range(12)) + "\n\n", encoding="utf-8"
+    )
+    assert len(calibration.read(texts)) == 12  # blank lines skipped
+    lines: list[str] = []
+    opts = ExportOptions(model=str(tiny_dirs["rerank"]), task="rerank", repository=tmp_path / "repo", precision="int8")
+    s = run_export(dataclasses.replace(opts, openvino_int8=True, calibration=texts), log=lines.append)
+    # A cross-encoder's lines are documents, each paired with every parity query: 3 x (9 built-in + 12) pairs.
+    assert f"NNCF, {-(-3 * 21 // calibration.BATCH)} calibration batches" in "\n".join(lines)
+    assert s.precision == "int8"
 
 
 def test_parity_failure_exits_non_zero(tiny_dirs, tmp_path, monkeypatch):
