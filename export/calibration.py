@@ -17,12 +17,16 @@ from fos_runtime import padding, spec, tokenization
 from .parity import QUERIES, SENTENCES
 
 BATCH = 8  # inputs a calibration batch, padded to its longest
+MAX_BATCHES = 64  # NNCF takes about half a minute a batch for ruri-large on 2 cores; more text is sampled evenly
 
 
 def read(path) -> list[str]:
     """A calibration file's inputs: its non-empty lines."""
-    with open(path, encoding="utf-8") as f:
-        return [line.strip() for line in f if line.strip()]
+    with open(path, encoding="utf-8-sig") as f:  # a BOM is not text
+        texts = [line.strip() for line in f if line.strip()]
+    if not texts:
+        raise ValueError(f"--calibration {path}: no text in it")
+    return texts
 
 
 def batches(s: spec.ModelSpec, tokenizer: tokenization.Tokenizer, extra: Sequence[str] = ()) -> list[dict[str, np.ndarray]]:
@@ -33,6 +37,9 @@ def batches(s: spec.ModelSpec, tokenizer: tokenization.Tokenizer, extra: Sequenc
         items: list[tuple[str, str | None]] = [(t, None) for name in names for t in s.with_prompt(texts, name)]
     else:
         items = [(query, text) for query in s.with_prompt(QUERIES, None) for text in texts]
+    if len(items) > BATCH * MAX_BATCHES:
+        step = len(items) / (BATCH * MAX_BATCHES)
+        items = [items[int(k * step)] for k in range(BATCH * MAX_BATCHES)]
     out = []
     for start in range(0, len(items), BATCH):
         chunk = items[start : start + BATCH]

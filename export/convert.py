@@ -145,8 +145,8 @@ def to_precision(src: Path, dst: Path, precision: str) -> None:
 def to_openvino_int8(src: Path, dst: Path, batches: list[dict[str, np.ndarray]]) -> None:
     """OpenVINO's own int8 of the fp32 graph ``src``: NNCF's static quantization (weights and activations), its
     activation ranges taken from ``batches`` (padded encoder inputs), saved as OpenVINO IR ``dst`` (.xml, and .bin
-    beside it). On a CPU with int8 dot-product units it runs about twice OpenVINO bf16 (AMD Zen 4, ruri-large's
-    shape: 1.86-1.96x; docs/benchmarks.md)."""
+    beside it; float weights NNCF leaves are stored in fp16, OpenVINO's default). On AMD Zen 4 (ruri-large's shape) it
+    ran 1.86-1.96x OpenVINO bf16 on uniform shapes and 1.33-1.66x at the server's (docs/benchmarks.md)."""
     import nncf
     import openvino as ov
 

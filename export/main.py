@@ -74,8 +74,8 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> spec.Mode
         raise ValueError("--openvino-int8 goes with --precision int8 --device cpu")
     if opts.calibration is not None and not opts.openvino_int8:
         raise ValueError("--calibration is for OpenVINO's int8 (--openvino-int8)")
-    if opts.engine == "openvino-int8" and not opts.openvino_int8:
-        raise ValueError("--engine openvino-int8 needs --openvino-int8")
+    if opts.engine in ("openvino", "openvino-int8") and opts.precision == "int8" and not opts.openvino_int8:
+        raise ValueError(f"--engine {opts.engine} on an int8 export needs --openvino-int8")
     if opts.openvino_int8 and importlib.util.find_spec("nncf") is None:
         raise ValueError("--openvino-int8 needs nncf, which comes with the export extra")
     calibration_texts = calibration.read(opts.calibration) if opts.calibration is not None else []
@@ -171,13 +171,13 @@ def _openvino_int8(s: spec.ModelSpec, fp32: Path, repository: Path, texts: list[
     t = time.perf_counter()
     target = spec.openvino_int8_file(spec.encoder_file(repository, s.name))
     batches = calibration.batches(s, tokenization.Tokenizer(spec.tokenizer_files(repository, s.name), s.max_length), texts)
+    log(f"      OpenVINO int8: NNCF on {len(batches)} calibration batches ...")
     try:
         convert.to_openvino_int8(fp32, target, batches)
-    except Exception as exc:  # onnxruntime's int8 stands alone, as without NNCF
+    except Exception as exc:  # asked for: the export fails rather than end without it
         target.unlink(missing_ok=True)
         target.with_suffix(".bin").unlink(missing_ok=True)
-        log(f"      OpenVINO int8: not made ({type(exc).__name__}: {exc})")
-        return
+        raise RuntimeError(f"OpenVINO int8 (--openvino-int8) could not be made: {type(exc).__name__}: {exc}") from exc
     log(f"      OpenVINO int8 (NNCF, {len(batches)} calibration batches): done in {time.perf_counter() - t:.1f}s")
 
 
@@ -256,7 +256,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--openvino-int8",
         action="store_true",
         help="with --precision int8: OpenVINO's own int8 of the fp32 graph too (NNCF's static quantization; 2-3 minutes "
-        "for ruri-large on 2 cores), served with fos serve --engine openvino-int8",
+        "for ruri-large on 2 cores), served where --engine is openvino-int8 or openvino (auto keeps onnxruntime's)",
     )
     p.add_argument(
         "--calibration",

@@ -158,7 +158,11 @@ def resolve(requested: str, folder: Path, precision: str, gpu: bool, cpu: Cpu | 
         if variant in usable:
             return Choice(OPENVINO, variant.removeprefix("openvino-")), "asked for"
     if requested == "openvino-int8" and precision != "int8":
-        raise NotServable("--engine openvino-int8 serves int8 exports (fos export --precision int8)")
+        raise NotServable("--engine openvino-int8 serves int8 exports (fos export --precision int8 --openvino-int8)")
+    if requested in ("openvino", "openvino-int8") and precision == "int8" and "openvino-int8" not in record:
+        raise NotServable(
+            f"--engine {requested}: this int8 export has no OpenVINO int8 (fos export --precision int8 --openvino-int8)"
+        )
     if requested == "openvino-bf16" and not cpu.bf16:
         raise NotServable(
             "--engine openvino-bf16: this CPU has no bf16 units OpenVINO uses (AMX or AVX512-BF16); use openvino-fp32"
@@ -183,7 +187,8 @@ class OpenVINOSession:
         import openvino as ov
 
         core = ov.Core()
-        # int8: the IR beside the (onnxruntime int8) ONNX file; what NNCF left in float runs in f32, as export checked.
+        # int8: the IR beside the (onnxruntime int8) ONNX file; what NNCF left in float (stored in fp16, OpenVINO's
+        # default) is computed in f32, as export's parity check ran it.
         model = core.read_model(str(spec.openvino_int8_file(path) if compute == "int8" else path))
         model.reshape({i.get_any_name(): ov.PartialShape([-1, -1]) for i in model.inputs})
         precision = "bf16" if compute == "bf16" else "f32"

@@ -137,6 +137,12 @@ def test_int8_calibration_takes_the_users_text_too(tiny_dirs, tmp_path):
         "\n".join(f"{n}番目の文書は、検索で使われる文章の例です。" * (n + 1) for n in range(12)) + "\n\n", encoding="utf-8"
     )
     assert len(calibration.read(texts)) == 12  # blank lines skipped
+    bom = tmp_path / "bom.txt"
+    bom.write_text("\ufeff最初の行\n", encoding="utf-8")
+    assert calibration.read(bom) == ["最初の行"]
+    (tmp_path / "empty.txt").write_text("\n  \n", encoding="utf-8")
+    with pytest.raises(ValueError, match="no text in it"):
+        calibration.read(tmp_path / "empty.txt")
     lines: list[str] = []
     opts = ExportOptions(model=str(tiny_dirs["rerank"]), task="rerank", repository=tmp_path / "repo", precision="int8")
     s = run_export(dataclasses.replace(opts, openvino_int8=True, calibration=texts), log=lines.append)
