@@ -20,6 +20,8 @@ import numpy as np
 
 from fos_runtime import spec
 from fos_runtime.encoder import Encoder
+from fos_runtime.padding import pad
+from fos_runtime.tokenization import Encoded
 from shim.repository import read_specs
 
 
@@ -59,9 +61,7 @@ def main() -> None:
             raise SystemExit(f"{encoder.engine} runs {encoder.streams} streams, not {streams}")
         points: dict[int, list[tuple[int, float]]] = {}  # by width: a line for each (attention grows with it)
         for rows, length in shapes:
-            feeds = {
-                name: np.full((rows, length), 0 if name == spec.TOKEN_TYPE_IDS else 1, np.int64) for name in s.encoder_inputs
-            }
+            feeds = pad(Encoded(input_ids=[[1] * length] * rows), s.pad_token_id, s.encoder_inputs)  # as serving pads
             encoder.run_many([feeds] * streams)  # a new shape's first run prepares its kernels
             rounds, began = 0, time.perf_counter()
             while time.perf_counter() - began < args.seconds:
