@@ -98,6 +98,10 @@ def test_engine_shapes_measures_each_configuration_and_fits_a_run_cost(exported)
     assert shapes == [(t, t, rows, width) for t in (1, 2) for rows, width in ((1, 8), (4, 8), (4, 16))]
     assert all(x["tokens_per_s"] > 0 for x in result["results"])
     assert r.stdout.count("run cost") == 2  # a line per configuration and width of two shapes or more: x8
+    # A stream count the engine does not run is refused, not reported under a label it did not earn.
+    refused = [*args[:4], "--configs", "1:2", "--shapes", "1x8", "--engine", "onnxruntime"]
+    r = subprocess.run([sys.executable, "-m", "bench.engine_shapes", *refused], capture_output=True, text=True)
+    assert r.returncode != 0 and "runs 1 streams, not 2" in r.stderr
     fixed, per_token = fit([(100, 12.0), (300, 16.0), (500, 20.0)])
     assert (round(fixed, 6), round(per_token, 6)) == (10.0, 0.02)
 

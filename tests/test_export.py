@@ -149,6 +149,28 @@ def test_int8_calibration_takes_the_users_text_too(tiny_dirs, tmp_path):
     # A cross-encoder's lines are documents, each paired with every parity query: 3 x (9 built-in + 12) pairs.
     assert f"NNCF, {-(-3 * 21 // calibration.BATCH)} calibration batches" in "\n".join(lines)
     assert s.precision == "int8"
+    # More text than NNCF should take is sampled down to MAX_BATCHES full batches.
+    tokenizer = Tokenizer(spec.tokenizer_files(tmp_path / "repo", s.name), s.max_length)
+    many = calibration.batches(s, tokenizer, ["短い文書。"] * (calibration.BATCH * calibration.MAX_BATCHES))
+    assert len(many) == calibration.MAX_BATCHES and all(len(b[spec.INPUT_IDS]) == calibration.BATCH for b in many)
+
+
+def test_a_failed_openvino_int8_fails_the_export_and_leaves_no_part_of_it(tiny_dirs, tmp_path, monkeypatch):
+    import export.convert
+
+    def broken(src, dst, batches):
+        dst.write_text("<half written>")
+        dst.with_suffix(".bin").write_bytes(b"\0")
+        raise MemoryError("NNCF ran out")
+
+    monkeypatch.setattr(export.convert, "to_openvino_int8", broken)
+    opts = ExportOptions(
+        model=str(tiny_dirs["embed"]), task="embed", name="p/broken", repository=tmp_path / "repo", precision="int8"
+    )
+    with pytest.raises(RuntimeError, match=r"OpenVINO int8 .* could not be made: MemoryError: NNCF ran out"):
+        run_export(dataclasses.replace(opts, openvino_int8=True), log=lambda line: None)
+    folder = spec.encoder_file(tmp_path / "repo", spec.triton_name("p/broken")).parent
+    assert folder.is_dir() and not list(folder.glob("openvino-int8.*"))
 
 
 def test_parity_failure_exits_non_zero(tiny_dirs, tmp_path, monkeypatch):
