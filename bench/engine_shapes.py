@@ -2,7 +2,8 @@
 rounds can reach on this machine, and what a run costs beyond its tokens (a line fitted per configuration).
 
 Rounds of ``streams`` equal batches go through ``Encoder.run_many`` as the embedded backend sends a round's batches;
-inputs are constant tokens (speed does not depend on their values). The line fitted to each configuration's rounds of one
+inputs are constant tokens (speed does not depend on their values). Each shape's first round is timed on its own: what
+meeting a new shape costs beyond its compute. The line fitted to each configuration's rounds of one
 width, milliseconds = fixed + per_token * padded tokens of one batch, gives ``fixed / per_token``: a run's cost in padded
 tokens, what ``fos_runtime.batching``'s ``run_cost_tokens`` stands for.
 
@@ -62,7 +63,11 @@ def main() -> None:
         points: dict[int, list[tuple[int, float]]] = {}  # by width: a line for each (attention grows with it)
         for rows, length in shapes:
             feeds = pad(Encoded(input_ids=[[1] * length] * rows), s.pad_token_id, s.encoder_inputs)  # as serving pads
-            encoder.run_many([feeds] * streams)  # a new shape's first run prepares its kernels
+            # A new shape's first run prepares its kernels: OpenVINO int8 ~40 ms of it on 2 Zen 4 cores, keyed on rows x
+            # tokens, which a server that forms new shapes pays again and again (docs/benchmarks.md).
+            first = time.perf_counter()
+            encoder.run_many([feeds] * streams)
+            first_ms = (time.perf_counter() - first) * 1000
             rounds, began = 0, time.perf_counter()
             while time.perf_counter() - began < args.seconds:
                 encoder.run_many([feeds] * streams)
@@ -72,9 +77,9 @@ def main() -> None:
             points.setdefault(length, []).append((rows * length, ms))
             tps = rounds * streams * rows * length / elapsed
             shape = {"threads": threads, "streams": streams, "rows": rows, "tokens": length}
-            results.append(shape | {"tokens_per_s": tps, "ms_per_round": ms})
+            results.append(shape | {"tokens_per_s": tps, "ms_per_round": ms, "first_round_ms": first_ms})
             label = f"threads {threads or 'all'} streams {streams} {rows}x{length}"
-            print(f"{label}: {tps:,.0f} tokens/s, {ms:.1f} ms a round", flush=True)
+            print(f"{label}: {tps:,.0f} tokens/s, {ms:.1f} ms a round, the first {first_ms:.1f} ms", flush=True)
         for length, line in points.items():
             if len(line) > 1:
                 fixed, per_token = fit(line)

@@ -2,6 +2,8 @@
 # The packages the GPU machine lacks, as small independent pieces that it can carry one call at a time.
 #
 #   bench/gpu_bundle.sh pack           # here: download the wheels if missing, build .carry/piece-*.tar.xz
+#   bench/gpu_bundle.sh pack-cpu       # here: only what the host's CPU step needs (no CUDA, no Triton): .carry/cpu/,
+#                                      # one piece, carried with jglue in the call that measures (gpu_run.sh)
 #   bash bench/gpu_bundle.sh unpack .carry   # there, once per call: install the pieces present, idempotently
 #   eval "$(bash bench/gpu_bundle.sh env)"   # there: PYTHONPATH=/tmp/fos-site for what follows
 #
@@ -33,9 +35,11 @@ PIECE_BYTES=$(( ${FOS_PIECE_MIB:-58} * 1024 * 1024 ))
 SITE_WHEELS="fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 pydantic==2.14.4 pydantic-core==2.50.5
   annotated-types==0.8.0 typing-inspection==0.4.5 annotated-doc==0.0.7 opentelemetry-api==1.45.2
   httptools==0.9.0 fugashi==1.5.2 tritonclient==2.73.0 python-rapidjson==1.25 onnxruntime-gpu==1.31.1 nvidia-pytriton==0.7.0
-  openvino==2026.4.1"
+  openvino==2026.4.1 nncf==3.4.0"
+# nncf (fos export --openvino-int8) needs pydot; its other needs (networkx, psutil, rich, scipy, tabulate, ...) are on
+# the GPU machine's image (/work/.library/device/KINDS.md).
 FALLBACK_WHEELS="click==8.5.1 ml-dtypes==0.5.4 flatbuffers==25.12.19 packaging==26.4 urllib3==2.8.0
-  openvino-telemetry==2025.2.0"
+  openvino-telemetry==2025.2.0 pydot==4.0.1"
 
 wheel_of() {  # "name==ver" -> the downloaded wheel's path, or nothing
   local n=${1%%==*} v=${1##*==}
@@ -128,11 +132,12 @@ stage() {
 
 # A unit: some paths of the stage as one tar.xz stream. Units are then packed into pieces (first fit,
 # largest first); a piece is the concatenation of its units' streams, read with ignore_zeros.
-pack() {
-  local t0=$SECONDS st=$CARRY/stage u=$CARRY/units
+pack() {  # [DEST [UNIT...]]: the pieces in DEST (default .carry), of these units only (default all)
+  local t0=$SECONDS st=$CARRY/stage u=$CARRY/units dest=${1:-$CARRY}
+  local only=("${@:2}")
   download
   echo "staging ..."; stage
-  rm -rf "$u" "$CARRY"/piece-* && mkdir -p "$u"
+  rm -rf "$u" "$dest"/piece-* && mkdir -p "$u" "$dest"
   cd "$st"
   local big=site/onnxruntime/capi/libonnxruntime_providers_cuda.so
   declare -A units=(
@@ -145,6 +150,10 @@ pack() {
   )
   if [ -d tools ]; then units[extra]=tools; fi
   units[py]="$(ls -d site/* | grep -v -e '/onnxruntime' -e '/pytriton' -e '/nvidia_pytriton' -e '/unidic_lite' -e '/openvino')"
+  if [ ${#only[@]} -gt 0 ]; then
+    local n
+    for n in "${!units[@]}"; do [[ " ${only[*]} " == *" $n "* ]] || unset "units[$n]"; done
+  fi
   # xz -9 beats zstd -19 --long here (unidic: 28.4 vs 33.9 MB). Reproducible tar streams (sorted, fixed
   # owner and mtime), so a unit whose content did not change is taken from .carry/cache, not recompressed.
   local name key tarc=(tar -cf - --sort=name --owner=0 --group=0 --numeric-owner --mtime=2020-01-01T00:00Z)
@@ -161,8 +170,9 @@ pack() {
     fi
     ln "$CARRY/cache/$name.$key.tar.xz" "$u/$name.tar.xz"
   done
-  find "$CARRY/cache" -type f -links 1 -delete  # entries this run did not use
-  "${FOS_PACK_PYTHON:-python3}" - "$u" "$CARRY" "$PIECE_BYTES" <<'EOF'
+  # Entries this run did not use, where it used them all (a pack of some units keeps the others' for the next pack).
+  if [ ${#only[@]} -eq 0 ]; then find "$CARRY/cache" -type f -links 1 -delete; fi
+  "${FOS_PACK_PYTHON:-python3}" - "$u" "$dest" "$PIECE_BYTES" <<'EOF'
 import os, sys
 units, out, cap = sys.argv[1], sys.argv[2], int(sys.argv[3])
 sizes = {n[:-7]: os.path.getsize(os.path.join(units, n)) for n in os.listdir(units)}
@@ -193,7 +203,7 @@ for n, s in sorted(sizes.items()):
 EOF
   rm -rf "$u" "$st"
   local total=0 f
-  for f in "$CARRY"/piece-*; do
+  for f in "$dest"/piece-*; do
     echo "$(basename "$f"): $(stat -c %s "$f") bytes ($(( $(stat -c %s "$f") >> 20 )) MiB)"
     total=$(( total + $(stat -c %s "$f") ))
   done
@@ -267,9 +277,10 @@ unpack() {
 
 case ${1:-} in
   pack) pack ;;
+  pack-cpu) pack "$CARRY/cpu" unidic openvino py fallback ;;
   download) download ;;
   stage) download; stage ;;  # only the staging tree, .carry/stage (for checks)
   unpack) shift; unpack "$@" ;;
   env) echo "export PYTHONPATH=$SITE\${PYTHONPATH:+:\$PYTHONPATH}" ;;
-  *) echo "usage: $0 pack | download | stage | unpack DIR | env" >&2; exit 2 ;;
+  *) echo "usage: $0 pack | pack-cpu | download | stage | unpack DIR | env" >&2; exit 2 ;;
 esac

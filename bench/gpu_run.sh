@@ -28,18 +28,29 @@ TOKENIZERS=${FOS_TOKENIZERS:-6}                  # Triton tokenizer instances
 ENCODERS=${FOS_ENCODERS:-1 2}                    # Triton encoder instances on the GPU; each after the first: its own levels
 LOADGEN=${FOS_LOADGEN:-4}                        # fos bench processes
 STEPS=${FOS_STEPS:-encoder,triton,naive}         # which measurements to run; cpu: the host's CPU engines (below)
-PREP_CORES=${FOS_PREP_CORES:-$(( $(nproc) * 5 / 8 ))-$(( $(nproc) - 1 ))}  # cpuprep step: cores of its own (10-15 of 16)
+step() { [[ ",$STEPS," == *",$1,"* ]]; }
+# cpuprep step: cores of its own (10-15 of 16) beside a GPU step; every core in a call without one.
+if step encoder || step triton; then PREP_DEFAULT=$(( $(nproc) * 5 / 8 ))-$(( $(nproc) - 1 )); else PREP_DEFAULT=0-$(( $(nproc) - 1 )); fi
+PREP_CORES=${FOS_PREP_CORES:-$PREP_DEFAULT}
 SWEEP=${FOS_SWEEP-8:8}                           # shim workers:rounds in flight per worker, each a dify-embed level ("": none)
 CPU_CORES=${FOS_CPU_CORES:-}                     # cpu step: taskset's core list (e.g. 0-1); empty: every core
 # cpu step: embedded-bf16-s4 runs 4 batches of a round at once (fos serve --engine-streams 4): the fourth run's 16 cores
 # ran batches of 3-5 rows one at a time. Names: bench/compare.py (embedded-bf16-s4-t8: 4 streams over 8 threads).
-# Add embedded-fp32 where there is time (~1 min more).
+# Add embedded-fp32 where there is time (~1 min more). embedded-int8 (onnxruntime's int8) and embedded-ov-int8
+# (OpenVINO's, NNCF) make cpuprep export int8 too, with --openvino-int8 for the latter (NNCF: 2.4 min a model on 2 Zen 4
+# cores).
 CPU_SERVERS=${FOS_CPU_SERVERS:-naive,embedded-bf16,embedded-bf16-s4}
+CPU_WORKLOADS=${FOS_CPU_WORKLOADS:-dify-embed,batch-embed,rerank}
 CPU_DURATION=${FOS_CPU_DURATION:-$DURATION}      # cpu step: seconds per level
+# cpu step: engines (fos serve --engine names) whose speed on uniform shapes (bench.engine_shapes, every core, the
+# reranker) is measured after the servers: the ceiling their served figures are read against. "": none.
+CPU_SHAPES=${FOS_CPU_SHAPES:-}
 CPU_ENGINE_ALONE=${FOS_CPU_ENGINE_ALONE:-}       # cpu step: 1 adds each server's engine alone (~1 min a server)
 export FOS_ENCODER_TIMING=${FOS_ENCODER_TIMING:-200}  # Triton's encoder logs where its time goes
 NAME=cl-nagoya/ruri-large
 # To try the script out on a CPU: FOS_DEVICE=cpu FOS_PRECISION=fp32 FOS_SIZE=tiny FOS_DURATION=3 (no GPU figures).
+# The host's CPU alone, without the GPU pieces (bench/gpu_bundle.sh pack-cpu): FOS_STEPS=cpuprep, then FOS_STEPS=cpu
+# (docs/benchmarks.md, Reproduce).
 # FOS_STEPS=cpu alone measures the host's CPU engines (AMX there), in a call of its own: about five minutes at
 # FOS_DURATION=12 (estimated; its models and exports took 2.4 on the H100 host), 195 s at FOS_CPU_DURATION=8 after a
 # cpuprep step in the GPU call. That call must follow at once: the machine, and all it was given, goes back after 30 s
@@ -57,7 +68,6 @@ log() {  # a step begins: say so, and keep the archive current in case the run i
   echo "[$(date +%T)] $*"
   tar czf "$DEST/gpu-results.tar.gz" -C "$OUT" . 2>/dev/null || true
 }
-step() { [[ ",$STEPS," == *",$1,"* ]]; }
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 finish() { cleanup; tar czf "$DEST/gpu-results.tar.gz" -C "$OUT" .; }
@@ -74,15 +84,25 @@ cat "$OUT/machine.txt"
 log "model: ruri-large shape, random weights"
 [ -d "$WORK/model/st" ] || $PY -m bench.ruri_shape "$WORK/model" --corpus "$CORPUS" --size "$SIZE" > "$OUT/build.log" 2>&1
 
-cpu_prep() {  # the cpu step's models and fp32 exports (each export checks parity on every CPU engine)
+wants() { [[ ",$CPU_SERVERS," == *",$1,"* ]]; }
+cpu_prep() {  # the cpu step's models and exports (each export checks parity on every CPU engine)
   [ -d "$WORK/rerank/hf" ] || $PY -m bench.ruri_shape "$WORK/rerank" --reranker --corpus "$CORPUS" --size "$SIZE" \
     > "$OUT/build-rerank.log" 2>&1
-  local task src name
-  for task in embed rerank; do
-    if [ $task = embed ]; then src=$WORK/model/st name=$NAME; else src=$WORK/rerank/hf name=cl-nagoya/ruri-reranker-large; fi
-    [ -f "$WORK/repo-cpu/${name/\//--}/config.pbtxt" ] || $PY -m shim.cli export --model "$src" --task $task --name "$name" \
-      --repository "$WORK/repo-cpu" --precision fp32 --device cpu --encoder-backend python > "$OUT/export-cpu-$task.log" 2>&1
-    grep -E 'parity|min cosine|check|engines that' "$OUT/export-cpu-$task.log" || true
+  local task src name precision repo flags
+  for precision in fp32 int8; do
+    repo=$WORK/repo-cpu flags=()
+    if [ $precision = int8 ]; then
+      wants embedded-int8 || wants embedded-ov-int8 || continue
+      repo=$WORK/repo-cpu-int8
+      if wants embedded-ov-int8; then flags=(--openvino-int8); fi
+    fi
+    for task in embed rerank; do
+      if [ $task = embed ]; then src=$WORK/model/st name=$NAME; else src=$WORK/rerank/hf name=cl-nagoya/ruri-reranker-large; fi
+      [ -f "$repo/${name/\//--}/config.pbtxt" ] || $PY -m shim.cli export --model "$src" --task $task --name "$name" \
+        --repository "$repo" --precision $precision --device cpu --encoder-backend python "${flags[@]}" \
+        > "$OUT/export-cpu-$precision-$task.log" 2>&1 || echo "export $precision $task failed: $OUT/export-cpu-$precision-$task.log"
+      grep -E 'parity|min cosine|check|engines that|NNCF' "$OUT/export-cpu-$precision-$task.log" || true
+    done
   done
 }
 # cpuprep: the cpu step's preparation, on cores of its own while the GPU export and the encoder alone run (the GPU is
@@ -206,13 +226,23 @@ fi
 if step cpu; then
 # The host's CPUs (AMX on the GPU machine): the naive server against the embedded backend on ONNX Runtime fp32 and
 # OpenVINO bf16, each server's engine alone at the rounds it formed; every encoder kept on the CPU.
-log "CPU engines: naive, onnxruntime fp32, openvino bf16 (fp32 export for the CPU)${CPU_CORES:+, cores $CPU_CORES}"
+log "CPU engines: $CPU_SERVERS; $CPU_WORKLOADS${CPU_CORES:+; cores $CPU_CORES}"
 cpu_prep
+int8=()
+if [ -d "$WORK/repo-cpu-int8" ]; then int8=(--repo-int8 "$WORK/repo-cpu-int8"); fi
 ${CPU_CORES:+taskset -c "$CPU_CORES"} $PY -m bench.compare --embed-dir "$WORK/model/st" --rerank-dir "$WORK/rerank/hf" \
-  --repo-fp32 "$WORK/repo-cpu" --servers "$CPU_SERVERS" --workloads dify-embed,batch-embed,rerank \
+  --repo-fp32 "$WORK/repo-cpu" "${int8[@]}" --servers "$CPU_SERVERS" --workloads "$CPU_WORKLOADS" \
   --dify-levels 16 --duration "$CPU_DURATION" ${CPU_ENGINE_ALONE:+--engine-alone --engine-seconds "$CPU_DURATION"} \
   --device cpu --corpus "$CORPUS" --out "$OUT/cpu" > "$OUT/cpu.log" 2>&1 || { tail -30 "$OUT/cpu.log"; exit 1; }
 grep -E 'c=|engine alone' "$OUT/cpu.log"
+for engine in ${CPU_SHAPES//,/ }; do
+  log "uniform shapes: $engine"
+  repo=$WORK/repo-cpu; [ "$engine" = openvino-int8 ] && repo=$WORK/repo-cpu-int8
+  ${CPU_CORES:+taskset -c "$CPU_CORES"} $PY -m bench.engine_shapes --repository "$repo" --model cl-nagoya/ruri-reranker-large \
+    --engine "$engine" --configs 0:1 --shapes 1x32,4x32,16x32,1x128,4x128,16x128,2x120,3x100 --seconds 1.5 \
+    > "$OUT/cpu/shapes-$engine.log" 2>&1 || echo "engine_shapes $engine failed"
+  grep -E '^threads' "$OUT/cpu/shapes-$engine.log" || true
+done
 fi
 log "done: $OUT"
 
