@@ -224,8 +224,9 @@ wait_http http://127.0.0.1:8081/health 300 || { tail -40 "$OUT/naive.log"; exit 
 bench naive-fp16 dify-embed "$DIFY_C"
 fi
 if step cpu; then
-# The host's CPUs (AMX on the GPU machine): the naive server against the embedded backend on ONNX Runtime fp32 and
-# OpenVINO bf16, each server's engine alone at the rounds it formed; every encoder kept on the CPU.
+# The host's CPUs (AMX on the GPU machine): the naive server against the embedded backend on the engines of
+# FOS_CPU_SERVERS (with FOS_CPU_ENGINE_ALONE, each server's engine alone at the rounds it formed); every encoder kept on
+# the CPU.
 log "CPU engines: $CPU_SERVERS; $CPU_WORKLOADS${CPU_CORES:+; cores $CPU_CORES}"
 cpu_prep
 int8=()
@@ -239,7 +240,7 @@ for engine in ${CPU_SHAPES//,/ }; do
   log "uniform shapes: $engine"
   repo=$WORK/repo-cpu; [ "$engine" = openvino-int8 ] && repo=$WORK/repo-cpu-int8
   ${CPU_CORES:+taskset -c "$CPU_CORES"} $PY -m bench.engine_shapes --repository "$repo" --model cl-nagoya/ruri-reranker-large \
-    --engine "$engine" --configs 0:1 --shapes 1x32,4x32,16x32,1x128,4x128,16x128,2x120,3x100 --seconds 1.5 \
+    --engine "$engine" --configs 0:1 --shapes 1x32,4x32,16x32,1x64,1x65,1x128,4x128,16x128,2x120,3x100 --seconds 1.5 \
     > "$OUT/cpu/shapes-$engine.log" 2>&1 || echo "engine_shapes $engine failed"
   grep -E '^threads' "$OUT/cpu/shapes-$engine.log" || true
 done
