@@ -3,7 +3,7 @@
 #
 #   bench/gpu_bundle.sh pack           # here: download the wheels if missing, build .carry/piece-*.tar.xz
 #   bench/gpu_bundle.sh pack-cpu       # here: only what the host's CPU step needs (no CUDA, no Triton): .carry/cpu/,
-#                                      # one piece, carried with jglue in the call that measures (gpu_run.sh)
+#                                      # one piece, carried with jglue in the first of two calls (gpu_run.sh)
 #   bash bench/gpu_bundle.sh unpack .carry   # there, once per call: install the pieces present, idempotently
 #   eval "$(bash bench/gpu_bundle.sh env)"   # there: PYTHONPATH=/tmp/fos-site for what follows
 #

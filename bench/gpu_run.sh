@@ -42,7 +42,7 @@ CPU_CORES=${FOS_CPU_CORES:-}                     # cpu step: taskset's core list
 CPU_SERVERS=${FOS_CPU_SERVERS:-naive,embedded-bf16,embedded-bf16-s4}
 CPU_WORKLOADS=${FOS_CPU_WORKLOADS:-dify-embed,batch-embed,rerank}
 CPU_DURATION=${FOS_CPU_DURATION:-$DURATION}      # cpu step: seconds per level
-# cpu step: engines (fos serve --engine names) whose speed on uniform shapes (bench.engine_shapes, every core, the
+# cpu step: engines (fos serve --engine names, and onnxruntime-int8 for onnxruntime on the int8 export) whose speed on uniform shapes (bench.engine_shapes, every core, the
 # reranker) is measured after the servers: the ceiling their served figures are read against. "": none.
 CPU_SHAPES=${FOS_CPU_SHAPES:-}
 CPU_ENGINE_ALONE=${FOS_CPU_ENGINE_ALONE:-}       # cpu step: 1 adds each server's engine alone (~1 min a server)
@@ -84,7 +84,7 @@ cat "$OUT/machine.txt"
 log "model: ruri-large shape, random weights"
 [ -d "$WORK/model/st" ] || $PY -m bench.ruri_shape "$WORK/model" --corpus "$CORPUS" --size "$SIZE" > "$OUT/build.log" 2>&1
 
-wants() { [[ ",$CPU_SERVERS," == *",$1,"* ]]; }
+wants() { [[ ",$CPU_SERVERS," =~ ,$1(-s[0-9]+)?(-t[0-9]+)?, ]]; }  # a server of bench/compare.py's names, any streams/threads
 cpu_prep() {  # the cpu step's models and exports (each export checks parity on every CPU engine)
   [ -d "$WORK/rerank/hf" ] || $PY -m bench.ruri_shape "$WORK/rerank" --reranker --corpus "$CORPUS" --size "$SIZE" \
     > "$OUT/build-rerank.log" 2>&1
@@ -98,9 +98,13 @@ cpu_prep() {  # the cpu step's models and exports (each export checks parity on 
     fi
     for task in embed rerank; do
       if [ $task = embed ]; then src=$WORK/model/st name=$NAME; else src=$WORK/rerank/hf name=cl-nagoya/ruri-reranker-large; fi
-      [ -f "$repo/${name/\//--}/config.pbtxt" ] || $PY -m shim.cli export --model "$src" --task $task --name "$name" \
+      # Done once parity has recorded its engines (export writes the configs before NNCF and parity run).
+      local done=$repo/${name/\//--}__encoder/1/engines.json
+      if [ -f "$done" ] && { [ ${#flags[@]} -eq 0 ] || grep -q openvino-int8 "$done"; }; then continue; fi
+      $PY -m shim.cli export --model "$src" --task $task --name "$name" \
         --repository "$repo" --precision $precision --device cpu --encoder-backend python "${flags[@]}" \
-        > "$OUT/export-cpu-$precision-$task.log" 2>&1 || echo "export $precision $task failed: $OUT/export-cpu-$precision-$task.log"
+        > "$OUT/export-cpu-$precision-$task.log" 2>&1 || { echo "export $precision $task failed: $OUT/export-cpu-$precision-$task.log"
+          rm -rf "$repo/${name/\//--}" "$repo/${name/\//--}__"*; }
       grep -E 'parity|min cosine|check|engines that|NNCF' "$OUT/export-cpu-$precision-$task.log" || true
     done
   done
@@ -238,9 +242,12 @@ ${CPU_CORES:+taskset -c "$CPU_CORES"} $PY -m bench.compare --embed-dir "$WORK/mo
 grep -E 'c=|engine alone' "$OUT/cpu.log"
 for engine in ${CPU_SHAPES//,/ }; do
   log "uniform shapes: $engine"
-  repo=$WORK/repo-cpu; [ "$engine" = openvino-int8 ] && repo=$WORK/repo-cpu-int8
+  repo=$WORK/repo-cpu
+  arg=$engine
+  case $engine in openvino-int8) repo=$WORK/repo-cpu-int8 ;; onnxruntime-int8) repo=$WORK/repo-cpu-int8 arg=onnxruntime ;; esac
   ${CPU_CORES:+taskset -c "$CPU_CORES"} $PY -m bench.engine_shapes --repository "$repo" --model cl-nagoya/ruri-reranker-large \
-    --engine "$engine" --configs 0:1 --shapes 1x32,4x32,16x32,1x64,1x65,1x128,4x128,16x128,2x120,3x100 --seconds 1.5 \
+    --engine "$arg" --configs 0:1 --seconds 1.5 \
+    --shapes 1x32,4x32,16x32,1x64,1x65,1x128,2x65,4x33,4x48,4x49,4x128,16x128,2x120,3x100 \
     > "$OUT/cpu/shapes-$engine.log" 2>&1 || echo "engine_shapes $engine failed"
   grep -E '^threads' "$OUT/cpu/shapes-$engine.log" || true
 done
