@@ -94,10 +94,12 @@ HUB_TIMEOUT_S = 10.0
 def _unreachable(model_id: str, why: str) -> str:
     from huggingface_hub import constants
 
+    folder = f"/path/to/{model_id.split('/')[-1]}"
     return (
         f"cannot get {model_id}: {why}, and it is not in the Hugging Face cache ({constants.HF_HUB_CACHE}).\n"
         "Do one of:\n"
-        f"  - pass a local directory with the model's files: --model /path/to/{model_id.split('/')[-1]}\n"
+        f"  - pass a local directory with the model's files, served under this name: fos serve --model "
+        f"{model_id}={folder} (fos export --model {folder} --name {model_id})\n"
         f"  - download it where the hub is reachable (`hf download {model_id}`), copy that machine's Hugging Face cache "
         "(HF_HOME, default ~/.cache/huggingface) here and run with HF_HUB_OFFLINE=1\n"
         "  - use a mirror of the hub: HF_ENDPOINT=https://your-mirror"

@@ -197,7 +197,9 @@ def prompts_of(source, opts: ExportOptions) -> dict:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="Hugging Face id (e.g. cl-nagoya/ruri-large) or local directory")
     p.add_argument("--task", required=True, choices=spec.TASKS)
-    p.add_argument("--name", help="served model name (default: --model)")
+    p.add_argument(
+        "--name", help="served model name, the id clients ask for (default: --model's Hugging Face id, or its directory's name)"
+    )
     p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
     p.add_argument(
         "--precision", choices=("fp32", "fp16", "int8"), default="fp32", help="fp16 for GPU, int8 (dynamic quantization) for CPU"

@@ -61,8 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--model",
         action="append",
         default=[],
-        metavar="HF_ID_OR_DIR",
-        help="export this model into the repository first if it is not there (embed or rerank is detected)",
+        metavar="[NAME=]HF_ID_OR_DIR",
+        help="export this model into the repository first if it is not there (embed or rerank is detected); served as "
+        "the Hugging Face id, or a directory's own name, unless NAME= says otherwise (cl-nagoya/ruri-v3-310m=/models/ruri)",
     )
     p.add_argument(
         "--precision",
@@ -122,9 +123,10 @@ def ensure_exported(models: list[str], repository: Path, precision: str | None) 
     (asked for int8, serving the fp32 export already there would be serving something else).
     Raises export's errors: ``ModelUnavailable`` first of all, before anything slow, when the model
     can be had from nowhere."""
-    for model in models:
+    for value in models:
+        served, model = split_model(value)
         try:
-            name = spec.triton_name(spec.default_served_name(model))
+            name = spec.triton_name(served if served is not None else spec.default_served_name(model))
         except ValueError:
             from export.load import locate
 
@@ -146,9 +148,18 @@ def ensure_exported(models: list[str], repository: Path, precision: str | None) 
         else:
             task = detect_task(model, local_only)
             print(f"{model}: not in {repository}; exporting it (task {task}, {precision or 'fp32'})", flush=True)
-            options = ExportOptions(model=model, task=task, repository=repository, precision=precision or "fp32")
+            options = ExportOptions(model=model, task=task, name=served, repository=repository, precision=precision or "fp32")
         options.local_files_only = local_only
         export(options, log=lambda line: print(line, flush=True))
+
+
+def split_model(value: str) -> tuple[str | None, str]:
+    """``NAME=SOURCE`` -> (NAME, SOURCE); anything else -> (None, value). Offline, the model comes from a directory
+    whose own name is not the id clients (Dify's model settings) ask for. A path that exists is a path, '=' or not."""
+    name, sep, source = value.partition("=")
+    if not sep or Path(value).exists():
+        return None, value
+    return name, source
 
 
 def _same_choices(repository: Path, stored: spec.ModelSpec, model: str, precision: str):
@@ -161,6 +172,7 @@ def _same_choices(repository: Path, stored: spec.ModelSpec, model: str, precisio
     return ExportOptions(
         model=model,
         task=stored.task,
+        name=stored.served_name,
         repository=repository,
         precision=precision,
         max_length=stored.max_length,

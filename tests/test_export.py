@@ -229,6 +229,10 @@ def test_serve_exports_what_the_repository_lacks(tiny_dirs, tmp_path, capsys):
     assert [s.served_name for s in specs] == [tiny_dirs["rerank"].name]  # a local directory serves under its name
     ensure_exported([str(tiny_dirs["rerank"])], repo, "fp32")
     assert "already in" in capsys.readouterr().out
+    # Offline, a directory served under the id clients ask for (Dify's model name).
+    ensure_exported([f"cl-nagoya/ruri-reranker-large={tiny_dirs['rerank']}"], repo, None)
+    assert "exporting it (task rerank, fp32)" in capsys.readouterr().out
+    assert sorted(s.served_name for s in read_specs(repo)) == sorted([tiny_dirs["rerank"].name, "cl-nagoya/ruri-reranker-large"])
 
 
 def test_serve_never_serves_another_precision_than_asked(tiny_dirs, tmp_path, capsys):
@@ -237,16 +241,18 @@ def test_serve_never_serves_another_precision_than_asked(tiny_dirs, tmp_path, ca
 
     repo, model = tmp_path / "repo", str(tiny_dirs["embed"])
     # An fp32 export with choices of its own, which a new precision must not undo.
-    options = ExportOptions(model=model, task="embed", repository=repo, encoder_backend="python", prompts={"query": "q: "})
+    options = ExportOptions(
+        model=model, task="embed", name="org/m", repository=repo, encoder_backend="python", prompts={"query": "q: "}
+    )
     run_export(options, log=lambda _: None)
-    ensure_exported([model], repo, None)  # no precision asked: whatever is there
+    ensure_exported([f"org/m={model}"], repo, None)  # no precision asked: whatever is there
     assert "already in" in capsys.readouterr().out
-    ensure_exported([model], repo, "int8")
+    ensure_exported([f"org/m={model}"], repo, "int8")
     assert "fp32, not int8: exporting it again" in capsys.readouterr().out
     (s,) = read_specs(repo)
-    assert s.precision == "int8" and s.prompts["query"] == "q: "
+    assert s.precision == "int8" and s.prompts["query"] == "q: " and s.served_name == "org/m"
     assert parse((repo / spec.encoder_model(s.name) / "config.pbtxt").read_text()).backend == "python"
-    ensure_exported([model], repo, "int8")
+    ensure_exported([f"org/m={model}"], repo, "int8")
     assert "already in" in capsys.readouterr().out
 
 

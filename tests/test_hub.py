@@ -18,7 +18,7 @@ import pytest
 
 from helpers import free_port
 
-HINTS = ("--model /path/to/", "HF_HUB_OFFLINE=1", "HF_ENDPOINT=")
+HINTS = ("--model /path/to/", "=/path/to/", "--name ", "HF_HUB_OFFLINE=1", "HF_ENDPOINT=")
 
 
 def fos(args: list[str], tmp_path: Path, endpoint: str, **env: str) -> subprocess.CompletedProcess:
