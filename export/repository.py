@@ -11,6 +11,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
@@ -19,6 +20,7 @@ from fos_runtime import batching, spec
 
 ENCODER_BACKENDS = ("onnxruntime", "python")
 PERF_INPUT = "perf_analyzer_input.json"  # beside the ensemble's config.pbtxt
+WARMUP_DIR = "warmup"  # beside an encoder's config.pbtxt: the data its model_warmup reads (Triton's name)
 
 _RUNTIME_DIR = Path(fos_runtime.__file__).parent
 
@@ -80,6 +82,20 @@ def encoder_config(s: spec.ModelSpec, backend: str, tensorrt: bool = False, inst
     kind = mc.ModelInstanceGroup.KIND_GPU if s.device == "gpu" else mc.ModelInstanceGroup.KIND_CPU
     c.instance_group.add(kind=kind, count=instances)
     c.dynamic_batching.max_queue_delay_microseconds = plan.queue_delay_us
+    if backend == "onnxruntime":
+        # The Python encoder warms itself up (batching.warm_up); ONNX Runtime's backend runs these at load, so that no
+        # request pays a new shape's first run (about 47 ms on a GPU). Ids and token types of zeros (a token), a mask
+        # of ones (warmup_files: a row of zeros would be no input at all). Triton repeats the row batch_size times.
+        for rows, width in batching.warm_up_shapes(plan, s.max_length):
+            sample = c.model_warmup.add(name=f"{rows}x{width}", batch_size=rows)
+            for name in s.encoder_inputs:
+                tensor = sample.inputs[name]
+                tensor.data_type = mc.TYPE_INT64
+                tensor.dims.append(width)
+                if name == spec.ATTENTION_MASK:
+                    tensor.input_data_file = f"ones-{width}"
+                else:
+                    tensor.zero_data = True
     if tensorrt:
         if backend != "onnxruntime" or s.device != "gpu":
             raise ValueError("the TensorRT accelerator needs --encoder-backend onnxruntime --device gpu")
@@ -89,6 +105,16 @@ def encoder_config(s: spec.ModelSpec, backend: str, tensorrt: bool = False, inst
         trt.parameters["precision_mode"] = "FP16"
         trt.parameters["max_workspace_size_bytes"] = str(2 << 30)
     return c
+
+
+def warmup_files(config: mc.ModelConfig) -> dict[str, bytes]:
+    """The files the encoder's ``model_warmup`` reads (Triton looks for them in ``warmup/`` beside config.pbtxt)."""
+    return {
+        tensor.input_data_file: np.ones(tensor.dims, dtype="<i8").tobytes()
+        for sample in config.model_warmup
+        for tensor in sample.inputs.values()
+        if tensor.input_data_file
+    }
 
 
 def ensemble_config(s: spec.ModelSpec) -> mc.ModelConfig:
@@ -178,6 +204,9 @@ def write(
 
         encoder = encoder_config(s, encoder_backend, tensorrt, encoder_instances)
         (enc_dir / "config.pbtxt").write_text(render(encoder), encoding="utf-8")
+        for name, data in warmup_files(encoder).items():
+            (enc_dir / WARMUP_DIR).mkdir(exist_ok=True)
+            (enc_dir / WARMUP_DIR / name).write_bytes(data)
         shutil.copy(onnx_file, spec.encoder_file(staging, s.name))
         if encoder_backend == "python":
             copy_runtime(enc_dir / "1", "encoder_model.py")

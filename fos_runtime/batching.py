@@ -200,19 +200,23 @@ def warm_up(
 ) -> int:
     """Run every bucketed shape the plan can produce, up to ``longest`` tokens, once: the first run of a shape is
     the slow one. Returns the number of shapes run."""
+    shapes = warm_up_shapes(plan, max_length, longest)
+    for rows, width in shapes:
+        sample = Encoded(input_ids=[[pad_token_id] * width] * rows)
+        encoder.run(pad(sample, pad_token_id, inputs))
+    return len(shapes)
+
+
+def warm_up_shapes(plan: BatchPlan, max_length: int, longest: int = 1024) -> list[tuple[int, int]]:
+    """(rows, tokens) of every bucketed run shape the plan can produce up to ``longest`` tokens; none where the plan
+    does not bucket shapes. The encoders run them at load, Triton's ONNX Runtime backend from its config's
+    ``model_warmup``."""
     if not plan.shape_buckets:
-        return 0
-    limit = min(max_length, longest)
-    widths = sorted({bucket_length(n, max_length) for n in range(1, limit + 1)})
-    shapes = 0
-    for rows in ROW_BUCKETS:
-        for width in widths:
-            if rows > plan.max_rows or rows * width > plan.max_tokens:
-                break
-            sample = Encoded(input_ids=[[pad_token_id] * width] * rows)
-            encoder.run(pad(sample, pad_token_id, inputs))
-            shapes += 1
-    return shapes
+        return []
+    widths = sorted({bucket_length(n, max_length) for n in range(1, min(max_length, longest) + 1)})
+    return [
+        (rows, width) for rows in ROW_BUCKETS for width in widths if rows <= plan.max_rows and rows * width <= plan.max_tokens
+    ]
 
 
 def merge(encodeds: Sequence[Encoded]) -> Encoded:

@@ -5,17 +5,22 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
+import numpy as np
 import pytest
 import yaml
 
-from export.repository import encoder_config
+from export.repository import WARMUP_DIR, encoder_config, render, warmup_files
 from fos_runtime import batching, spec
 from shim.repository import parse
 from shim.serve import add_arguments as serve_arguments
+
+from helpers import run_tritonserver
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -151,11 +156,20 @@ def test_gpu_encoder_config_for_the_container():
         device="gpu",
         dimension=1024,
     )
-    c = parse(__import__("export.repository", fromlist=["render"]).render(encoder_config(s, "onnxruntime", tensorrt=True)))
+    c = parse(render(encoder_config(s, "onnxruntime", tensorrt=True)))
     assert c.backend == "onnxruntime" and c.instance_group[0].kind == c.instance_group[0].KIND_GPU
     trt = c.optimization.execution_accelerators.gpu_execution_accelerator[0]
     assert trt.name == "tensorrt" and trt.parameters["precision_mode"] == "FP16"
     assert not any(i.allow_ragged_batch for i in c.input)  # the ORT backend batches equal shapes only
+    # It warms up every shape the shim's row and length buckets send it, as the Python encoder does itself.
+    shapes = [(w.batch_size, w.inputs["input_ids"].dims[0]) for w in c.model_warmup]
+    assert shapes == batching.warm_up_shapes(batching.plan_for("gpu"), 512) and (256, 256) in shapes
+    assert all(set(w.inputs) == set(s.encoder_inputs) for w in c.model_warmup)
+    files = warmup_files(c)
+    assert files["ones-256"] == np.ones(256, dtype="<i8").tobytes() and len(files) == len({w for _, w in shapes})
+    assert all(w.batch_size <= c.max_batch_size for w in c.model_warmup)
+    assert not encoder_config(s, "python").model_warmup
+    assert not encoder_config(dataclasses.replace(s, device="cpu"), "onnxruntime").model_warmup
     with pytest.raises(ValueError):
         encoder_config(dataclasses.replace(s, device="cpu"), "python", tensorrt=True)
 
@@ -207,3 +221,28 @@ def test_encoder_instances_are_an_export_option():
     assert len(group) == 1 and (group[0].kind, group[0].count) == (group[0].KIND_GPU, 2)
     with pytest.raises(ValueError, match="at least 1"):  # refused before the model is loaded
         export(ExportOptions(model="/nonexistent", name="m", task="embed", encoder_instances=0), log=lambda _: None)
+
+
+def test_tritonserver_runs_the_onnxruntime_encoders_warm_up(exported, tmp_path):
+    # The container's encoder (ONNX Runtime backend) cannot run here; its model_warmup can, on the Python encoder of
+    # the same inputs: Triton fails the load if a sample or its data file is wrong (a mask of zeros once was).
+    from shim.repository import read_specs
+
+    repo = tmp_path / "repo"
+    s = next(x for x in read_specs(exported["repository"]) if x.task == "embed")
+    for name in (s.name, spec.tokenizer_model(s.name), spec.encoder_model(s.name)):
+        shutil.copytree(exported["repository"] / name, repo / name)
+    path = repo / spec.encoder_model(s.name) / "config.pbtxt"
+    config = parse(path.read_text())
+    gpu = encoder_config(dataclasses.replace(s, device="gpu"), "onnxruntime")
+    for sample in gpu.model_warmup:
+        if sample.batch_size <= config.max_batch_size and sample.inputs[spec.INPUT_IDS].dims[0] <= s.max_length:
+            config.model_warmup.add().CopyFrom(sample)
+    assert len(config.model_warmup) >= 10
+    path.write_text(render(config))
+    (path.parent / WARMUP_DIR).mkdir()
+    for name, data in warmup_files(config).items():
+        (path.parent / WARMUP_DIR / name).write_bytes(data)
+    with run_tritonserver(repo, tmp_path) as triton:
+        ready = httpx.get(f"http://{triton['http']}/v2/models/{spec.encoder_model(s.name)}/ready")
+        assert ready.status_code == 200
