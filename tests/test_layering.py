@@ -27,6 +27,13 @@ def test_runtime_imports_neither_shim_nor_export_nor_bench():
     assert not {"shim", "export", "bench", "fastapi", "tritonclient", "torch"} & set(imported), imported
 
 
+def test_only_serves_cli_imports_export():
+    # fos serve --model exports what the repository lacks; the service and its backends must load without export
+    # (and its torch).
+    imported = _imported_packages("shim")
+    assert imported.get("export", set()) == {"shim/serve.py"}, imported.get("export")
+
+
 def test_export_does_not_import_the_shim():
     imported = _imported_packages("export")
     assert "shim" not in imported and "bench" not in imported, imported
