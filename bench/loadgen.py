@@ -253,7 +253,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", type=float, default=30.0, help="seconds per level")
     p.add_argument("--max-requests", type=int, default=10_000, help="requests per level at most")
     p.add_argument("--tokenizer", required=True, type=Path, help="the model's tokenizer files, to count tokens")
-    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument(
+        "--max-length", type=int, help="tokens an input counts at most (default: the tokenizer's, 512 for ruri v1, 8192 for v3)"
+    )
     p.add_argument("--corpus", type=Path, help="JGLUE folder (default ../shared/data/jglue; generated text if absent)")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for <label>.json")
     p.add_argument("--processes", type=int, default=1, help="load-generating processes (for thousands of requests a second)")
@@ -325,11 +327,13 @@ def run(args: argparse.Namespace) -> int:
     _loopback_only(args.url)
     corpus = corpora.load(args.corpus)
     tokenizer = AutoTokenizer.from_pretrained(str(args.tokenizer))
+    # A tokenizer saved without a limit says 1e30: count as ruri v1 then.
+    max_length = args.max_length or (tokenizer.model_max_length if tokenizer.model_max_length < 1_000_000 else 512)
     levels = [int(c) for c in str(args.concurrency).split(",")]
     results = []
     for workload in args.workload.split(","):
         model = args.rerank_model if workload == "rerank" and args.rerank_model else args.model
-        items = make_items(workload, model, corpus, tokenizer, args.max_length, count=400)
+        items = make_items(workload, model, corpus, tokenizer, max_length, count=400)
         for c in levels:
             readings: dict[str, Any] = {}
 
