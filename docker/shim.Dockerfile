@@ -8,7 +8,10 @@ ENV UV_COMPILE_BYTECODE=1 \
     UV_PROJECT_ENVIRONMENT=/app/.venv \
     PATH=/app/.venv/bin:$PATH
 WORKDIR /app
-RUN useradd --create-home --uid 10001 fos
+# The hf-cache volume mounts at the cache: made here, owned by fos, so that a new volume starts owned by fos too.
+RUN useradd --create-home --uid 10001 fos \
+    && mkdir -p /home/fos/.cache/huggingface \
+    && chown -R fos /home/fos/.cache
 COPY pyproject.toml uv.lock README.md ./
 
 FROM base AS runtime
