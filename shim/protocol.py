@@ -10,11 +10,13 @@ from __future__ import annotations
 import base64
 import dataclasses
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, WithJsonSchema, model_validator
 from starlette.responses import Response
+
+from fos_runtime.text import encodable
 
 # Constraints in the types, so the OpenAPI document says what the server accepts.
 # Not empty, as documented; whether a text says anything (not only spaces, control or format
@@ -27,6 +29,23 @@ TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 class _Request(BaseModel):
     # Clients send fields we do not use (user, truncate, ...): ignore them, as OpenAI does.
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _encodable(cls, data: Any) -> Any:
+        # JSON lets a string carry half of a UTF-16 pair (a client cut it inside an emoji); UTF-8 cannot, so a
+        # response echoing it (a document, a model name in an error) could not be written.
+        return _encodable(data)
+
+
+def _encodable(value: Any) -> Any:
+    if isinstance(value, str):
+        return encodable(value)
+    if isinstance(value, list):
+        return [_encodable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _encodable(v) for k, v in value.items()}
+    return value
 
 
 class EmbeddingRequest(_Request):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 
 import httpx
 import numpy as np
@@ -147,6 +148,25 @@ def test_control_characters_are_spaces_never_the_end_of_the_text(server, referen
     top = next(x for x in results if x["index"] == 0)
     assert abs(top["relevance_score"] - float(want_scores[0])) <= 1e-5
     assert top["document"]["text"] == doc
+
+
+def test_a_lone_surrogate_is_a_replacement_character(server, references):
+    # A client that cut a string inside an emoji sends half of its UTF-16 pair (json.dumps writes it as "\\ud83d"): it
+    # has no UTF-8 form, so MeCab, Triton's string tensors and the response's JSON failed on it (500; on Triton every
+    # request of the round with it).
+    def post(path: str, body: dict) -> httpx.Response:
+        return httpx.post(server.url + path, content=json.dumps(body), headers={"content-type": "application/json"})
+
+    r = post("/v1/embeddings", {"model": EMBED, "input": ["東\ud83d京", "東\ufffd京"], "encoding_format": "float"})
+    assert r.status_code == 200, r.text
+    got = np.array([d["embedding"] for d in r.json()["data"]])
+    assert np.max(np.abs(got[0] - got[1])) <= 1e-6
+    body = {"model": RERANK, "query": "山\udc00", "documents": ["富士\ud800山", "海"], "return_documents": True}
+    r = post("/v1/rerank", body)
+    assert r.status_code == 200, r.text
+    assert {x["document"]["text"] for x in r.json()["results"]} == {"富士\ufffd山", "海"}
+    r = post("/v1/embeddings", {"model": "m\ud800", "input": "猫"})
+    assert r.status_code == 404 and "m\ufffd" in r.json()["error"]["message"]
 
 
 def test_token_id_input_matches_text_input(server, references):
