@@ -110,6 +110,39 @@ async def test_a_request_that_leaves_before_its_round_is_never_run():
     assert run.rounds == [["a"], ["kept"]]
 
 
+async def test_a_request_that_leaves_the_queue_frees_it_at_once():
+    # Its admission capacity is given back at once: its payload must not stay behind it until the next round.
+    run = Recorder(delay=0.2)
+    rounds = Coalescer(run, max_rows=100, max_cost=100)
+
+    async def body():
+        first = asyncio.create_task(rounds.submit("a", rows=1, cost=1))
+        await asyncio.sleep(0.01)
+        gone = [asyncio.create_task(rounds.submit(f"gone{i}", rows=1, cost=1)) for i in range(50)]
+        await asyncio.sleep(0.01)
+        for t in gone:
+            t.cancel()
+        await asyncio.gather(*gone, return_exceptions=True)
+        held = len(rounds._queue)
+        await first
+        return held
+
+    assert await _with(rounds, body) == 0
+
+
+async def test_close_ends_the_requests_still_queued():
+    run = Recorder(delay=5.0)
+    rounds = Coalescer(run, max_rows=1, max_cost=100)
+    rounds.start()
+    running = asyncio.create_task(rounds.submit("a", rows=1, cost=1))
+    queued = asyncio.create_task(rounds.submit("b", rows=1, cost=1))
+    await asyncio.sleep(0.05)
+    await asyncio.wait_for(rounds.close(), 1.0)
+    for task in (running, queued):
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 1.0)
+
+
 async def test_a_request_that_leaves_mid_round_waits_for_the_round_to_end():
     # Admission is released when the request's task ends; ending before the round does would admit new
     # work while this work still runs.
@@ -239,6 +272,16 @@ async def test_in_a_failed_round_only_the_request_at_fault_fails():
     )
     assert isinstance(results[1], BackendFailed)
     assert results[0].values.shape == (1, 2) and results[2].values.shape == (2, 2)
+
+
+async def test_requests_of_other_document_caps_do_not_fail_with_one_at_fault():
+    # Each max_tokens_per_doc goes in calls of its own; a request alone at its cap failed all of the round.
+    backend = _backend(FakeClient(bad_text="壊"))
+    results = await backend._run_round(
+        SPEC, [_Rows(["猫"], None, False, 5), _Rows(["犬", "鳥"], None, False, 5), _Rows(["壊"], None, False, 7)]
+    )
+    assert isinstance(results[2], BackendFailed)
+    assert results[0].values.shape == (1, 2) and results[1].values.shape == (2, 2)
 
 
 def test_gpu_calls_hold_a_row_buckets_worth_each():

@@ -73,7 +73,7 @@ class Coalescer(Generic[P, R]):
 
     @property
     def queued(self) -> int:
-        return sum(not j.abandoned for j in self._queue)
+        return len(self._queue)
 
     def start(self) -> None:
         self._dispatcher = asyncio.create_task(self._dispatch(), name=f"rounds:{self.name}")
@@ -85,6 +85,8 @@ class Coalescer(Generic[P, R]):
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+        while self._queue:  # never to run: their requests end now rather than wait for their clients to leave
+            self._queue.popleft().future.cancel()
 
     async def submit(self, payload: P, rows: int, cost: int) -> R:
         job: _Job[P, R] = _Job(payload, rows, cost, asyncio.get_running_loop().create_future())
@@ -96,6 +98,9 @@ class Coalescer(Generic[P, R]):
             job.abandoned = True
             if job.running:  # the round cannot be stopped halfway: let it end before giving its capacity back
                 await asyncio.wait([job.future])
+            else:  # out of the queue now: its payload is not held past the capacity it gave back
+                with contextlib.suppress(ValueError):  # close() took it already
+                    self._queue.remove(job)
             raise
 
     def _take_round(self) -> list[_Job]:
@@ -103,9 +108,6 @@ class Coalescer(Generic[P, R]):
         rows = cost = 0
         while self._queue:
             job = self._queue[0]
-            if job.abandoned:
-                self._queue.popleft()
-                continue
             if jobs and (rows + job.rows > self.max_rows or cost + job.cost > self.max_cost):
                 break
             self._queue.popleft()

@@ -311,11 +311,14 @@ class TritonBackend:
         caps = {j.max_doc_tokens for j in jobs}
         if len(caps) > 1:  # one cap per call: the tokenizer model takes one per request
             by_cap = [[k for k, j in enumerate(jobs) if j.max_doc_tokens == cap] for cap in caps]
-            parts = await asyncio.gather(*(self._run_round(s, [jobs[k] for k in group]) for group in by_cap))
+            # Each cap's requests succeed or fail apart from the others', and every call ends with the round.
+            parts = await asyncio.gather(
+                *(self._run_round(s, [jobs[k] for k in group]) for group in by_cap), return_exceptions=True
+            )
             answers: list[Output | BaseException] = [ValueError("unanswered")] * len(jobs)
             for group, part in zip(by_cap, parts, strict=True):
-                for k, result in zip(group, part, strict=True):
-                    answers[k] = result
+                for n, k in enumerate(group):
+                    answers[k] = part if isinstance(part, BaseException) else part[n]
             return answers
         if len(jobs) == 1:
             return [await self._ensemble(s, jobs[0])]
