@@ -112,8 +112,10 @@ class Tokenizer:
             ]
             return {key: [row[key] for row in rows] for key in rows[0].keys()} if rows else {spec.INPUT_IDS: []}
         backend = self.hf.backend_tokenizer
-        before = backend.truncation
+        # A tokenizer.json may set truncation or padding; both would apply to the parts and again to the pair.
+        before, padding = backend.truncation, backend.padding
         backend.no_truncation()
+        backend.no_padding()
         try:
             firsts = backend.encode_batch(list(texts), add_special_tokens=False)
             seconds = backend.encode_batch(list(pairs), add_special_tokens=False)
@@ -127,6 +129,8 @@ class Tokenizer:
                 backend.no_truncation()
             else:
                 backend.enable_truncation(**before)
+            if padding is not None:
+                backend.enable_padding(**padding)
         out = {spec.INPUT_IDS: [e.ids for e in encodings]}
         if self.returns_token_types:
             out[spec.TOKEN_TYPE_IDS] = [e.type_ids for e in encodings]

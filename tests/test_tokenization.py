@@ -282,6 +282,19 @@ def test_documents_cut_to_max_pair_tokens(tmp_path):
                 assert capped.truncated[i] == (not fits), (folder, max_length, i)
 
 
+def test_capped_pairs_ignore_padding_a_tokenizer_json_sets(tmp_path):
+    # Padding set in tokenizer.json applied to each part and again to the pair: pad ids inside the pair.
+    from fos_runtime.tokenization import Tokenizer
+
+    folder = _both_kinds_of_tokenizer(tmp_path)[1]
+    tok = Tokenizer(folder, max_length=64)
+    tok.hf.backend_tokenizer.enable_padding(pad_to_multiple_of=8, pad_id=tok.hf.pad_token_id)
+    capped = tok.encode(["猫"], ["東京は日本の首都です。"], max_pair_tokens=100_000).input_ids
+    assert tok.hf.backend_tokenizer.padding is not None  # given back as it was
+    tok.hf.backend_tokenizer.no_padding()
+    assert capped == tok.encode(["猫"], ["東京は日本の首都です。"]).input_ids
+
+
 def test_shape_buckets_bound_what_a_gpu_engine_sees():
     from fos_runtime.padding import ROW_BUCKETS, bucket_length, bucket_rows
 
