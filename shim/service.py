@@ -14,7 +14,7 @@ from fos_runtime.text import blank, clean
 from fos_runtime.tokenization import truncate_ids
 
 from .backends.base import Backend
-from .errors import BackendUnavailable, InvalidRequest, ModelNotFound, Overloaded
+from .errors import BackendUnavailable, Internal, InvalidRequest, ModelNotFound, Overloaded
 from .observability import Metrics
 from .protocol import (
     EmbeddingRequest,
@@ -155,6 +155,7 @@ class Service:
             with self.admission.admit(len(seqs)):
                 out = await self.backend.embed(s, encoded=encoded)
         self._check_truncation(s, out.truncated, truncate, "input", "input[{}]")
+        self._check_finite(s, out.values, "input[{}]")
         self._count(s, out.tokens)
         vectors = out.values
 
@@ -194,6 +195,20 @@ class Service:
             known = ", ".join(repr(k) for k in sorted(s.prompts)) or "none"
             raise InvalidRequest(f"{param} {name!r} is not a prompt of `{s.served_name}` (its prompts: {known})", param=param)
         return name
+
+    @staticmethod
+    def _check_finite(s: ModelSpec, values: np.ndarray, item: str) -> None:
+        """A NaN or infinity (an overflow, fp16's most likely) would go out as JSON null, or scramble a ranking:
+        a server error that names the input instead."""
+        bad = np.flatnonzero(~np.isfinite(values.reshape(len(values), -1)).all(axis=1))
+        if len(bad):
+            where = item.format(int(bad[0]))
+            log.error("%s computed non-finite values for %d of %d inputs, first %s", s.served_name, len(bad), len(values), where)
+            raise Internal(
+                f"`{s.served_name}` computed non-finite values (NaN or infinity) for {where}"
+                + (f" and {len(bad) - 1} more" if len(bad) > 1 else "")
+                + f"; its {s.precision} export overflowed on this input (an fp32 export would not)"
+            )
 
     def _check_ids(self, s: ModelSpec, seqs: list[list[int]]) -> None:
         for i, seq in enumerate(seqs):
@@ -243,6 +258,7 @@ class Service:
                 s, query, cleaned, detect_truncation=not truncate, max_doc_tokens=req.max_tokens_per_doc
             )
         self._check_truncation(s, out.truncated, truncate, "documents", "'query' with documents[{}]")
+        self._check_finite(s, out.values, "'query' with documents[{}]")
         self._count(s, out.tokens)
         scores = [float(x) for x in out.values]
         order = sorted(range(len(docs)), key=lambda i: (-scores[i], i))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 from fastapi.testclient import TestClient
 
 from shim.app import create_app
@@ -92,6 +93,28 @@ def test_request_larger_than_the_admission_capacity_is_a_400_naming_it(caplog):
         assert http.post("/v1/embeddings", json={"model": "fake/embed", "input": ["猫"] * 4}).status_code == 200
     warned = [r.getMessage() for r in caplog.records if r.name == "fos.service"]
     assert len(warned) == 2 and "--max-inputs 10" in warned[0] and "--max-documents 6" in warned[1]
+
+
+def test_non_finite_outputs_are_a_server_error_never_null():
+    # A NaN went out as JSON null in an embedding, and sorted a ranking at random.
+    class Overflowing(FakeBackend):
+        async def embed(self, s, texts=None, encoded=None, detect_truncation=False):
+            out = await super().embed(s, texts, encoded, detect_truncation)
+            if len(out.values) > 1:
+                out.values[1, 2] = np.nan
+            return out
+
+        async def rerank(self, s, query, documents, detect_truncation=False, max_doc_tokens=None):
+            out = await super().rerank(s, query, documents, detect_truncation, max_doc_tokens)
+            out.values[2] = np.inf
+            return out
+
+    with TestClient(create_app(Overflowing())) as http:
+        r = http.post("/v1/embeddings", json={"model": "fake/embed", "input": ["猫", "犬", "鳥"]})
+        assert r.status_code == 500 and "input[1]" in r.json()["error"]["message"]
+        r = http.post("/v1/rerank", json={"model": "fake/rerank", "query": "q", "documents": ["a", "b", "c"]})
+        assert r.status_code == 500 and "documents[2]" in r.json()["error"]["message"]
+        assert http.post("/v1/embeddings", json={"model": "fake/embed", "input": "猫"}).status_code == 200
 
 
 def test_request_id_is_echoed_and_metrics_count_requests():
