@@ -21,6 +21,7 @@ from .protocol import (
     EmbeddingRequest,
     EmbeddingResponse,
     ErrorResponse,
+    ModelCard,
     ModelList,
     RerankRequest,
     RerankResponse,
@@ -123,6 +124,11 @@ def create_app(backend: Backend, limits: Limits | None = None, api_keys: list[st
     @app.get("/v1/models", response_model=ModelList)
     async def models(request: Request):
         return JSON(service(request).models())
+
+    # The openai client's models.retrieve; ids hold a '/' (cl-nagoya/ruri-large).
+    @app.get("/v1/models/{model:path}", response_model=ModelCard, responses={404: {"model": ErrorResponse}})
+    async def model(model: str, request: Request):
+        return JSON(service(request).model(model))
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus():

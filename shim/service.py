@@ -254,9 +254,9 @@ class Service:
         cleaned = [self._text(d, f"documents[{i}]", "documents") for i, d in enumerate(docs)]
         (query,) = s.with_prompt([query], None)  # a cross-encoder's default prompt, as CrossEncoder.predict
         with self.admission.admit(len(docs)):
-            out = await self.backend.rerank(
-                s, query, cleaned, detect_truncation=not truncate, max_doc_tokens=req.max_tokens_per_doc
-            )
+            # A cap past the context cuts nothing; past int64 it would not reach the tokenizer.
+            cap = min(req.max_tokens_per_doc, s.max_length) if req.max_tokens_per_doc is not None else None
+            out = await self.backend.rerank(s, query, cleaned, detect_truncation=not truncate, max_doc_tokens=cap)
         self._check_truncation(s, out.truncated, truncate, "documents", "'query' with documents[{}]")
         self._check_finite(s, out.values, "'query' with documents[{}]")
         self._count(s, out.tokens)
@@ -265,6 +265,13 @@ class Service:
         if req.top_n is not None:
             order = order[: req.top_n]
         return Ranking(model=s.served_name, order=order, scores=scores, documents=docs, tokens=int(sum(out.tokens)))
+
+    def model(self, name: str) -> ModelCard:
+        card = next((c for c in self.models().data if c.id == name), None)
+        if card is None:
+            served = ", ".join(c.id for c in self.models().data) or "none"
+            raise ModelNotFound(f"The model `{name}` does not exist. Served: {served}", param="model")
+        return card
 
     def models(self) -> ModelList:
         running = self.backend.engines()

@@ -33,13 +33,19 @@ def st(references):
 
 
 def test_openai_sdk_with_input_type(server, st):
-    from openai import OpenAI
+    import openai
 
-    client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
     docs = client.embeddings.create(model=EMBED_V3, input=DOCS, extra_body={"input_type": "document"})
     query = client.embeddings.create(model=EMBED_V3, input=QUERY, extra_body={"input_type": "query"})
     assert close([d.embedding for d in docs.data], normalized(st.encode(DOCS, prompt_name="document")))
     assert close(query.data[0].embedding, normalized(st.encode([QUERY], prompt_name="query"))[0])
+    # The model list, and one model by its id (which holds a '/').
+    assert EMBED_V3 in {m.id for m in client.models.list()}
+    card = client.models.retrieve(EMBED_V3)
+    assert card.id == EMBED_V3 and card.model_extra["task"] == "embed"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope/nothing")
 
 
 def test_langchain_openai_embeddings(server, st):

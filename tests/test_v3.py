@@ -153,6 +153,14 @@ def test_max_tokens_per_doc_is_not_truncation_refused(server):
     assert httpx.post(server.url + "/v1/rerank", json=body).status_code == 400
     assert httpx.post(server.url + "/v1/rerank", json={**body, "max_tokens_per_doc": 8}).status_code == 200
     assert httpx.post(server.url + "/v1/rerank", json={**body, "max_tokens_per_doc": 0}).status_code == 400
+    # A cap past the context (past int64 too) cuts nothing: the context's truncation still applies, and is refused.
+    for huge in (10**6, 2**63, 10**20):
+        r = httpx.post(server.url + "/v1/rerank", json={**body, "max_tokens_per_doc": huge})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+    for model in (RERANK, RERANK_V3):
+        kept = {"model": model, "query": "猫", "documents": [LONG, "犬"]}
+        plain = httpx.post(server.url + "/v1/rerank", json=kept).json()["results"]
+        assert httpx.post(server.url + "/v1/rerank", json={**kept, "max_tokens_per_doc": 2**64}).json()["results"] == plain
 
 
 def test_v1_and_v3_side_by_side(server):
