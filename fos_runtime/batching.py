@@ -241,16 +241,18 @@ def run(
     plan: BatchPlan,
     stats: Stats | None = None,
     max_length: int | None = None,
+    wanted: Callable[[], bool] | None = None,
 ) -> list[np.ndarray]:
     """One output array per element of ``encodeds``, rows in their order. ``max_length``, the model's
-    context, bounds the shape buckets of a plan that uses them."""
+    context, bounds the shape buckets of a plan that uses them. ``wanted`` is asked before each run but the first:
+    once it says False, ``Abandoned`` is raised instead of running the rest."""
     merged = merge(encodeds)
     limit = plan.bucket_limit(max_length)
 
     def feeds(batch: list[int]) -> dict[str, np.ndarray]:
         return pad(merged, pad_token_id, inputs, order=batch, length_limit=limit, bucket_rows_too=limit is not None)
 
-    return _run(encoder, merged.lengths, [len(e.input_ids) for e in encodeds], feeds, plan, stats, max_length)
+    return _run(encoder, merged.lengths, [len(e.input_ids) for e in encodeds], feeds, plan, stats, max_length, wanted)
 
 
 def run_padded(
@@ -272,6 +274,10 @@ def run_padded(
     return _run(encoder, lengths.tolist(), [len(p[spec.ATTENTION_MASK]) for p in parts], feeds, plan, stats, max_length)
 
 
+class Abandoned(Exception):
+    """Every request of the round has left: the runs not yet started were not run."""
+
+
 def _run(
     encoder: Encoder,
     lengths: list[int],
@@ -280,6 +286,7 @@ def _run(
     plan: BatchPlan,
     stats: Stats | None,
     max_length: int | None,
+    wanted: Callable[[], bool] | None = None,
 ) -> list[np.ndarray]:
     """The plan's runs over all rows (``lengths``), each fed by ``feeds_of``; the outputs split back into the
     parts of ``sizes`` rows."""
@@ -288,9 +295,18 @@ def _run(
         batches = fill_streams(batches, lengths, encoder.streams)
     if not batches:
         return [np.zeros((0, 0), dtype=np.float32) for _ in sizes]
-    feeds = [feeds_of(batch) for batch in batches]
+    # A step's runs go to the engine together (OpenVINO with streams computes them at once); between steps the round
+    # may stop. Several steps' worth of runs per stream keeps the streams busy when nobody leaves.
+    step = 1 if encoder.streams == 1 else 4 * encoder.streams
+    outs: list[np.ndarray] = []
+    computed = 0
     started = time.perf_counter()
-    outs = encoder.run_many(feeds)  # OpenVINO with streams computes several at once
+    for k in range(0, len(batches), step):
+        if k and wanted is not None and not wanted():
+            raise Abandoned(f"stopped after {k} of {len(batches)} runs: every request of the round has left")
+        feeds = [feeds_of(batch) for batch in batches[k : k + step]]
+        outs.extend(encoder.run_many(feeds))
+        computed += sum(f[spec.INPUT_IDS].size for f in feeds)
     elapsed = time.perf_counter() - started
     result = np.empty((len(lengths), outs[0].shape[1]), dtype=np.float32)
     for batch, out in zip(batches, outs, strict=True):
@@ -299,7 +315,7 @@ def _run(
         stats.runs += len(batches)
         stats.rows += len(lengths)
         stats.real_tokens += sum(lengths)
-        stats.computed_tokens += sum(f[spec.INPUT_IDS].size for f in feeds)
+        stats.computed_tokens += computed
         stats.seconds += elapsed
     bounds = np.cumsum([0, *sizes])
     return [result[a:b] for a, b in itertools.pairwise(bounds)]

@@ -14,7 +14,7 @@ from shim.app import create_app
 from shim.backends.embedded import EmbeddedBackend
 from shim.service import Limits
 
-from helpers import EMBED, ServerThread
+from helpers import EMBED, EMBED_V3, ServerThread
 
 LONG = "東京は日本の首都で、多くの人が電車で通勤しています。" * 80  # ~2,000 characters, as in the report
 
@@ -117,3 +117,35 @@ def test_a_storm_of_abandoned_requests_leaves_little_work_and_health_answers(cou
     print(f"\nstorm: {share:.1%} of abandoned inputs tokenized; slowest /health {max(waits) * 1000:.0f} ms")
     assert share < 0.05
     assert max(waits) < 1.0
+
+
+async def test_a_round_whose_clients_all_left_stops_at_its_next_run(exported):
+    # Every model shares one inference thread: a departed client's round ran to its end, and a small request for
+    # another model waited behind it (10.7 s where 0.06 s is the norm, review of 2026-11-27).
+    backend = EmbeddedBackend(exported["repository"])
+    await backend.start()
+    try:
+        model = backend.models[EMBED_V3]
+        engine_runs: list[int] = []
+        run_many = model.encoder.run_many
+
+        def slow(feeds):
+            engine_runs.append(len(feeds))
+            time.sleep(0.1)  # a run of a large model
+            return run_many(feeds)
+
+        model.encoder.run_many = slow
+        texts = [f"{i}: 東京は日本の首都です。" for i in range(320)]  # 32 rows a run on a CPU: 10 runs or more
+        task = asyncio.create_task(backend.embed(model.spec, texts=texts))
+        while not engine_runs:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 5.0)
+        stopped = len(engine_runs)
+        assert stopped <= 2, engine_runs
+        # The model still serves, whole rounds included (40 rows: two runs).
+        out = await backend.embed(model.spec, texts=texts[:40])
+        assert out.values.shape[0] == 40 and len(engine_runs) - stopped >= 2
+    finally:
+        await backend.close()

@@ -23,7 +23,8 @@ class Recorder:
         self.rounds: list[list[str]] = []
         self.finished: list[list[str]] = []
 
-    async def __call__(self, payloads):
+    async def __call__(self, payloads, wanted=None):
+        self.wanted = wanted
         self.rounds.append(list(payloads))
         await asyncio.sleep(self.delay)
         self.finished.append(list(payloads))
@@ -158,6 +159,29 @@ async def test_a_request_that_leaves_mid_round_waits_for_the_round_to_end():
         return run.finished
 
     assert await _with(rounds, body) == [["a"]]
+
+
+async def test_a_round_is_told_once_all_its_requests_have_left():
+    run = Recorder(delay=0.3)
+    rounds = Coalescer(run, max_rows=100, max_cost=100)
+
+    async def body():
+        first = asyncio.create_task(rounds.submit("a", rows=1, cost=1))
+        await asyncio.sleep(0.01)
+        second = [asyncio.create_task(rounds.submit(p, rows=1, cost=1)) for p in ("b", "c")]
+        await asyncio.sleep(0.35)  # the second round ("b", "c") runs
+        told = [run.wanted()]
+        second[0].cancel()
+        await asyncio.sleep(0.01)
+        told.append(run.wanted())
+        second[1].cancel()
+        await asyncio.sleep(0.01)
+        told.append(run.wanted())
+        await first
+        await asyncio.gather(*second, return_exceptions=True)
+        return told
+
+    assert await _with(rounds, body) == [True, True, False]
 
 
 async def test_several_rounds_in_flight():

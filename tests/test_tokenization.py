@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -352,6 +354,21 @@ def test_a_round_of_fewer_runs_than_streams_is_cut_for_every_stream():
     assert got.tolist() == want.tolist() == [[len(q), q[0]] for q in seqs]
     assert (one.rounds, four.rounds, s1.runs, s4.runs) == ([1], [4], 1, 4)
     assert batching.fill_streams([[0, 1, 2, 3]], [1, 1, 1, 9], 2) == [[0, 1, 2], [3]]  # 3x1 against 1x9 tokens
+
+
+def test_a_round_stops_between_runs_once_nobody_wants_it():
+    from fos_runtime import batching
+
+    encoded = [Encoded(input_ids=[[5] * n]) for n in range(1, 100)]
+    plan = dataclasses.replace(batching.PLANS["cpu"], max_rows=8, run_cost_tokens=0)
+    encoder = EchoEncoder()
+    whole = batching.run(encoder, encoded, 0, ALL, plan, wanted=lambda: True)
+    assert len(whole) == len(encoded) and sum(encoder.rounds) > 3
+    asked: list[int] = []
+    encoder = EchoEncoder()
+    with pytest.raises(batching.Abandoned):
+        batching.run(encoder, encoded, 0, ALL, plan, wanted=lambda: bool(asked.append(1)))
+    assert encoder.rounds == [1] and len(asked) == 1  # the first run is always run: a round starts only if wanted
 
 
 def test_warm_up_runs_each_bucketed_shape_once():

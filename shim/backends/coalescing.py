@@ -7,7 +7,8 @@ one encoder run instead of sixteen.
 
 Cancellation is exact. A request that leaves before its round starts is dropped from the queue; one that leaves while
 its round runs waits for the round to end before it gives up, so whoever counts admitted work (``service.Admission``)
-counts what really runs. One request's failure is its own: ``run`` returns a result or an exception per request.
+counts what really runs. ``run`` is told when every request of its round has left (``wanted``), and may stop early.
+One request's failure is its own: ``run`` returns a result or an exception per request.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ class RoundStats:
         return self.rows / self.rounds if self.rounds else 0.0
 
 
-RunRound = Callable[[Sequence[P]], Awaitable[Sequence["R | BaseException"]]]
+# run(payloads, wanted): wanted() turns False once every request of the round has left (its answers go to nobody).
+RunRound = Callable[[Sequence[P], Callable[[], bool]], Awaitable[Sequence["R | BaseException"]]]
 
 
 class Coalescer(Generic[P, R]):
@@ -137,7 +139,7 @@ class Coalescer(Generic[P, R]):
             self.stats.requests += len(jobs)
             self.stats.rows += sum(j.rows for j in jobs)
             try:
-                results: Sequence[object] = await self._run([j.payload for j in jobs])
+                results: Sequence[object] = await self._run([j.payload for j in jobs], lambda: not all(j.abandoned for j in jobs))
                 if len(results) != len(jobs):
                     raise RuntimeError(f"a round of {len(jobs)} requests returned {len(results)} results")
             except asyncio.CancelledError:

@@ -115,13 +115,15 @@ class _Model:
             return np.zeros((0, width), dtype=np.float32)
         return await self.rounds.submit(encoded, rows=len(encoded.input_ids), cost=sum(encoded.lengths))
 
-    async def _run(self, encodeds: Sequence[Encoded]) -> list[np.ndarray]:
+    async def _run(self, encodeds: Sequence[Encoded], wanted: Callable[[], bool]) -> list[np.ndarray]:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self._run_sync, list(encodeds))
+        return await loop.run_in_executor(self.executor, self._run_sync, list(encodeds), wanted)
 
-    def _run_sync(self, encodeds: list[Encoded]) -> list[np.ndarray]:
+    def _run_sync(self, encodeds: list[Encoded], wanted: Callable[[], bool]) -> list[np.ndarray]:
+        # Every model shares the inference thread: a round whose clients all left stops at its next run, so that the
+        # requests behind it (another model's too) do not wait for answers nobody reads.
         s = self.spec
-        return batching.run(self.encoder, encodeds, s.pad_token_id, s.encoder_inputs, self.plan, self.stats, s.max_length)
+        return batching.run(self.encoder, encodeds, s.pad_token_id, s.encoder_inputs, self.plan, self.stats, s.max_length, wanted)
 
 
 class EmbeddedBackend:

@@ -347,8 +347,8 @@ class TritonBackend:
         if rounds is None:
             plan = plan_for(s.device)
 
-            async def run(jobs: Sequence[_Rows]) -> list[Output | BaseException]:
-                return await self._run_round(s, jobs)
+            async def run(jobs: Sequence[_Rows], wanted: Callable[[], bool]) -> list[Output | BaseException]:
+                return await self._run_round(s, jobs)  # a round's calls run at once in Triton: nothing to stop between
 
             rounds = Coalescer(
                 run,
