@@ -44,6 +44,12 @@ class ParityError(RuntimeError):
     pass
 
 
+def end_token(tokenizer) -> int | None:
+    """The special token the tokenizer closes an input with, if it closes one."""
+    ids = tokenizer("a")["input_ids"]
+    return int(ids[-1]) if ids and ids[-1] in tokenizer.all_special_ids else None
+
+
 def _step(log: Callable[[str], None], n: int, total: int, text: str):
     log(f"[{n}/{total}] {text} ...")
     return time.perf_counter()
@@ -104,6 +110,7 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> spec.Mode
         dimension=source.dimension,
         normalize=opts.normalize,
         model_normalizes=source.model_normalizes,
+        end_token_id=end_token(source.tokenizer),
         **prompts_of(source, opts),
     )
 

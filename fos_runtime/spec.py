@@ -111,6 +111,9 @@ class ModelSpec:
     # ``prompts``; ``default_prompt_name`` is used when a request names none.
     prompts: dict[str, str] = dataclasses.field(default_factory=dict)
     default_prompt_name: str | None = None
+    # The special token the tokenizer ends every input with ([SEP], </s>); None if none, or exported before this was
+    # recorded. A token-id input cut to the context keeps it.
+    end_token_id: int | None = None
 
     @property
     def name(self) -> str:

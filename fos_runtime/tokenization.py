@@ -156,6 +156,16 @@ class Tokenizer:
         return truncated
 
 
-def truncate_ids(sequences: Sequence[Sequence[int]], max_length: int) -> Encoded:
-    """Token-id input (the OpenAI API's list of ints): taken as the full sequence, cut to max_length."""
-    return Encoded(input_ids=[list(s[:max_length]) for s in sequences], truncated=[len(s) > max_length for s in sequences])
+def truncate_ids(sequences: Sequence[Sequence[int]], max_length: int, end_token_id: int | None = None) -> Encoded:
+    """Token-id input (the OpenAI API's list of ints): taken as the full sequence, cut to max_length. A sequence that
+    ends with the tokenizer's closing special token (``end_token_id``: [SEP], </s>) keeps it, as the tokenizer's own
+    truncation does: cut without it, the client's ids of a long text embedded unlike the text."""
+
+    def cut(seq: Sequence[int]) -> list[int]:
+        if len(seq) <= max_length:
+            return list(seq)
+        if end_token_id is not None and seq[-1] == end_token_id and max_length > 1:
+            return [*seq[: max_length - 1], end_token_id]
+        return list(seq[:max_length])
+
+    return Encoded(input_ids=[cut(s) for s in sequences], truncated=[len(s) > max_length for s in sequences])

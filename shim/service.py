@@ -150,7 +150,7 @@ class Service:
             if req.input_type is not None or req.prompt_name is not None:
                 param = "input_type" if req.input_type is not None else "prompt_name"
                 raise InvalidRequest(f"{param} applies to text input, not token ids", param=param)
-            encoded = truncate_ids(seqs, s.max_length)
+            encoded = truncate_ids(seqs, s.max_length, s.end_token_id)
             self._check_truncation(s, encoded.cut, truncate, "input", "input[{}]")  # known before any compute
             with self.admission.admit(len(seqs)):
                 out = await self.backend.embed(s, encoded=encoded)

@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 from openai import BadRequestError, NotFoundError, OpenAI
 
+from shim.repository import read_specs
+
 import tiny_models
-from helpers import EMBED, RERANK
+from helpers import EMBED, EMBED_V3, RERANK
 
 TEXTS = [
     "東京は日本の首都です。",
@@ -169,7 +171,7 @@ def test_a_lone_surrogate_is_a_replacement_character(server, references):
     assert r.status_code == 404 and "m\ufffd" in r.json()["error"]["message"]
 
 
-def test_token_id_input_matches_text_input(server, references):
+def test_token_id_input_matches_text_input(server, references, exported):
     ids = references["embed"].tokenizer([TEXTS[0], TEXTS[1]])["input_ids"]
     by_ids = httpx.post(server.url + "/v1/embeddings", json={"model": EMBED, "input": ids}).json()
     by_text = httpx.post(server.url + "/v1/embeddings", json={"model": EMBED, "input": TEXTS[:2]}).json()
@@ -179,6 +181,17 @@ def test_token_id_input_matches_text_input(server, references):
     assert by_ids["usage"]["prompt_tokens"] == sum(len(x) for x in ids)
     single = httpx.post(server.url + "/v1/embeddings", json={"model": EMBED, "input": ids[0]}).json()
     assert np.max(np.abs(np.array(single["data"][0]["embedding"]) - a[0])) <= 1e-5
+    # A long text's full ids, cut by the server, embed as the text does (the closing [SEP] kept; v3's </s> too).
+    long = "".join(TEXTS) * 4
+    full = references["embed"].tokenizer(long)["input_ids"]
+    by_ids = httpx.post(server.url + "/v1/embeddings", json={"model": EMBED, "input": full})
+    by_text = httpx.post(server.url + "/v1/embeddings", json={"model": EMBED, "input": long})
+    assert by_ids.status_code == by_text.status_code == 200, by_ids.text + by_text.text
+    assert by_ids.json()["usage"]["prompt_tokens"] == by_text.json()["usage"]["prompt_tokens"] < len(full)
+    assert np.max(np.abs(np.array(by_ids.json()["data"][0]["embedding"]) - by_text.json()["data"][0]["embedding"])) <= 1e-5
+    # v3 closes its inputs too (its 8192 tokens are too long to check the same way here).
+    ends = {s.served_name: s.end_token_id for s in read_specs(exported["repository"])}
+    assert ends[EMBED_V3] == references["embed_v3"].tokenizer("a")["input_ids"][-1] and ends[EMBED] is not None
 
 
 def test_many_inputs_keep_their_order(server, references):

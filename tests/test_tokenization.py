@@ -41,6 +41,9 @@ def test_truncate_ids():
     cut = truncate_ids([[1, 2, 3, 4], [5], [6, 7]], 2)
     assert cut.input_ids == [[1, 2], [5], [6, 7]]
     assert cut.truncated == [True, False, False]
+    # A sequence closed by the tokenizer's end token keeps it, as the tokenizer's truncation does.
+    cut = truncate_ids([[2, 5, 6, 7, 3], [2, 5, 6, 7], [2, 3]], 3, end_token_id=3)
+    assert cut.input_ids == [[2, 5, 3], [2, 5, 6], [2, 3]] and cut.truncated == [True, True, False]
 
 
 def test_tokenizer_tells_which_inputs_it_cut(tmp_path):
