@@ -211,6 +211,7 @@ _FIELD_MESSAGES = {
     "input": "input must be a string, a list of strings, a list of token ids or a list of lists of token ids",
     "documents": "documents must be a list of strings or of objects with a 'text' string",
 }
+_PATH_FIELD_MESSAGES = {("/v2/rerank", "documents"): "documents must be a list of strings (Cohere's v2 rerank)"}
 
 
 def install(app: FastAPI) -> None:
@@ -230,8 +231,14 @@ def install(app: FastAPI) -> None:
             return error_response(
                 InvalidRequest("send the body as JSON, with Content-Type: application/json", code="invalid_json")
             )
+        if loc == ("body",) and first.get("type") == "missing":
+            return error_response(InvalidRequest("the request body is empty: send a JSON object", code="invalid_json"))
         param = _validation_param(loc)
-        message = _FIELD_MESSAGES.get(param or "") or (f"{param}: {first.get('msg')}" if param else str(first.get("msg")))
+        message = (
+            _PATH_FIELD_MESSAGES.get((request.url.path, param or ""))
+            or _FIELD_MESSAGES.get(param or "")
+            or (f"{param}: {first.get('msg')}" if param else str(first.get("msg")))
+        )
         return error_response(InvalidRequest(message, param=param, code="invalid_value"))
 
     @app.exception_handler(StarletteHTTPException)

@@ -279,6 +279,18 @@ def test_body_size_cap_announced_or_chunked():
         assert http.post("/v1/embeddings", json=BODY).status_code == 200
 
 
+def test_validation_messages_say_what_this_endpoint_takes():
+    with TestClient(create_app(FakeBackend())) as http:
+        r = http.post("/v1/embeddings", content=b"", headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["message"] == "the request body is empty: send a JSON object"
+        objects = {"model": "fake/rerank", "query": "q", "documents": [{"text": "a"}]}
+        assert http.post("/v1/rerank", json=objects).status_code == 200
+        r = http.post("/v2/rerank", json=objects)  # Cohere's v2 takes strings only: say so, not "or objects"
+        assert r.status_code == 400 and r.json()["error"]["message"] == "documents must be a list of strings (Cohere's v2 rerank)"
+        r = http.post("/v1/rerank", json={**objects, "documents": [{"txt": "a"}]})
+        assert "objects with a 'text' string" in r.json()["error"]["message"]
+
+
 def test_unknown_fields_are_ignored():
     with TestClient(create_app(FakeBackend())) as http:
         r = http.post("/v1/embeddings", json={**BODY, "truncate": True, "something_new": {"a": 1}})
