@@ -200,6 +200,34 @@ class ShutdownCutoffMiddleware:
                 await error_response(ShuttingDown("the server is shutting down; retry the request"))(scope, receive, send)
 
 
+class UnexpectedErrorMiddleware:
+    """A bug's exception becomes the envelope's 500 here, and ends. Starlette's last-resort handler answers and then
+    raises again, and uvicorn closes the connection without a ``Connection: close``: a pooled client's next request
+    on it fails, a request that did nothing wrong."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            if started:  # half an answer is out: only closing the connection can end it
+                raise
+            log.exception("unhandled error (request %s)", scope.get("state", {}).get("request_id", "-"))
+            await error_response(Internal("internal error"))(scope, receive, send)
+
+
 def _validation_param(loc: tuple) -> str | None:
     """The top-level field at fault: 'documents', not 'documents.0.RerankDocument.text'."""
     fields = [str(p) for p in loc if p != "body"]

@@ -117,6 +117,29 @@ def test_non_finite_outputs_are_a_server_error_never_null():
         assert http.post("/v1/embeddings", json={"model": "fake/embed", "input": "猫"}).status_code == 200
 
 
+def test_an_unexpected_error_is_a_500_that_keeps_the_connection():
+    # Starlette's last-resort handler answers and then raises again: uvicorn closed the connection without saying so,
+    # and the next request a pooled client sent on it failed.
+    import httpx
+
+    from helpers import ServerThread
+
+    class Broken(FakeBackend):
+        async def embed(self, s, texts=None, encoded=None, detect_truncation=False):
+            if texts == ["boom"]:
+                raise RuntimeError("a bug")
+            return await super().embed(s, texts, encoded, detect_truncation)
+
+    with ServerThread(create_app(Broken())) as server, httpx.Client(base_url=server.url) as client:
+        for _ in range(3):
+            r = client.post("/v1/embeddings", json={"model": "fake/embed", "input": "boom"})
+            assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
+            assert r.headers.get("connection") != "close"
+            assert client.post("/v1/embeddings", json=BODY).status_code == 200
+        metrics = client.get("/metrics").text
+        assert 'fos_requests_total{route="/v1/embeddings",status="500"} 3.0' in metrics
+
+
 def test_request_id_is_echoed_and_metrics_count_requests():
     with TestClient(create_app(FakeBackend())) as http:
         r = http.post("/v1/embeddings", json=BODY, headers={"X-Request-Id": "abc-123"})
