@@ -86,7 +86,7 @@ def encoder_config(s: spec.ModelSpec, backend: str, tensorrt: bool = False, inst
         # The Python encoder warms itself up (batching.warm_up); ONNX Runtime's backend runs these at load, so that no
         # request pays a new shape's first run (about 47 ms on a GPU). Ids and token types of zeros (a token), a mask
         # of ones (warmup_files: a row of zeros would be no input at all). Triton repeats the row batch_size times.
-        for rows, width in batching.warm_up_shapes(plan, s.max_length):
+        for rows, width in _extremes_first(batching.warm_up_shapes(plan, s.max_length)):
             sample = c.model_warmup.add(name=f"{rows}x{width}", batch_size=rows)
             for name in s.encoder_inputs:
                 tensor = sample.inputs[name]
@@ -105,6 +105,17 @@ def encoder_config(s: spec.ModelSpec, backend: str, tensorrt: bool = False, inst
         trt.parameters["precision_mode"] = "FP16"
         trt.parameters["max_workspace_size_bytes"] = str(2 << 30)
     return c
+
+
+def _extremes_first(shapes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The shapes, the least rows and width, the most rows and the most width first: TensorRT's execution provider
+    builds its engine again for each shape outside the rows and widths it has seen, so the widest range comes at once
+    (the order costs nothing on CUDA alone)."""
+    if not shapes:
+        return shapes
+    first = [min(shapes), max(shapes), max(shapes, key=lambda rw: (rw[1], rw[0]))]
+    first = list(dict.fromkeys(first))
+    return first + [rw for rw in shapes if rw not in first]
 
 
 def warmup_files(config: mc.ModelConfig) -> dict[str, bytes]:
