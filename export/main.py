@@ -45,9 +45,11 @@ class ParityError(RuntimeError):
 
 
 def end_token(tokenizer) -> int | None:
-    """The special token the tokenizer closes an input with, if it closes one."""
-    ids = tokenizer("a")["input_ids"]
-    return int(ids[-1]) if ids and ids[-1] in tokenizer.all_special_ids else None
+    """The special token the tokenizer closes an input with, if it closes one (not the text's own last token, which
+    may be special too: [UNK])."""
+    closed, bare = tokenizer("a")["input_ids"], tokenizer("a", add_special_tokens=False)["input_ids"]
+    added_at_end = bool(bare) and closed[-len(bare) :] != bare
+    return int(closed[-1]) if added_at_end and closed[-1] in tokenizer.all_special_ids else None
 
 
 def _step(log: Callable[[str], None], n: int, total: int, text: str):

@@ -300,14 +300,15 @@ def _run(
     step = 1 if encoder.streams == 1 else 4 * encoder.streams
     outs: list[np.ndarray] = []
     computed = 0
-    started = time.perf_counter()
+    elapsed = 0.0
     for k in range(0, len(batches), step):
         if k and wanted is not None and not wanted():
             raise Abandoned(f"stopped after {k} of {len(batches)} runs: every request of the round has left")
         feeds = [feeds_of(batch) for batch in batches[k : k + step]]
+        started = time.perf_counter()
         outs.extend(encoder.run_many(feeds))
+        elapsed += time.perf_counter() - started
         computed += sum(f[spec.INPUT_IDS].size for f in feeds)
-    elapsed = time.perf_counter() - started
     result = np.empty((len(lengths), outs[0].shape[1]), dtype=np.float32)
     for batch, out in zip(batches, outs, strict=True):
         result[batch] = out[: len(batch)]

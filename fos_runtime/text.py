@@ -33,7 +33,7 @@ def clean(text: str) -> str:
 
 def encodable(text: str) -> str:
     """``text`` with each lone surrogate replaced by U+FFFD: what UTF-8 (and so a JSON response) can carry."""
-    return _SURROGATE.sub("\ufffd", text)
+    return text if text.isascii() else _SURROGATE.sub("\ufffd", text)  # isascii: a flag, no scan
 
 
 def blank(text: str) -> bool:

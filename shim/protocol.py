@@ -10,18 +10,22 @@ from __future__ import annotations
 import base64
 import dataclasses
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, WithJsonSchema, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, WithJsonSchema
 from starlette.responses import Response
 
 from fos_runtime.text import encodable
 
 # Constraints in the types, so the OpenAPI document says what the server accepts.
+# JSON lets a string carry half of a UTF-16 pair (a client cut it inside an emoji); UTF-8 cannot, so a response
+# echoing it (a document, a model name in an error) could not be written: every string the server reads or echoes
+# is made encodable as it is validated (fos_runtime.text).
+Name = Annotated[StrictStr, AfterValidator(encodable)]
 # Not empty, as documented; whether a text says anything (not only spaces, control or format
 # characters) is checked by the service, which names the input at fault (fos_runtime.text).
-Text = Annotated[StrictStr, WithJsonSchema({"type": "string", "minLength": 1})]
+Text = Annotated[StrictStr, AfterValidator(encodable), WithJsonSchema({"type": "string", "minLength": 1})]
 TokenId = Annotated[StrictInt, Field(ge=0)]
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 
@@ -30,38 +34,21 @@ class _Request(BaseModel):
     # Clients send fields we do not use (user, truncate, ...): ignore them, as OpenAI does.
     model_config = ConfigDict(extra="ignore")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _encodable(cls, data: Any) -> Any:
-        # JSON lets a string carry half of a UTF-16 pair (a client cut it inside an emoji); UTF-8 cannot, so a
-        # response echoing it (a document, a model name in an error) could not be written.
-        return _encodable(data)
-
-
-def _encodable(value: Any) -> Any:
-    if isinstance(value, str):
-        return encodable(value)
-    if isinstance(value, list):
-        return [_encodable(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _encodable(v) for k, v in value.items()}
-    return value
-
 
 class EmbeddingRequest(_Request):
-    model: StrictStr | None = Field(None, description="Served model name; may be left out when one embedding model is served")
+    model: Name | None = Field(None, description="Served model name; may be left out when one embedding model is served")
     input: Text | Annotated[list[Text], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)] = Field(
         ..., description="Text, texts, token ids, or lists of token ids (the model's own vocabulary, special tokens included)"
     )
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: StrictInt | None = Field(None, description="Must equal the model's dimension if given")
-    input_type: StrictStr | None = Field(
+    input_type: Name | None = Field(
         None,
         description="Extension: the name of the model's prompt to put before each text, as sentence-transformers' "
         "prompt_name (ruri v3: 'query', 'document', 'topic'); default: the model's default prompt, if any. "
         "A text that already starts with one of the model's prompts gets none",
     )
-    prompt_name: StrictStr | None = Field(None, description="Extension (TEI): another spelling of input_type")
+    prompt_name: Name | None = Field(None, description="Extension (TEI): another spelling of input_type")
     user: StrictStr | None = None
     truncate: StrictBool | None = Field(
         None,
@@ -105,7 +92,7 @@ class RerankDocument(_Request):
 
 
 class _RerankFields(_Request):
-    model: StrictStr | None = Field(None, description="Served model name; may be left out when one reranker is served")
+    model: Name | None = Field(None, description="Served model name; may be left out when one reranker is served")
     query: Text
     top_n: StrictInt | None = Field(None, ge=1, description="Return only the best n results")
     truncate: StrictBool | None = Field(

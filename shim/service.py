@@ -207,7 +207,7 @@ class Service:
             raise Internal(
                 f"`{s.served_name}` computed non-finite values (NaN or infinity) for {where}"
                 + (f" and {len(bad) - 1} more" if len(bad) > 1 else "")
-                + f"; its {s.precision} export overflowed on this input (an fp32 export would not)"
+                + ("; fp16 overflowed on this input: an fp32 export would not" if s.precision == "fp16" else "")
             )
 
     def _check_ids(self, s: ModelSpec, seqs: list[list[int]]) -> None:
@@ -266,10 +266,13 @@ class Service:
             order = order[: req.top_n]
         return Ranking(model=s.served_name, order=order, scores=scores, documents=docs, tokens=int(sum(out.tokens)))
 
-    def model(self, name: str) -> ModelCard:
-        card = next((c for c in self.models().data if c.id == name), None)
+    async def model(self, name: str) -> ModelCard:
+        if not self.backend.specs():
+            await self.backend.ready()  # also rediscovers Triton's models, as resolve() does
+        cards = self.models().data
+        card = next((c for c in cards if c.id == name), None)
         if card is None:
-            served = ", ".join(c.id for c in self.models().data) or "none"
+            served = ", ".join(c.id for c in cards) or "none"
             raise ModelNotFound(f"The model `{name}` does not exist. Served: {served}", param="model")
         return card
 

@@ -115,6 +115,19 @@ def test_non_finite_outputs_are_a_server_error_never_null():
         r = http.post("/v1/rerank", json={"model": "fake/rerank", "query": "q", "documents": ["a", "b", "c"]})
         assert r.status_code == 500 and "documents[2]" in r.json()["error"]["message"]
         assert http.post("/v1/embeddings", json={"model": "fake/embed", "input": "猫"}).status_code == 200
+        assert "fp32 export" not in r.json()["error"]["message"]  # the fp16 hint is for fp16 exports
+
+
+def test_deeply_nested_json_is_a_400():
+    # A recursive walk over the whole request once ran out of stack on nesting json.loads still parses: a 500.
+    deep = "[" * 900 + "]" * 900
+    with TestClient(create_app(FakeBackend())) as http:
+        for body in ('{"model": "fake/embed", "input": "a", "user": DEEP}', '{"model": "fake/embed", "input": DEEP}'):
+            content = body.replace("DEEP", deep).encode()
+            r = http.post("/v1/embeddings", content=content, headers={"content-type": "application/json"})
+            assert r.status_code == 400, r.text
+        models = http.get("/v1/models/").json()  # the list, as before single models had a route
+        assert {m["id"] for m in models["data"]} == {"fake/embed", "fake/rerank"}
 
 
 def test_an_unexpected_error_is_a_500_that_keeps_the_connection():
