@@ -30,9 +30,10 @@ RUN uv sync --frozen --no-dev --extra export --no-install-project
 COPY fos_runtime ./fos_runtime
 COPY shim ./shim
 COPY export ./export
+# Export writes and checks a model beside the repository before it moves it in: /app too must be fos's.
 RUN uv sync --frozen --no-dev --extra export \
     && mkdir -p /app/model_repository \
-    && chown 10001 /app/model_repository
+    && chown 10001 /app /app/model_repository
 USER 10001
 ENTRYPOINT ["fos"]
 CMD ["export", "--help"]

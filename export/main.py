@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import shutil
 import sys
 import tempfile
 import time
@@ -135,29 +136,47 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> spec.Mode
             log(f"[3/{total}] precision fp32: nothing to convert")
 
         t = _step(log, 4, total, f"writing the Triton models into {opts.repository}")
-        repository.write(
-            s,
-            Path(opts.repository),
-            final,
-            source.tokenizer,
-            opts.encoder_backend,
-            opts.tensorrt,
-            tokenizer_instances=opts.tokenizer_instances,
-            encoder_instances=opts.encoder_instances,
-            sample_texts=parity.SENTENCES,
-        )
-        log(f"      {s.name} (ensemble), {spec.tokenizer_model(s.name)}, {spec.encoder_model(s.name)} [{opts.encoder_backend}]")
-        if opts.openvino_int8:
-            _openvino_int8(s, fp32, Path(opts.repository), calibration_texts, log)
+        repo = Path(opts.repository)
+        staging = repository.staging_for(repo, s.name)
+        try:
+            repository.write(
+                s,
+                staging,
+                final,
+                source.tokenizer,
+                opts.encoder_backend,
+                opts.tensorrt,
+                tokenizer_instances=opts.tokenizer_instances,
+                encoder_instances=opts.encoder_instances,
+                sample_texts=parity.SENTENCES,
+            )
+            names = f"{s.name} (ensemble), {spec.tokenizer_model(s.name)}, {spec.encoder_model(s.name)}"
+            log(f"      {names} [{opts.encoder_backend}]")
+            if opts.openvino_int8:
+                _openvino_int8(s, fp32, staging, calibration_texts, log)
+            # Checked where it was written: an export that fails leaves the repository as it was (an earlier export of
+            # the same name included), never a model that did not pass.
+            _check(source, s, staging, opts, served, total, log)
+            repository.publish(staging, repo, s.name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return s
+
+
+def _check(
+    source, s: spec.ModelSpec, staging: Path, opts: ExportOptions, served: str, total: int, log: Callable[[str], None]
+) -> None:
+    """Parity on every engine that may serve the staged export, and the record of those that passed."""
+    from . import parity
 
     _step(log, 5, total, "checking parity with sentence-transformers, on each engine that may serve it")
-    reports = parity.check(source, s, Path(opts.repository))
+    reports = parity.check(source, s, staging)
     for report in reports:
         for line in report.lines():
             log("      " + line)
     # Serving picks only among the variants recorded here: a failing OpenVINO variant is never served, and the
     # export as such stands or falls with onnxruntime on the file as written.
-    folder = spec.encoder_file(Path(opts.repository), s.name).parent
+    folder = spec.encoder_file(staging, s.name).parent
     engines.write_record(folder, {r.engine: r.figures for r in reports if r.ok})
     if not reports[0].ok:
         raise ParityError(f"{served}: exported model differs from sentence-transformers beyond tolerance")
@@ -167,7 +186,6 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> spec.Mode
             engines.resolve(opts.engine, folder, s.precision, gpu=opts.device == "gpu")
         except engines.NotServable as exc:
             raise ParityError(f"{served}: {exc}") from exc
-    return s
 
 
 def _openvino_int8(s: spec.ModelSpec, fp32: Path, repository: Path, texts: list[str], log: Callable[[str], None]) -> None:

@@ -186,9 +186,19 @@ def _save_tokenizer(tokenizer, folder: Path) -> None:
     config_file.write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
 
 
+def staging_for(repository: Path, name: str) -> Path:
+    """A fresh folder shaped like a repository, beside ``repository`` and not in it (Triton would take a folder in it
+    for a model), where one model set is written and checked before ``publish`` puts it in place."""
+    repository.mkdir(parents=True, exist_ok=True)
+    staging = repository.parent / f".{repository.name}.{name}.staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
 def write(
     s: spec.ModelSpec,
-    repository: Path,
+    folder: Path,
     onnx_file: Path,
     tokenizer,
     encoder_backend: str = "onnxruntime",
@@ -196,39 +206,54 @@ def write(
     tokenizer_instances: int | None = None,
     encoder_instances: int = 1,
     sample_texts: Sequence[str] = ("東京は日本の首都です。",),
-) -> Path:
-    """Write the three models, replacing any earlier export of the same name only once all is written."""
-    repository.mkdir(parents=True, exist_ok=True)
-    staging = repository.parent / f".{repository.name}.{s.name}.staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+) -> None:
+    """Write the three models into ``folder`` (a staging folder: see ``publish``)."""
+    tok_dir = folder / spec.tokenizer_model(s.name)
+    enc_dir = folder / spec.encoder_model(s.name)
+    ens_dir = folder / s.name
+    for d in (tok_dir, enc_dir, ens_dir):
+        (d / "1").mkdir(parents=True)
+
+    (tok_dir / "config.pbtxt").write_text(render(tokenizer_config(s, tokenizer_instances)), encoding="utf-8")
+    _save_tokenizer(tokenizer, spec.tokenizer_files(folder, s.name))
+    copy_runtime(tok_dir / "1", "tokenizer_model.py")
+
+    encoder = encoder_config(s, encoder_backend, tensorrt, encoder_instances)
+    (enc_dir / "config.pbtxt").write_text(render(encoder), encoding="utf-8")
+    for name, data in warmup_files(encoder).items():
+        (enc_dir / WARMUP_DIR).mkdir(exist_ok=True)
+        (enc_dir / WARMUP_DIR / name).write_bytes(data)
+    shutil.copy(onnx_file, spec.encoder_file(folder, s.name))
+    if encoder_backend == "python":
+        copy_runtime(enc_dir / "1", "encoder_model.py")
+
+    (ens_dir / "config.pbtxt").write_text(render(ensemble_config(s)), encoding="utf-8")
+    (ens_dir / PERF_INPUT).write_text(perf_input(s, sample_texts), encoding="utf-8")
+
+
+def publish(staging: Path, repository: Path, name: str) -> Path:
+    """Move a checked model set from ``staging`` into ``repository``, replacing an earlier export of the same name.
+    The old folders are set aside first and put back if any move fails, so the repository never holds half of one
+    export and half of another. Across filesystems (a repository that is a mount point) the folders are copied."""
+    moved: list[Path] = []
+    aside: list[tuple[Path, Path]] = []
     try:
-        tok_dir = staging / spec.tokenizer_model(s.name)
-        enc_dir = staging / spec.encoder_model(s.name)
-        ens_dir = staging / s.name
-        for d in (tok_dir, enc_dir, ens_dir):
-            (d / "1").mkdir(parents=True)
-
-        (tok_dir / "config.pbtxt").write_text(render(tokenizer_config(s, tokenizer_instances)), encoding="utf-8")
-        _save_tokenizer(tokenizer, spec.tokenizer_files(staging, s.name))
-        copy_runtime(tok_dir / "1", "tokenizer_model.py")
-
-        encoder = encoder_config(s, encoder_backend, tensorrt, encoder_instances)
-        (enc_dir / "config.pbtxt").write_text(render(encoder), encoding="utf-8")
-        for name, data in warmup_files(encoder).items():
-            (enc_dir / WARMUP_DIR).mkdir(exist_ok=True)
-            (enc_dir / WARMUP_DIR / name).write_bytes(data)
-        shutil.copy(onnx_file, spec.encoder_file(staging, s.name))
-        if encoder_backend == "python":
-            copy_runtime(enc_dir / "1", "encoder_model.py")
-
-        (ens_dir / "config.pbtxt").write_text(render(ensemble_config(s)), encoding="utf-8")
-        (ens_dir / PERF_INPUT).write_text(perf_input(s, sample_texts), encoding="utf-8")
-
-        for d in (tok_dir, enc_dir, ens_dir):
-            target = repository / d.name
+        for d in (spec.tokenizer_model(name), spec.encoder_model(name), name):
+            target = repository / d
+            if target.exists():
+                old = repository.parent / f".{repository.name}.{d}.replaced"
+                shutil.rmtree(old, ignore_errors=True)
+                shutil.move(str(target), str(old))
+                aside.append((old, target))
+            shutil.move(str(staging / d), str(target))
+            moved.append(target)
+    except BaseException:
+        for target in moved:
             shutil.rmtree(target, ignore_errors=True)
-            d.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return repository / s.name
+        for old, target in aside:
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.move(str(old), str(target))
+        raise
+    for old, _ in aside:
+        shutil.rmtree(old, ignore_errors=True)
+    return repository / name

@@ -6,11 +6,13 @@ import contextlib
 import dataclasses
 import io
 import json
+from unittest import mock
 
 import numpy as np
 import pytest
 
 import export.load
+from export import parity
 from export.main import ExportOptions, ParityError
 from export.main import export as run_export
 from export.parity import Report, compare
@@ -169,8 +171,8 @@ def test_a_failed_openvino_int8_fails_the_export_and_leaves_no_part_of_it(tiny_d
     )
     with pytest.raises(RuntimeError, match=r"OpenVINO int8 .* could not be made: MemoryError: NNCF ran out"):
         run_export(dataclasses.replace(opts, openvino_int8=True), log=lambda line: None)
-    folder = spec.encoder_file(tmp_path / "repo", spec.triton_name("p/broken")).parent
-    assert folder.is_dir() and not list(folder.glob("openvino-int8.*"))
+    # Nothing of it reaches the repository: its checks run before it is put in place.
+    assert not list((tmp_path / "repo").iterdir())
 
 
 def test_parity_failure_exits_non_zero(tiny_dirs, tmp_path, monkeypatch):
@@ -216,6 +218,17 @@ def test_reexport_replaces_in_place(tiny_dirs, tmp_path):
         )
     assert sorted(p.name for p in repo.iterdir()) == ["again", "again__encoder", "again__tokenizer"]
     assert not list(tmp_path.glob(".*staging*"))
+    # An export that fails parity leaves the earlier one as it was: it used to replace it first, and be served.
+    (before,) = read_specs(repo)
+    record = (repo / "again__encoder" / "1" / "engines.json").read_text()
+    failing = {**parity.TOLERANCE, ("fp32", "rerank"): ("max_abs_diff", -1.0)}
+    with mock.patch.object(parity, "TOLERANCE", failing), pytest.raises(ParityError):
+        options = ExportOptions(model=str(tiny_dirs["rerank"]), task="rerank", name="again", repository=repo, max_length=16)
+        run_export(options, log=lambda _: None)
+    assert read_specs(repo) == [before] and before.max_length != 16
+    assert (repo / "again__encoder" / "1" / "engines.json").read_text() == record
+    assert sorted(p.name for p in repo.iterdir()) == ["again", "again__encoder", "again__tokenizer"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging or set-aside folder left
 
 
 def test_serve_exports_what_the_repository_lacks(tiny_dirs, tmp_path, capsys):
