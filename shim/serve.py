@@ -168,7 +168,13 @@ def _same_choices(repository: Path, stored: spec.ModelSpec, model: str, precisio
     from export.main import ExportOptions
 
     encoder = repo.parse((repository / spec.encoder_model(stored.name) / "config.pbtxt").read_text(encoding="utf-8"))
+    tokenizer = repo.parse((repository / spec.tokenizer_model(stored.name) / "config.pbtxt").read_text(encoding="utf-8"))
     accelerators = encoder.optimization.execution_accelerators.gpu_execution_accelerator
+    engine = stored.engine
+    # A variant of one precision (openvino-fp32, openvino-int8...) cannot serve another: the precision asked wins.
+    if engine.startswith("openvino-") and (engine == "openvino-int8") != (precision == "int8"):
+        print(f"{model}: --engine {engine} does not serve {precision} exports: exporting with --engine auto", flush=True)
+        engine = "auto"
     return ExportOptions(
         model=model,
         task=stored.task,
@@ -179,7 +185,9 @@ def _same_choices(repository: Path, stored: spec.ModelSpec, model: str, precisio
         encoder_backend=encoder.backend or "onnxruntime",
         device=stored.device,
         tensorrt=any(a.name == "tensorrt" for a in accelerators),
-        engine=stored.engine,
+        tokenizer_instances=tokenizer.instance_group[0].count if tokenizer.instance_group else None,
+        encoder_instances=encoder.instance_group[0].count if encoder.instance_group else 1,
+        engine=engine,
         normalize=stored.normalize,
         prompts=stored.prompts,
         default_prompt_name=stored.default_prompt_name or "",

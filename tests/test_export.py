@@ -210,6 +210,14 @@ def test_bad_served_name_fails_before_loading(tmp_path):
         run_export(ExportOptions(model="/nonexistent", task="embed", name="a b", repository=tmp_path), log=lambda _: None)
 
 
+def test_a_context_past_the_models_positions_is_refused(tiny_dirs, tmp_path):
+    # It exported, and the engine failed at the first input that long (index out of range).
+    with pytest.raises(ValueError, match="--max-length 100000"):
+        options = ExportOptions(model=str(tiny_dirs["embed"]), task="embed", repository=tmp_path, max_length=100_000)
+        run_export(options, log=lambda _: None)
+    assert not list(tmp_path.iterdir())
+
+
 def test_reexport_replaces_in_place(tiny_dirs, tmp_path):
     repo = tmp_path / "repo"
     for _ in range(2):
@@ -255,7 +263,15 @@ def test_serve_never_serves_another_precision_than_asked(tiny_dirs, tmp_path, ca
     repo, model = tmp_path / "repo", str(tiny_dirs["embed"])
     # An fp32 export with choices of its own, which a new precision must not undo.
     options = ExportOptions(
-        model=model, task="embed", name="org/m", repository=repo, encoder_backend="python", prompts={"query": "q: "}
+        model=model,
+        task="embed",
+        name="org/m",
+        repository=repo,
+        encoder_backend="python",
+        prompts={"query": "q: "},
+        engine="openvino-fp32",  # of fp32 exports only: the int8 export below cannot keep it
+        tokenizer_instances=3,
+        encoder_instances=2,
     )
     run_export(options, log=lambda _: None)
     ensure_exported([f"org/m={model}"], repo, None)  # no precision asked: whatever is there
@@ -263,8 +279,10 @@ def test_serve_never_serves_another_precision_than_asked(tiny_dirs, tmp_path, ca
     ensure_exported([f"org/m={model}"], repo, "int8")
     assert "fp32, not int8: exporting it again" in capsys.readouterr().out
     (s,) = read_specs(repo)
-    assert s.precision == "int8" and s.prompts["query"] == "q: " and s.served_name == "org/m"
-    assert parse((repo / spec.encoder_model(s.name) / "config.pbtxt").read_text()).backend == "python"
+    assert s.precision == "int8" and s.prompts["query"] == "q: " and s.served_name == "org/m" and s.engine == "auto"
+    encoder = parse((repo / spec.encoder_model(s.name) / "config.pbtxt").read_text())
+    tokenizer = parse((repo / spec.tokenizer_model(s.name) / "config.pbtxt").read_text())
+    assert encoder.backend == "python" and (tokenizer.instance_group[0].count, encoder.instance_group[0].count) == (3, 2)
     ensure_exported([f"org/m={model}"], repo, "int8")
     assert "already in" in capsys.readouterr().out
 
