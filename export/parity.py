@@ -14,6 +14,7 @@ Export records the variants that pass; serving picks only among those.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,8 @@ class Report:
     def ok(self) -> bool:
         if self.not_run is not None or not self.tokens_equal:
             return False
+        if not (math.isfinite(self.max_abs_diff) and math.isfinite(self.min_cosine)):
+            return False  # NaN or infinity out of the engine, or outputs of the wrong shape: even where only reported
         if self.limit is None:
             return True
         value = getattr(self, self.metric)

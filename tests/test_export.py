@@ -203,6 +203,10 @@ def test_parity_report_logic():
     ok = Report("fp32", "embed", 2, True, 5e-5, 1.0, "max_abs_diff", 1e-4)
     assert ok.ok and not Report("fp32", "embed", 2, False, 0.0, 1.0, "max_abs_diff", 1e-4).ok
     assert not Report("fp16", "embed", 2, True, 0.1, 0.99, "min_cosine", 0.999).ok
+    # int8 is reported, not held to a limit; but NaN (or outputs of the wrong shape) never passes.
+    assert Report("int8", "embed", 2, True, 0.2, 0.998, "min_cosine", None).ok
+    assert not Report("int8", "embed", 2, True, float("nan"), float("nan"), "min_cosine", None).ok
+    assert not Report("int8", "rerank", 2, True, float("inf"), 1.0, "max_abs_diff", None).ok
 
 
 def test_bad_served_name_fails_before_loading(tmp_path):
