@@ -142,6 +142,7 @@ class _Endpoint:
         self.client = grpcclient.InferenceServerClient(url, channel_args=CHANNEL_ARGS)
         self.healthy = False
         self.down_since = time.monotonic()
+        self.ready: set[str] = set()  # the Triton models it said were ready when its exported models were last learnt
 
 
 class TritonBackend:
@@ -179,14 +180,19 @@ class TritonBackend:
         await asyncio.gather(*(e.client.close() for e in self.endpoints), return_exceptions=True)
 
     async def _probe(self, e: _Endpoint) -> bool:
-        """Is the endpoint serving every exported model? Learns the models on the way. A readiness check
-        is cheap even for a busy Triton: one that does not answer it in time is hung or gone."""
+        """Is the endpoint serving every exported model? Learns the models on the way: again whenever the endpoint
+        comes back (a restarted Triton may serve other models, or the same ones exported again) or its ready models
+        change (models loaded or unloaded while it runs). A readiness check is cheap even for a busy Triton: one that
+        does not answer it in time is hung or gone."""
         timeout = min(PROBE_TIMEOUT_S, self.timeout_s)
         try:
             if not await e.client.is_server_ready(client_timeout=timeout):
                 return self._mark(e, False)
-            if not self._specs:
-                self._specs = await self._discover(e)
+            index = await e.client.get_model_repository_index(as_json=True, client_timeout=timeout)
+            ready = {m["name"] for m in index.get("models", []) if m.get("state") == "READY"}
+            if not self._specs or not e.healthy or ready != e.ready:
+                self._learn(e, await self._discover(e, ready))
+                e.ready = ready
             for s in self._specs.values():
                 if not await e.client.is_model_ready(s.name, client_timeout=timeout):
                     return self._mark(e, False)
@@ -195,18 +201,20 @@ class TritonBackend:
             log.debug("Triton at %s not ready: %s", e.url, exc)
             return self._mark(e, False)
 
-    async def _discover(self, e: _Endpoint) -> dict[str, ModelSpec]:
-        index = await e.client.get_model_repository_index(as_json=True, client_timeout=self.timeout_s)
+    async def _discover(self, e: _Endpoint, ready: set[str]) -> dict[str, ModelSpec]:
         found: dict[str, ModelSpec] = {}
-        for entry in index.get("models", []):
-            if entry.get("state") != "READY":
-                continue
-            response = await e.client.get_model_config(entry["name"], client_timeout=self.timeout_s)
+        for name in sorted(ready):
+            response = await e.client.get_model_config(name, client_timeout=self.timeout_s)
             s = spec_of(response.config)
             if s is not None:
                 found[s.served_name] = s
-        log.info("Triton at %s serves %s", e.url, sorted(found) or "no exported models")
         return found
+
+    def _learn(self, e: _Endpoint, found: dict[str, ModelSpec]) -> None:
+        if found == self._specs:
+            return
+        log.info("Triton at %s serves %s", e.url, sorted(found) or "no exported models")
+        self._specs = found
 
     def _mark(self, e: _Endpoint, healthy: bool) -> bool:
         if healthy != e.healthy:
@@ -348,7 +356,9 @@ class TritonBackend:
             plan = plan_for(s.device)
 
             async def run(jobs: Sequence[_Rows], wanted: Callable[[], bool]) -> list[Output | BaseException]:
-                return await self._run_round(s, jobs)  # a round's calls run at once in Triton: nothing to stop between
+                # The model as Triton serves it now (exported again and Triton restarted, it may differ). A round's
+                # calls run at once in Triton: nothing to stop between them.
+                return await self._run_round(self._specs.get(s.served_name, s), jobs)
 
             rounds = Coalescer(
                 run,
