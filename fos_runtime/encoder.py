@@ -46,7 +46,9 @@ class Encoder:
         engine: str | engines.Choice = engines.ONNXRUNTIME,
         precision: str = "fp32",
         streams: int = 1,
+        gpu: int = 0,
     ):
+        """``gpu``: which GPU onnxruntime's CUDA provider runs on (a Triton GPU instance's device id)."""
         path = Path(path)
         self._openvino: engines.OpenVINOSession | None = None
         if isinstance(engine, engines.Choice):
@@ -64,10 +66,10 @@ class Encoder:
             return
         import onnxruntime as ort
 
-        providers = ["CPUExecutionProvider"]
+        providers: list = ["CPUExecutionProvider"]
         if device in ("auto", "gpu") and "CUDAExecutionProvider" in ort.get_available_providers():
             _load_cuda_libraries(ort)
-            providers.insert(0, "CUDAExecutionProvider")
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": gpu}))
         elif device == "gpu":
             raise RuntimeError("device=gpu asked for, but this onnxruntime has no CUDAExecutionProvider")
         options = ort.SessionOptions()

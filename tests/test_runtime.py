@@ -28,6 +28,36 @@ def test_a_gpu_encoder_that_lands_on_the_cpu_is_an_error(exported, monkeypatch):
     assert Encoder(path, device="auto").device == "cpu"  # auto: the CPU is a fine answer
 
 
+def test_a_gpu_encoder_runs_on_the_gpu_it_is_given(exported, monkeypatch):
+    # Triton starts a KIND_GPU instance on each GPU; every instance ran on GPU 0.
+    import onnxruntime as ort
+
+    import fos_runtime.encoder
+    from fos_runtime import engines
+
+    given = []
+
+    class Session:
+        def __init__(self, path, sess_options, providers):
+            given.append(providers)
+
+        def get_providers(self):
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+        def get_inputs(self):
+            return [type("I", (), {"name": "input_ids"})()]
+
+        def get_outputs(self):
+            return [type("O", (), {"name": "out"})()]
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", Session)
+    monkeypatch.setattr(fos_runtime.encoder, "_load_cuda_libraries", lambda _: None)
+    choice = engines.Choice(engines.ONNXRUNTIME, "fp16")
+    assert Encoder("model.onnx", device="gpu", engine=choice, gpu=1).device == "gpu"
+    assert given == [[("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]]
+
+
 def test_triton_models_keep_scikit_learn_out():
     # transformers imports scikit-learn whenever it is installed; in Triton's stub, given numpy 1.26 for the
     # stub's sake, the environment's scipy (built for numpy 2) then breaks the tokenizer model's import.

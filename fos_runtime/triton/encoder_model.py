@@ -36,7 +36,9 @@ class TritonPythonModel:
         self.spec = spec.ModelSpec.from_json(config["parameters"][spec.SPEC_PARAMETER]["string_value"])
         device = "gpu" if args.get("model_instance_kind") == "GPU" else "cpu"
         path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
-        self.encoder = encoder.Encoder(path, device=device, engine=self.spec.engine, precision=self.spec.precision)
+        # Triton starts a KIND_GPU instance on each GPU it names: each instance runs on its own.
+        gpu = int(args.get("model_instance_device_id") or 0) if device == "gpu" else 0
+        self.encoder = encoder.Encoder(path, device=device, engine=self.spec.engine, precision=self.spec.precision, gpu=gpu)
         pb_utils.Logger.log_info(
             f"fos encoder {self.spec.served_name}: {self.encoder.engine} on the {self.encoder.device} ({self.encoder.reason})"
         )
