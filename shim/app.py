@@ -100,8 +100,7 @@ def create_app(backend: Backend, limits: Limits | None = None, api_keys: list[st
         app.add_middleware(APIKeyMiddleware, keys=api_keys)
     app.add_middleware(errors.BodyLimitMiddleware, max_bytes=limits.max_body_bytes)
     app.add_middleware(AdmissionGate, admission=admission)
-    app.add_middleware(errors.ShutdownCutoffMiddleware)
-    app.add_middleware(errors.UnexpectedErrorMiddleware)
+    app.add_middleware(errors.LastResortMiddleware)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)  # outermost: sees every answer, 401s too
 
     def service(request: Request) -> Service:

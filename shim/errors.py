@@ -170,10 +170,14 @@ class BodyLimitMiddleware:
                 raise
 
 
-class ShutdownCutoffMiddleware:
-    """uvicorn cancels the requests still running when ``--graceful-timeout`` ends; without this,
-    each logs a traceback and its client gets uvicorn's ``500 text/plain``. Each gets the envelope's
-    503 instead, and one log line."""
+class LastResortMiddleware:
+    """Every request that has not begun its answer ends with one in the envelope, and ends there:
+
+    - uvicorn cancels the requests still running when ``--graceful-timeout`` ends; without this, each logs a traceback
+      and its client gets uvicorn's ``500 text/plain``. Each gets a 503 instead, and one log line.
+    - a bug's exception: Starlette's last-resort handler answers and then raises again, and uvicorn closes the
+      connection without a ``Connection: close``, so a pooled client's next request on it fails, a request that did
+      nothing wrong. It gets a 500 here, and the connection stays."""
 
     def __init__(self, app):
         self.app = app
@@ -189,42 +193,19 @@ class ShutdownCutoffMiddleware:
             started = started or message["type"] == "http.response.start"
             await send(message)
 
+        rid = scope.get("state", {}).get("request_id", "-")
         try:
             await self.app(scope, receive, tracking_send)
         except asyncio.CancelledError:
             # Nothing else cancels a request's task: a client that goes away cancels only its work
             # (app.until_disconnected). Swallowed, the task ends here, as uvicorn meant it to.
-            rid = scope.get("state", {}).get("request_id", "-")
             log.warning("%s %s (request %s) cut off by the graceful shutdown timeout: 503", scope["method"], scope["path"], rid)
             if not started:
                 await error_response(ShuttingDown("the server is shutting down; retry the request"))(scope, receive, send)
-
-
-class UnexpectedErrorMiddleware:
-    """A bug's exception becomes the envelope's 500 here, and ends. Starlette's last-resort handler answers and then
-    raises again, and uvicorn closes the connection without a ``Connection: close``: a pooled client's next request
-    on it fails, a request that did nothing wrong."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = False
-
-        async def tracking_send(message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, receive, tracking_send)
         except Exception:
             if started:  # half an answer is out: only closing the connection can end it
                 raise
-            log.exception("unhandled error (request %s)", scope.get("state", {}).get("request_id", "-"))
+            log.exception("unhandled error (request %s)", rid)
             await error_response(Internal("internal error"))(scope, receive, send)
 
 

@@ -94,41 +94,25 @@ async def test_one_failure_fails_only_its_request():
     assert (a, c) == ("A", "C") and isinstance(b, ValueError)
 
 
-async def test_a_request_that_leaves_before_its_round_is_never_run():
+async def test_a_request_that_leaves_before_its_round_is_never_run_nor_held():
     run = Recorder(delay=0.1)
     rounds = Coalescer(run, max_rows=100, max_cost=100)
 
     async def body():
         first = asyncio.create_task(rounds.submit("a", rows=1, cost=1))
         await asyncio.sleep(0.01)
-        gone = asyncio.create_task(rounds.submit("gone", rows=1, cost=1))
+        gone = [asyncio.create_task(rounds.submit(f"gone{i}", rows=1, cost=1)) for i in range(50)]
         kept = asyncio.create_task(rounds.submit("kept", rows=1, cost=1))
         await asyncio.sleep(0.01)
-        gone.cancel()
-        return await asyncio.gather(first, kept)
-
-    assert await _with(rounds, body) == ["A", "KEPT"]
-    assert run.rounds == [["a"], ["kept"]]
-
-
-async def test_a_request_that_leaves_the_queue_frees_it_at_once():
-    # Its admission capacity is given back at once: its payload must not stay behind it until the next round.
-    run = Recorder(delay=0.2)
-    rounds = Coalescer(run, max_rows=100, max_cost=100)
-
-    async def body():
-        first = asyncio.create_task(rounds.submit("a", rows=1, cost=1))
-        await asyncio.sleep(0.01)
-        gone = [asyncio.create_task(rounds.submit(f"gone{i}", rows=1, cost=1)) for i in range(50)]
-        await asyncio.sleep(0.01)
-        for t in gone:
-            t.cancel()
+        for task in gone:
+            task.cancel()
         await asyncio.gather(*gone, return_exceptions=True)
+        # Its admission capacity is given back at once: its payload must not stay queued until the next round.
         held = len(rounds._queue)
-        await first
-        return held
+        return held, await asyncio.gather(first, kept)
 
-    assert await _with(rounds, body) == 0
+    assert await _with(rounds, body) == (1, ["A", "KEPT"])
+    assert run.rounds == [["a"], ["kept"]]
 
 
 async def test_close_ends_the_requests_still_queued():
