@@ -276,6 +276,10 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("--engine chooses the embedded backend's engine; for Triton's Python encoder, export with --engine")
     if args.device != "auto" and args.triton:
         raise SystemExit("--device places the embedded backend's encoders; Triton's come from export's --device")
+    if args.threads and args.triton:
+        raise SystemExit("--threads sizes the embedded backend's encoders; Triton's encoders run in Triton")
+    if args.precision and not args.model:
+        raise SystemExit("--precision is the precision --model exports at; without --model the repository is served as it is")
     if args.model:
         if args.triton:
             raise SystemExit("--model exports for the embedded backend; with --triton, run `fos export` for Triton's repository")

@@ -59,6 +59,9 @@ def test_workers_need_triton(exported):
     [
         (["--engine-streams", "0"], "--engine-streams must be at least 1"),
         (["--engine-streams", "2", "--triton", "127.0.0.1:1"], "--engine-streams is the embedded backend's"),
+        # Flags that would do nothing are refused, not ignored.
+        (["--threads", "4", "--triton", "127.0.0.1:1"], "--threads sizes the embedded backend's"),
+        (["--precision", "int8"], "--precision is the precision --model exports at"),
     ],
 )
 def test_engine_streams_are_checked_before_anything_loads(exported, flags, message):
