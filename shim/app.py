@@ -128,8 +128,6 @@ def create_app(backend: Backend, limits: Limits | None = None, api_keys: list[st
     # The openai client's models.retrieve; ids hold a '/' (cl-nagoya/ruri-large).
     @app.get("/v1/models/{model:path}", response_model=ModelCard, responses={404: {"model": ErrorResponse}})
     async def model(model: str, request: Request):
-        if not model:  # /v1/models/ as /v1/models, as it answered before there were single models
-            return JSON(service(request).models())
         return JSON(await service(request).model(model))
 
     @app.get("/metrics", include_in_schema=False)

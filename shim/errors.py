@@ -107,6 +107,16 @@ class Internal(APIError):
     code = "internal_error"
 
 
+class NonFiniteOutput(APIError):
+    """The model computed NaN or infinity for an input. It would again: the openai client, which retries 5xx, is told
+    not to (its ``x-should-retry`` header)."""
+
+    status = 500
+    type = "server_error"
+    code = "non_finite_output"
+    default_headers: ClassVar[dict[str, str]] = {"x-should-retry": "false"}
+
+
 class RoutingError(APIError):
     """Starlette's own answers (404 unknown path, 405 wrong method, which keeps its Allow header)."""
 

@@ -14,7 +14,7 @@ from fos_runtime.text import blank, clean
 from fos_runtime.tokenization import truncate_ids
 
 from .backends.base import Backend
-from .errors import BackendUnavailable, Internal, InvalidRequest, ModelNotFound, Overloaded
+from .errors import BackendUnavailable, InvalidRequest, ModelNotFound, NonFiniteOutput, Overloaded
 from .observability import Metrics
 from .protocol import (
     EmbeddingRequest,
@@ -204,7 +204,7 @@ class Service:
         if len(bad):
             where = item.format(int(bad[0]))
             log.error("%s computed non-finite values for %d of %d inputs, first %s", s.served_name, len(bad), len(values), where)
-            raise Internal(
+            raise NonFiniteOutput(
                 f"`{s.served_name}` computed non-finite values (NaN or infinity) for {where}"
                 + (f" and {len(bad) - 1} more" if len(bad) > 1 else "")
                 + ("; fp16 overflowed on this input: an fp32 export would not" if s.precision == "fp16" else "")
@@ -267,6 +267,8 @@ class Service:
         return Ranking(model=s.served_name, order=order, scores=scores, documents=docs, tokens=int(sum(out.tokens)))
 
     async def model(self, name: str) -> ModelCard:
+        if not name:  # /v1/models/: a 404 of this operation, not the list of another (its answer is one card)
+            raise ModelNotFound("name a model: /v1/models/{id}; GET /v1/models lists them", param="model")
         if not self.backend.specs():
             await self.backend.ready()  # also rediscovers Triton's models, as resolve() does
         cards = self.models().data
