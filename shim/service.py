@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -101,11 +102,18 @@ class Service:
             self.metrics.inputs.labels(s.served_name).inc(len(counts))
             self.metrics.tokens.labels(s.served_name).inc(int(sum(counts)))
 
+    async def _has_models(self) -> bool:
+        """Whether the backend serves models; with none known yet it is asked again (ready() rediscovers Triton's)."""
+        return bool(self.backend.specs()) or await self.backend.ready()
+
+    @staticmethod
+    def _not_found(name: str, served: Iterable[str]) -> ModelNotFound:
+        return ModelNotFound(f"The model `{name}` does not exist. Served: {', '.join(sorted(served)) or 'none'}", param="model")
+
     async def resolve(self, name: str | None, task: str) -> ModelSpec:
-        served = {s.served_name: s for s in self.backend.specs()}
-        if not served and not await self.backend.ready():  # ready() also rediscovers Triton's models
+        if not await self._has_models():
             raise BackendUnavailable("no model is ready: the models are loading or the inference server is unreachable")
-        served = served or {s.served_name: s for s in self.backend.specs()}
+        served = {s.served_name: s for s in self.backend.specs()}
         if name is None:
             of_task = [s for s in served.values() if s.task == task]
             if len(of_task) == 1:
@@ -114,9 +122,7 @@ class Service:
             raise InvalidRequest(f"'model' is required: this server has {len(of_task)} {task} models ({names})", param="model")
         s = served.get(name)
         if s is None:
-            raise ModelNotFound(
-                f"The model `{name}` does not exist. Served: {', '.join(sorted(served)) or 'none'}", param="model"
-            )
+            raise self._not_found(name, served)
         if s.task != task:
             other = "/v1/rerank" if s.task == "rerank" else "/v1/embeddings"
             raise InvalidRequest(f"The model `{name}` is a {s.task} model; use {other}", param="model", code="wrong_task")
@@ -269,13 +275,11 @@ class Service:
     async def model(self, name: str) -> ModelCard:
         if not name:  # /v1/models/: a 404 of this operation, not the list of another (its answer is one card)
             raise ModelNotFound("name a model: /v1/models/{id}; GET /v1/models lists them", param="model")
-        if not self.backend.specs():
-            await self.backend.ready()  # also rediscovers Triton's models, as resolve() does
+        await self._has_models()
         cards = self.models().data
         card = next((c for c in cards if c.id == name), None)
         if card is None:
-            served = ", ".join(c.id for c in cards) or "none"
-            raise ModelNotFound(f"The model `{name}` does not exist. Served: {served}", param="model")
+            raise self._not_found(name, (c.id for c in cards))
         return card
 
     def models(self) -> ModelList:
