@@ -201,9 +201,7 @@ def _openvino_int8(s: spec.ModelSpec, fp32: Path, repository: Path, texts: list[
     log(f"      OpenVINO int8: NNCF on {len(batches)} calibration batches ...")
     try:
         convert.to_openvino_int8(fp32, target, batches)
-    except Exception as exc:  # asked for: the export fails rather than end without it
-        target.unlink(missing_ok=True)
-        target.with_suffix(".bin").unlink(missing_ok=True)
+    except Exception as exc:  # asked for: the export fails rather than end without it (its staging folder goes)
         raise RuntimeError(f"OpenVINO int8 (--openvino-int8) could not be made: {type(exc).__name__}: {exc}") from exc
     log(f"      OpenVINO int8 (NNCF, {len(batches)} calibration batches): done in {time.perf_counter() - t:.1f}s")
 
