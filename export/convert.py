@@ -118,6 +118,24 @@ def optimize(source: Source, src: Path, dst: Path) -> dict[str, int] | None:
     return {op: n for op, n in model.get_fused_operator_statistics().items() if n}
 
 
+def unfused_attention(fused: dict[str, int] | None) -> str | None:
+    """What to tell the user when a BERT-like graph came out without fused attention, else None.
+
+    The graph is still right, so export goes on; but onnxruntime then runs each layer's attention as separate
+    operators, which costs time on every request, and nothing else would show it. onnxruntime 1.30's fusion does
+    not match transformers 5's eager attention mask; 1.31 does."""
+    if fused is None or fused.get("Attention"):
+        return None
+    import onnxruntime
+    import transformers
+
+    return (
+        f"warning: attention was not fused (onnxruntime {onnxruntime.__version__}, transformers "
+        f"{transformers.__version__}): the encoder runs slower on onnxruntime. onnxruntime 1.31 or later fuses "
+        "transformers 5's attention; install it (the project's uv.lock does) and export again."
+    )
+
+
 def to_precision(src: Path, dst: Path, precision: str) -> None:
     if precision == "fp16":
         import onnx

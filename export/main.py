@@ -125,6 +125,8 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> spec.Mode
         fp32 = work / ("fp32.onnx" if fused is not None else "raw.onnx")
         ops = ", ".join(f"{op} x{n}" for op, n in sorted((fused or {}).items()))
         log(f"      done in {time.perf_counter() - t:.1f}s" + (f" (fused: {ops or 'nothing'})" if fused is not None else ""))
+        if warning := convert.unfused_attention(fused):
+            log(f"      {warning}")
 
         final = fp32
         if opts.precision != "fp32":
