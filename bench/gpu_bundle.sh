@@ -2,8 +2,8 @@
 # The packages the GPU machine lacks, as small independent pieces that it can carry one call at a time.
 #
 #   bench/gpu_bundle.sh pack           # here: download the wheels if missing, build .carry/piece-*.tar.xz
-#   bench/gpu_bundle.sh pack-cpu       # here: only what the host's CPU step needs (no CUDA, no Triton): .carry/cpu/,
-#                                      # one piece, carried with jglue in the first of two calls (gpu_run.sh)
+#   bench/gpu_bundle.sh pack-cpu       # here: only what the host's CPU step needs (no CUDA, no Triton; onnxruntime's
+#                                      # CPU build): .carry/cpu/, one piece, carried with jglue in one call (gpu_run.sh)
 #   bash bench/gpu_bundle.sh unpack .carry   # there, once per call: install the pieces present, idempotently
 #   eval "$(bash bench/gpu_bundle.sh env)"   # there: PYTHONPATH=/tmp/fos-site for what follows
 #
@@ -38,6 +38,9 @@ SITE_WHEELS="fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 pydantic==2.14.4
   openvino==2026.4.1 nncf==3.4.0"
 # nncf (fos export --openvino-int8) needs pydot; its other needs (networkx, psutil, rich, scipy, tabulate, ...) are on
 # the GPU machine's image (/work/.library/device/KINDS.md).
+# The CPU-only piece (pack-cpu) carries onnxruntime's CPU build instead of the GPU one: the GPU machine's own 1.30 does
+# not fuse transformers 5's attention (export warns), which would leave ONNX Runtime's figures on an unfused graph.
+CPU_WHEELS="onnxruntime==1.32.0"
 FALLBACK_WHEELS="click==8.5.1 ml-dtypes==0.5.4 flatbuffers==25.12.19 packaging==26.4 urllib3==2.8.0
   openvino-telemetry==2025.2.0 pydot==4.0.1"
 
@@ -48,7 +51,7 @@ wheel_of() {  # "name==ver" -> the downloaded wheel's path, or nothing
 
 download() {
   local missing=() s
-  for s in $SITE_WHEELS $FALLBACK_WHEELS ${FOS_EXTRA:-}; do [ -n "$(wheel_of "$s")" ] || missing+=("$s"); done
+  for s in $SITE_WHEELS $CPU_WHEELS $FALLBACK_WHEELS ${FOS_EXTRA:-}; do [ -n "$(wheel_of "$s")" ] || missing+=("$s"); done
   [ ${#missing[@]} -eq 0 ] && return
   mkdir -p "$CARRY/wheels"
   pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp -d "$CARRY/wheels" \
@@ -95,8 +98,10 @@ EOF
 
 stage() {
   local st=$CARRY/stage s w
-  rm -rf "$st" && mkdir -p "$st/site" "$st/fallback"
+  rm -rf "$st" && mkdir -p "$st/site" "$st/fallback" "$st/cpu-site"
   for s in $SITE_WHEELS; do unzip -q -o "$(wheel_of "$s")" -d "$st/site"; done
+  for s in $CPU_WHEELS; do unzip -q -o "$(wheel_of "$s")" -d "$st/cpu-site"; done
+  rm -f "$st"/cpu-site/onnxruntime/capi/libonnxruntime.so.*  # the C API, as below: Python does not load it
   for s in $FALLBACK_WHEELS; do  # fallback/<import name>/: copied into the site only where missing
     w=$(wheel_of "$s"); s=${s%%==*}; unzip -q -o "$w" -d "$st/fallback/${s//-/_}"
   done
@@ -147,9 +152,11 @@ pack() {  # [DEST [UNIT...]]: the pieces in DEST (default .carry), of these unit
     [unidic]="$(ls -d site/unidic_lite*)"
     [openvino]="$(ls -d site/openvino site/openvino-*.dist-info)"
     [fallback]=fallback
+    [ort-cpu]=cpu-site
   )
   if [ -d tools ]; then units[extra]=tools; fi
   units[py]="$(ls -d site/* | grep -v -e '/onnxruntime' -e '/pytriton' -e '/nvidia_pytriton' -e '/unidic_lite' -e '/openvino')"
+  if [ ${#only[@]} -eq 0 ]; then unset "units[ort-cpu]"; fi  # the GPU pieces carry onnxruntime-gpu in its place
   if [ ${#only[@]} -gt 0 ]; then
     local n
     for n in "${!units[@]}"; do [[ " ${only[*]} " == *" $n "* ]] || unset "units[$n]"; done
@@ -224,9 +231,10 @@ print("  " + " ".join(t.split("/", 1)[1] for t in tops))
 EOF
 }
 
-install_tree() {  # site/ -> $SITE; tools/ -> $TOOLS; fallback/<mod>/ -> $SITE, only where the plain python3 cannot import <mod>
+install_tree() {  # site/ and cpu-site/ -> $SITE; tools/ -> $TOOLS; fallback/<mod>/ -> $SITE, only where the plain python3 cannot import <mod>
   local tmp=$1 m
   if [ -d "$tmp/site" ]; then cp -a "$tmp/site/." "$SITE/"; fi
+  if [ -d "$tmp/cpu-site" ]; then cp -a "$tmp/cpu-site/." "$SITE/"; fi
   if [ -d "$tmp/tools" ]; then cp -a "$tmp/tools/." "$TOOLS/" && echo "  into $TOOLS: $(ls "$tmp/tools" | tr '\n' ' ')"; fi
   if [ -d "$tmp/fallback" ]; then
     for m in "$tmp"/fallback/*/; do
@@ -277,7 +285,8 @@ unpack() {
 
 case ${1:-} in
   pack) pack ;;
-  pack-cpu) pack "$CARRY/cpu" unidic openvino py fallback ;;
+  # One piece of 61 MiB, so that it and jglue travel in one call (64 MiB with the working tree).
+  pack-cpu) PIECE_BYTES=$(( ${FOS_PIECE_MIB:-61} * 1024 * 1024 )); pack "$CARRY/cpu" unidic openvino py fallback ort-cpu ;;
   download) download ;;
   stage) download; stage ;;  # only the staging tree, .carry/stage (for checks)
   unpack) shift; unpack "$@" ;;

@@ -49,12 +49,10 @@ CPU_ENGINE_ALONE=${FOS_CPU_ENGINE_ALONE:-}       # cpu step: 1 adds each server'
 export FOS_ENCODER_TIMING=${FOS_ENCODER_TIMING:-200}  # Triton's encoder logs where its time goes
 NAME=cl-nagoya/ruri-large
 # To try the script out on a CPU: FOS_DEVICE=cpu FOS_PRECISION=fp32 FOS_SIZE=tiny FOS_DURATION=3 (no GPU figures).
-# The host's CPU alone, without the GPU pieces (bench/gpu_bundle.sh pack-cpu): FOS_STEPS=cpuprep, then FOS_STEPS=cpu
-# (docs/benchmarks.md, Reproduce).
-# FOS_STEPS=cpu alone measures the host's CPU engines (AMX there), in a call of its own: about five minutes at
-# FOS_DURATION=12 (estimated; its models and exports took 2.4 on the H100 host), 195 s at FOS_CPU_DURATION=8 after a
-# cpuprep step in the GPU call. That call must follow at once: the machine, and all it was given, goes back after 30 s
-# idle.
+# The host's CPU alone, without the GPU pieces (bench/gpu_bundle.sh pack-cpu): bench/device_cpu.sh runs FOS_STEPS=cpu
+# detached across calls (docs/benchmarks.md, Reproduce). On the H100's host (16 vCPUs) its models and exports took 8.2
+# minutes one after the other (they now run at once there), each served engine about 90 s at FOS_CPU_DURATION=8.
+# After a GPU call, FOS_STEPS=cpu must follow at once: the machine, and all it was given, goes back after 30 s idle.
 DEVICE=${FOS_DEVICE:-gpu}
 PRECISION=${FOS_PRECISION:-fp16}
 SIZE=${FOS_SIZE:-full}
@@ -91,10 +89,14 @@ export_cpu() {  # [flags...]: one of cpu_prep's exports (its src, task, name, re
     >> "$OUT/export-cpu-$precision-$task.log" 2>&1 || { echo "export $precision $task $* failed: $OUT/export-cpu-$precision-$task.log"
       rm -rf "$repo/${name/\//--}" "$repo/${name/\//--}__"*; return 1; }
 }
+# The four exports at once where there are cores for them: one after the other they took 8.2 minutes of the 16-core
+# host's 13 (each is mostly one thread: loading, tracing, NNCF's statistics); they write different models or
+# repositories, and each stages its own files.
+PREP_PARALLEL=${FOS_PREP_PARALLEL:-$([ "$(nproc)" -ge 8 ] && echo 1 || echo 0)}
 cpu_prep() {  # the cpu step's models and exports (each export checks parity on every CPU engine)
   [ -d "$WORK/rerank/hf" ] || $PY -m bench.ruri_shape "$WORK/rerank" --reranker --corpus "$CORPUS" --size "$SIZE" \
     > "$OUT/build-rerank.log" 2>&1
-  local task src name precision repo flags
+  local task src name precision repo flags logs=() jobs=()
   for precision in fp32 int8; do
     repo=$WORK/repo-cpu flags=()
     if [ $precision = int8 ]; then
@@ -108,12 +110,19 @@ cpu_prep() {  # the cpu step's models and exports (each export checks parity on 
       local done=$repo/${name/\//--}__encoder/1/engines.json
       if [ -f "$done" ] && { [ ${#flags[@]} -eq 0 ] || grep -q openvino-int8 "$done"; }; then continue; fi
       : > "$OUT/export-cpu-$precision-$task.log"
+      logs+=("$OUT/export-cpu-$precision-$task.log")
       # NNCF is the likeliest to fail on a machine's own packages (nncf 3.4 asks for numpy < 2.5): onnxruntime's int8
       # is still measured without it.
-      export_cpu "${flags[@]}" || { [ ${#flags[@]} -gt 0 ] && export_cpu; } || true
-      grep -E 'parity|min cosine|check|engines that|NNCF' "$OUT/export-cpu-$precision-$task.log" || true
+      if [ "$PREP_PARALLEL" = 1 ]; then
+        { export_cpu "${flags[@]}" || { [ ${#flags[@]} -gt 0 ] && export_cpu; } || true; } &
+        jobs+=($!)
+      else
+        export_cpu "${flags[@]}" || { [ ${#flags[@]} -gt 0 ] && export_cpu; } || true
+      fi
     done
   done
+  if [ ${#jobs[@]} -gt 0 ]; then wait "${jobs[@]}" || true; fi
+  for f in "${logs[@]}"; do echo "$(basename "$f"):"; grep -E 'parity|min cosine|check|engines that|NNCF|not fused' "$f" || true; done
 }
 # cpuprep: the cpu step's preparation, on cores of its own while the GPU export and the encoder alone run (the GPU is
 # what those measure), so that the cpu step's own call is only measurements. Finished before the served path starts.
