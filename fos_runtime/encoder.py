@@ -20,6 +20,15 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def threads_per_instance(instance_group: Sequence[Mapping]) -> int:
+    """Each CPU instance's share of the cores, from a Triton model config's ``instance_group``.
+
+    Every instance is a process of its own with its own session: at every core each, N instances would run N times
+    as many threads as cores, and each run would wait on the others'."""
+    instances = sum(int(g.get("count", 1)) for g in instance_group if g.get("kind", "KIND_CPU") == "KIND_CPU")
+    return max(1, available_cores() // max(1, instances))
+
+
 def _load_cuda_libraries(ort) -> None:
     """onnxruntime-gpu wheels find CUDA and cuDNN in the nvidia-* wheels (those torch installs) only once asked to;
     where the libraries are on the system's path instead (the NGC container), asking is harmless."""

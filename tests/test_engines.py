@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
-from fos_runtime import engines, padding, spec
+from fos_runtime import encoder, engines, padding, spec
 from fos_runtime.encoder import Encoder, available_cores
 from fos_runtime.engines import Choice, Cpu, NotServable, resolve
 from fos_runtime.tokenization import Tokenizer
@@ -210,6 +210,18 @@ def test_triton_python_encoder_runs_the_exported_engine(triton, tmp_path_factory
     log = "".join(path.read_text(errors="replace") for path in logs)
     assert f"fos encoder {EMBED}: openvino fp32 on the cpu" in log
     assert f"fos encoder {EMBED_V3}: onnxruntime fp32 on the cpu" in log
+    # One CPU instance each here: all the cores this process may use.
+    assert f"fos encoder {EMBED}: openvino fp32 on the cpu (asked for), {available_cores()} threads" in log
+
+
+def test_cpu_instances_share_the_cores(monkeypatch):
+    # Each Triton CPU instance is a process with its own session; GPU instances take none of the CPU's share.
+    monkeypatch.setattr(encoder, "available_cores", lambda: 16)
+    assert encoder.threads_per_instance([{"kind": "KIND_CPU", "count": 4}]) == 4
+    assert encoder.threads_per_instance([{"kind": "KIND_GPU", "count": 2}, {"kind": "KIND_CPU", "count": 3}]) == 5
+    assert encoder.threads_per_instance([]) == 16
+    monkeypatch.setattr(encoder, "available_cores", lambda: 2)
+    assert encoder.threads_per_instance([{"kind": "KIND_CPU", "count": 4}]) == 1  # never none
 
 
 def test_serve_engine_flag_overrides_and_refuses_what_cannot_serve(exported, monkeypatch, capsys):

@@ -38,9 +38,13 @@ class TritonPythonModel:
         path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
         # Triton starts a KIND_GPU instance on each GPU it names: each instance runs on its own.
         gpu = int(args.get("model_instance_device_id") or 0) if device == "gpu" else 0
-        self.encoder = encoder.Encoder(path, device=device, engine=self.spec.engine, precision=self.spec.precision, gpu=gpu)
+        threads = encoder.threads_per_instance(config.get("instance_group", [])) if device == "cpu" else None
+        self.encoder = encoder.Encoder(
+            path, threads=threads, device=device, engine=self.spec.engine, precision=self.spec.precision, gpu=gpu
+        )
         pb_utils.Logger.log_info(
             f"fos encoder {self.spec.served_name}: {self.encoder.engine} on the {self.encoder.device} ({self.encoder.reason})"
+            + (f", {threads} threads" if threads else "")
         )
         self.plan = batching.plan_for(self.encoder.device)
         started = time.perf_counter()
