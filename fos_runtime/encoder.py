@@ -98,11 +98,17 @@ class Encoder:
         self.input_names = tuple(i.name for i in self.session.get_inputs())
         self.output_name = self.session.get_outputs()[0].name
         self.engine = engines.Choice(engines.ONNXRUNTIME, precision)
+        self._shrink = None  # the GPU's arena is left as it is: freeing CUDA memory stalls the device
+        if self.device == "cpu":
+            self._shrink = ort.RunOptions()
+            self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
         if self._openvino is not None:
             return self._openvino.run(feeds)
-        out = self.session.run([self.output_name], {name: feeds[name] for name in self.input_names})[0]
+        large = self._shrink is not None and engines.is_large(feeds[self.input_names[0]].shape)
+        inputs = {name: feeds[name] for name in self.input_names}
+        out = self.session.run([self.output_name], inputs, self._shrink if large else None)[0]
         return np.asarray(out, dtype=np.float32)
 
     def run_many(self, feeds: Sequence[Mapping[str, np.ndarray]]) -> list[np.ndarray]:
