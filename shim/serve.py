@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -134,7 +135,10 @@ def ensure_exported(models: list[str], repository: Path, precision: str | None) 
             raise
         config = repository / name / "config.pbtxt"
         stored = repo.spec_of(repo.parse(config.read_text(encoding="utf-8"))) if config.exists() else None
-        if config.exists() and (precision is None or stored is None or stored.precision == precision):
+        # NAME=SOURCE names its source: where NAME holds another model's export, serving it would answer with the
+        # wrong model under the asked-for name. (A bare id or directory is served as it is, offline exports too.)
+        moved = served is not None and stored is not None and not _same_source(stored.source, model)
+        if config.exists() and not moved and (precision is None or stored is None or stored.precision == precision):
             # Served as it is: no hub, no torch.
             print(f"{model}: already in {repository}" + (f" ({stored.precision})" if stored else ""), flush=True)
             continue
@@ -142,7 +146,18 @@ def ensure_exported(models: list[str], repository: Path, precision: str | None) 
         from export.main import ExportOptions, export
 
         local_only = locate(model)
-        if stored is not None:
+        if stored is not None and moved:
+            print(f"{model}: {served} in {repository} was exported from {stored.source}: exporting it again", flush=True)
+            # The deployment's choices stay; what belongs to the old model (task, prompts, context) does not.
+            options = dataclasses.replace(
+                _same_choices(repository, stored, model, precision or stored.precision),
+                task=detect_task(model, local_only),
+                max_length=None,
+                normalize=True,
+                prompts=None,
+                default_prompt_name=None,
+            )
+        elif stored is not None:
             print(f"{model}: in {repository} as {stored.precision}, not {precision}: exporting it again", flush=True)
             options = _same_choices(repository, stored, model, precision or "fp32")
         else:
@@ -151,6 +166,12 @@ def ensure_exported(models: list[str], repository: Path, precision: str | None) 
             options = ExportOptions(model=model, task=task, name=served, repository=repository, precision=precision or "fp32")
         options.local_files_only = local_only
         export(options, log=lambda line: print(line, flush=True))
+
+
+def _same_source(stored: str, asked: str) -> bool:
+    if Path(stored).exists() and Path(asked).exists():
+        return Path(stored).resolve() == Path(asked).resolve()
+    return stored == asked
 
 
 def split_model(value: str) -> tuple[str | None, str]:

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import io
 import json
+from pathlib import Path
 from unittest import mock
 
 import numpy as np
@@ -278,6 +279,13 @@ def test_serve_exports_what_the_repository_lacks(tiny_dirs, tmp_path, capsys):
     ensure_exported([f"cl-nagoya/ruri-reranker-large={tiny_dirs['rerank']}"], repo, None)
     assert "exporting it (task rerank, fp32)" in capsys.readouterr().out
     assert sorted(s.served_name for s in read_specs(repo)) == sorted([tiny_dirs["rerank"].name, "cl-nagoya/ruri-reranker-large"])
+    # The same name from another source is that source's model, not the old export under the asked-for name.
+    ensure_exported([f"cl-nagoya/ruri-reranker-large={tiny_dirs['embed']}"], repo, None)
+    assert "was exported from" in capsys.readouterr().out
+    (moved,) = [s for s in read_specs(repo) if s.served_name == "cl-nagoya/ruri-reranker-large"]
+    assert moved.task == "embed" and Path(moved.source).resolve() == tiny_dirs["embed"].resolve()
+    ensure_exported([f"cl-nagoya/ruri-reranker-large={tiny_dirs['embed']}/."], repo, None)  # the same folder, spelt otherwise
+    assert "already in" in capsys.readouterr().out
 
 
 def test_serve_never_serves_another_precision_than_asked(tiny_dirs, tmp_path, capsys):
