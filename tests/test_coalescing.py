@@ -11,7 +11,7 @@ from tritonclient.utils import InferenceServerException, deserialize_bytes_tenso
 from fos_runtime.spec import ModelSpec
 from shim.backends.coalescing import Coalescer
 from shim.backends.triton import TritonBackend, _Rows
-from shim.errors import BackendFailed, BackendTimeout
+from shim.errors import BackendFailed, BackendTimeout, BackendUnavailable
 
 
 class Recorder:
@@ -233,12 +233,19 @@ class FakeClient:
         pass
 
 
-def _backend(*clients: FakeClient) -> TritonBackend:
+class _Everything(set):
+    def __contains__(self, model) -> bool:
+        return True
+
+
+def _backend(*clients: FakeClient, serves: list[set[str]] | None = None) -> TritonBackend:
+    """Endpoints over these clients; ``serves``: each one's ready models (default: any asked for)."""
     backend = TritonBackend([f"fake:{i}" for i in range(len(clients))], timeout_s=1.0)
     backend.endpoints = []
     for i, client in enumerate(clients):
         e = type("E", (), {})()
         e.url, e.client, e.healthy, e.down_since = f"fake:{i}", client, True, 0.0
+        e.ready, e.found = (set(serves[i]) if serves else _Everything()), {}
         backend.endpoints.append(e)
     return backend
 
@@ -258,6 +265,37 @@ async def test_an_unreachable_endpoint_is_dropped_and_the_call_retried():
     out = await backend._ensemble(SPEC, _Rows(["猫"], None, False))
     assert out.values.shape == (1, 2)
     assert [e.healthy for e in backend.endpoints] == [False, True]
+
+
+async def test_a_model_one_endpoint_lacks_is_asked_of_the_others_and_the_endpoint_kept():
+    # NOT_FOUND (a model unloaded there) used to take the whole endpoint out of rotation until the next probe.
+    backend = _backend(FakeClient(status="StatusCode.NOT_FOUND"), FakeClient(), serves=[{SPEC.name, "other"}, {SPEC.name}])
+    backend._next = -1
+    out = await backend._ensemble(SPEC, _Rows(["猫"], None, False))
+    assert out.values.shape == (1, 2)
+    assert [e.healthy for e in backend.endpoints] == [True, True]
+    assert backend.endpoints[0].ready == {"other"}  # asked for its other models still; the probe learns them again
+    assert [e.url for e in backend._order(SPEC.name)] == ["fake:1"]
+
+
+async def test_each_endpoint_is_asked_only_for_its_own_models():
+    backend = _backend(FakeClient(), FakeClient(), serves=[{"a"}, {SPEC.name}])
+    for _ in range(3):
+        await backend._ensemble(SPEC, _Rows(["猫"], None, False))
+    assert [e.client.calls for e in backend.endpoints] == [0, 3]
+    with pytest.raises(BackendUnavailable, match="no ready Triton endpoint serves nowhere"):
+        await backend._infer("nowhere", [], ["EMBEDDING"], 1.0)
+
+
+def test_the_models_served_are_every_endpoints():
+    import dataclasses
+
+    backend = _backend(FakeClient(), FakeClient())
+    other = dataclasses.replace(SPEC, served_name="org/other")
+    backend.endpoints[0].found = {SPEC.served_name: SPEC}
+    backend.endpoints[1].found = {"org/other": other, SPEC.served_name: dataclasses.replace(SPEC, max_length=7)}
+    backend._learn()
+    assert backend._specs == {SPEC.served_name: SPEC, "org/other": other}  # where two differ, the first endpoint's
 
 
 async def test_a_failed_call_cancels_its_siblings():

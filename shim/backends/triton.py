@@ -44,7 +44,8 @@ log = logging.getLogger("fos.triton")
 TIMEOUT_S = 60.0  # deadline of one call of up to max_batch_size rows; a round of k calls gets k times it
 PROBE_S = 1.0  # how often every endpoint is asked whether it is ready (a dropped one is taken back)
 PROBE_TIMEOUT_S = 5.0
-_UNREACHABLE = ("UNAVAILABLE", "NOT_FOUND", "CANCELLED")  # the endpoint, not the request, is at fault
+_UNREACHABLE = ("UNAVAILABLE", "CANCELLED")  # the endpoint, not the request, is at fault
+_NOT_FOUND = "NOT_FOUND"  # the endpoint is there but does not serve this model (unloaded, or never had it)
 _DEADLINE = "DEADLINE_EXCEEDED"
 
 
@@ -142,7 +143,8 @@ class _Endpoint:
         self.client = grpcclient.InferenceServerClient(url, channel_args=CHANNEL_ARGS)
         self.healthy = False
         self.down_since = time.monotonic()
-        self.ready: set[str] = set()  # the Triton models it said were ready when its exported models were last learnt
+        self.ready: set[str] = set()  # the Triton models it said were ready at its last probe: the ones it is asked for
+        self.found: dict[str, ModelSpec] = {}  # its exported models, by served name, learnt from those
 
 
 class TritonBackend:
@@ -180,23 +182,21 @@ class TritonBackend:
         await asyncio.gather(*(e.client.close() for e in self.endpoints), return_exceptions=True)
 
     async def _probe(self, e: _Endpoint) -> bool:
-        """Is the endpoint serving every exported model? Learns the models on the way: again whenever the endpoint
-        comes back (a restarted Triton may serve other models, or the same ones exported again) or its ready models
-        change (models loaded or unloaded while it runs). A readiness check is cheap even for a busy Triton: one that
-        does not answer it in time is hung or gone."""
+        """Is the endpoint up and serving exported models, and which? Learns them again whenever the endpoint comes
+        back (a restarted Triton may serve other models, or the same ones exported again) or its ready models change
+        (models loaded or unloaded while it runs). Endpoints may serve different models: each is asked only for its
+        own. A readiness check is cheap even for a busy Triton: one that does not answer it in time is hung or gone."""
         timeout = min(PROBE_TIMEOUT_S, self.timeout_s)
         try:
             if not await e.client.is_server_ready(client_timeout=timeout):
                 return self._mark(e, False)
             index = await e.client.get_model_repository_index(as_json=True, client_timeout=timeout)
             ready = {m["name"] for m in index.get("models", []) if m.get("state") == "READY"}
-            if not self._specs or not e.healthy or ready != e.ready:
-                self._learn(e, await self._discover(e, ready))
+            if not e.healthy or ready != e.ready:
+                e.found = await self._discover(e, ready)
                 e.ready = ready
-            for s in self._specs.values():
-                if not await e.client.is_model_ready(s.name, client_timeout=timeout):
-                    return self._mark(e, False)
-            return self._mark(e, bool(self._specs))
+                self._learn()
+            return self._mark(e, bool(e.found))
         except Exception as exc:
             log.debug("Triton at %s not ready: %s", e.url, exc)
             return self._mark(e, False)
@@ -210,10 +210,13 @@ class TritonBackend:
                 found[s.served_name] = s
         return found
 
-    def _learn(self, e: _Endpoint, found: dict[str, ModelSpec]) -> None:
-        if found == self._specs:
-            return
-        log.info("Triton at %s serves %s", e.url, sorted(found) or "no exported models")
+    def _learn(self) -> None:
+        """The models served: those of every endpoint that answered (where two differ, the first endpoint's wins)."""
+        found: dict[str, ModelSpec] = {}
+        for e in reversed(self.endpoints):
+            found |= e.found
+        if found != self._specs:
+            log.info("Triton serves %s", sorted(found) or "no exported models")
         self._specs = found
 
     def _mark(self, e: _Endpoint, healthy: bool) -> bool:
@@ -245,16 +248,16 @@ class TritonBackend:
     def engines(self) -> dict[str, Choice]:
         return {}  # Triton's encoders say which engine they run in Triton's log
 
-    def _order(self) -> list[_Endpoint]:
-        """Healthy endpoints, rotated so successive calls start at different ones."""
-        healthy = [e for e in self.endpoints if e.healthy]
+    def _order(self, model: str) -> list[_Endpoint]:
+        """Healthy endpoints that serve ``model``, rotated so successive calls start at different ones."""
+        healthy = [e for e in self.endpoints if e.healthy and model in e.ready]
         self._next += 1
         k = self._next % len(healthy) if healthy else 0
         return healthy[k:] + healthy[:k]
 
     async def _infer(self, model: str, inputs: list, outputs: Sequence[str], timeout_s: float) -> list[np.ndarray]:
-        last = "no Triton endpoint is ready"
-        for e in self._order():
+        last = f"no ready Triton endpoint serves {model}"
+        for e in self._order(model):
             try:
                 result = await e.client.infer(
                     model,
@@ -270,9 +273,12 @@ class TritonBackend:
                         f"Triton at {e.url} did not answer within {timeout_s:.0f}s; it is busy, or the request is too "
                         "large for its deadline (fos serve --triton-timeout)"
                     ) from exc
-                if not any(code in status for code in _UNREACHABLE):
+                if _NOT_FOUND in status:
+                    e.ready.discard(model)  # this endpoint only: the probe learns its models again
+                elif any(code in status for code in _UNREACHABLE):
+                    self._mark(e, False)  # the probe takes it back when it is ready
+                else:
                     raise BackendFailed(f"Triton failed: {exc.message()}") from exc
-                self._mark(e, False)  # the probe takes it back when it is ready
                 last = f"Triton at {e.url} is unavailable: {exc.message()}"
         raise BackendUnavailable(last)
 
