@@ -18,24 +18,31 @@ STATE=${FOS_DEVICE_STATE:-/tmp/fos-device-cpu}
 RESULTS=${FOS_GPU_WORK:-/tmp/fos-gpu}/results
 OUT=${OUT:?OUT: the folder whose files come back}
 
+running() { [ -f "$STATE/pid" ] && [ ! -f "$STATE/rc" ] && kill -0 "$(cat "$STATE/pid")" 2>/dev/null; }
+
 collect() {  # seconds: wait until the run has ended or the seconds have passed, then hand over what there is
   local t0=$SECONDS
-  while [ ! -f "$STATE/rc" ] && [ $((SECONDS - t0)) -lt "$1" ]; do sleep 3; done
+  while running && [ $((SECONDS - t0)) -lt "$1" ]; do sleep 3; done
   tar czf "$OUT/results.tgz" -C "$RESULTS" . 2>/dev/null || true
   cp "$STATE/run.log" "$STATE/cpu.txt" "$OUT/" 2>/dev/null || true
-  if [ -f "$STATE/rc" ]; then echo "finished: exit $(cat "$STATE/rc")"; else echo "still running after $1 s"; fi
-  tail -40 "$STATE/run.log"
+  if [ -f "$STATE/rc" ]; then echo "finished: exit $(cat "$STATE/rc")"
+  elif running; then echo "still running after $1 s"
+  else echo "no measurement here: not started, or it ended without an exit status"; fi
+  tail -40 "$STATE/run.log" 2>/dev/null
+  [ -f "$STATE/rc" ] || running
 }
 
 case ${1:-} in
   start)
-    mkdir -p "$STATE" && rm -f "$STATE/rc"
+    if running; then echo "a measurement is already running (pid $(cat "$STATE/pid")): $0 wait" >&2; exit 1; fi
+    mkdir -p "$STATE" && rm -f "$STATE/rc" "$STATE/pid"
     { lscpu; grep -o -w -E 'amx_[a-z0-9]+|avx512_[a-z0-9]+|avx512f' /proc/cpuinfo | sort -u | tr '\n' ' '; echo; } > "$STATE/cpu.txt"
     bash bench/gpu_bundle.sh unpack .carry/cpu > "$STATE/unpack.log" 2>&1 || { tail -20 "$STATE/unpack.log"; exit 1; }
-    tar xJf .carry/jglue.tar.xz -C .carry
+    tar xJf .carry/jglue.tar.xz -C .carry || { echo "jglue: .carry/jglue.tar.xz did not unpack" >&2; exit 1; }
     # setsid: the device tool ends what a call leaves running, except a process in a session of its own.
     FOS_STEPS=cpu OUT=$STATE setsid bash -c 'bash bench/gpu_run.sh > "$OUT/run.log" 2>&1; echo $? > "$OUT/rc"' \
       < /dev/null > /dev/null 2>&1 &
+    echo $! > "$STATE/pid"
     collect "${2:-480}"
     ;;
   wait) collect "${2:-300}" ;;

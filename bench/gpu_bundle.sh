@@ -234,7 +234,10 @@ EOF
 install_tree() {  # site/ and cpu-site/ -> $SITE; tools/ -> $TOOLS; fallback/<mod>/ -> $SITE, only where the plain python3 cannot import <mod>
   local tmp=$1 m
   if [ -d "$tmp/site" ]; then cp -a "$tmp/site/." "$SITE/"; fi
-  if [ -d "$tmp/cpu-site" ]; then cp -a "$tmp/cpu-site/." "$SITE/"; fi
+  # onnxruntime's CPU build, unless the GPU pieces put onnxruntime-gpu there (a warm machine that had both)
+  if [ -d "$tmp/cpu-site" ]; then
+    if [ -d "$SITE/onnxruntime" ]; then echo "  onnxruntime (CPU): $SITE has one already, kept"; else cp -a "$tmp/cpu-site/." "$SITE/"; fi
+  fi
   if [ -d "$tmp/tools" ]; then cp -a "$tmp/tools/." "$TOOLS/" && echo "  into $TOOLS: $(ls "$tmp/tools" | tr '\n' ' ')"; fi
   if [ -d "$tmp/fallback" ]; then
     for m in "$tmp"/fallback/*/; do

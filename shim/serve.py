@@ -196,6 +196,8 @@ def _same_choices(repository: Path, stored: spec.ModelSpec, model: str, precisio
     if engine.startswith("openvino-") and (engine == "openvino-int8") != (precision == "int8"):
         print(f"{model}: --engine {engine} does not serve {precision} exports: exporting with --engine auto", flush=True)
         engine = "auto"
+    # OpenVINO's int8 was made by NNCF at export: made again where the export had it and int8 is still asked for.
+    had_openvino_int8 = spec.openvino_int8_file(repository / spec.encoder_model(stored.name) / "1" / "model.onnx").exists()
     return ExportOptions(
         model=model,
         task=stored.task,
@@ -212,6 +214,9 @@ def _same_choices(repository: Path, stored: spec.ModelSpec, model: str, precisio
         normalize=stored.normalize,
         prompts=stored.prompts,
         default_prompt_name=stored.default_prompt_name or "",
+        openvino_int8=precision == "int8"
+        and stored.device == "cpu"
+        and (had_openvino_int8 or engine in ("openvino", "openvino-int8")),
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -246,6 +247,7 @@ def _backend(*clients: FakeClient, serves: list[set[str]] | None = None) -> Trit
         e = type("E", (), {})()
         e.url, e.client, e.healthy, e.down_since = f"fake:{i}", client, True, 0.0
         e.ready, e.found = (set(serves[i]) if serves else _Everything()), {}
+        e.index = set(e.ready)
         backend.endpoints.append(e)
     return backend
 
@@ -275,7 +277,7 @@ async def test_a_model_one_endpoint_lacks_is_asked_of_the_others_and_the_endpoin
     assert out.values.shape == (1, 2)
     assert [e.healthy for e in backend.endpoints] == [True, True]
     assert backend.endpoints[0].ready == {"other"}  # asked for its other models still; the probe learns them again
-    assert [e.url for e in backend._order(SPEC.name)] == ["fake:1"]
+    assert [e.url for e in backend._order(SPEC, SPEC.name)] == ["fake:1"]
 
 
 async def test_each_endpoint_is_asked_only_for_its_own_models():
@@ -284,7 +286,44 @@ async def test_each_endpoint_is_asked_only_for_its_own_models():
         await backend._ensemble(SPEC, _Rows(["猫"], None, False))
     assert [e.client.calls for e in backend.endpoints] == [0, 3]
     with pytest.raises(BackendUnavailable, match="no ready Triton endpoint serves nowhere"):
-        await backend._infer("nowhere", [], ["EMBEDDING"], 1.0)
+        await backend._infer(SPEC, "nowhere", [], ["EMBEDDING"], 1.0)
+
+
+async def test_an_ensemble_unloaded_beside_its_steps_is_learnt_again():
+    # Its NOT_FOUND left the endpoint's ready set equal to Triton's new index, so the probe saw no change and the
+    # model stayed listed (a 503 for ever instead of a 404).
+    class Probed(FakeClient):
+        index: ClassVar[set[str]] = {SPEC.name, "t--embed__tokenizer", "t--embed__encoder"}
+
+        async def is_server_ready(self, client_timeout):
+            return True
+
+        async def get_model_repository_index(self, as_json, client_timeout):
+            return {"models": [{"name": n, "state": "READY"} for n in sorted(self.index)]}
+
+    backend = _backend(Probed(status="StatusCode.NOT_FOUND"), serves=[set(Probed.index)])
+    backend.endpoints[0].found = {SPEC.served_name: SPEC}
+    backend._learn()
+
+    async def discover(e, ready):
+        return {SPEC.served_name: SPEC} if SPEC.name in ready else {}
+
+    backend._discover = discover
+    Probed.index = {"t--embed__tokenizer", "t--embed__encoder"}  # the ensemble unloaded
+    with pytest.raises(BackendUnavailable):
+        await backend._ensemble(SPEC, _Rows(["猫"], None, False))
+    await backend._probe(backend.endpoints[0])
+    assert backend.specs() == [] and not backend.endpoints[0].healthy
+
+
+def test_a_name_is_asked_only_of_endpoints_holding_the_same_export():
+    # Mid-way through re-exporting a name from another source, one endpoint answers with the other model.
+    import dataclasses
+
+    backend = _backend(FakeClient(), FakeClient())
+    backend.endpoints[0].found = {SPEC.served_name: dataclasses.replace(SPEC, source="another")}
+    backend.endpoints[1].found = {SPEC.served_name: SPEC}
+    assert [e.url for e in backend._order(SPEC, SPEC.name)] == ["fake:1"]
 
 
 def test_the_models_served_are_every_endpoints():
@@ -304,7 +343,7 @@ async def test_a_failed_call_cancels_its_siblings():
     async def call(g):
         if g == [0]:
             raise BackendFailed("boom")
-        return await backend._infer("m", [], ["EMBEDDING"], 5.0)
+        return await backend._infer(SPEC, "m", [], ["EMBEDDING"], 5.0)
 
     with pytest.raises(BackendFailed):
         await backend._fan_out([[0], [1], [2]], call, 3)

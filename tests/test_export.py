@@ -319,6 +319,27 @@ def test_serve_never_serves_another_precision_than_asked(tiny_dirs, tmp_path, ca
     assert "already in" in capsys.readouterr().out
 
 
+def test_serve_exports_openvinos_int8_again_from_another_source(tiny_dirs, tmp_path, capsys):
+    # The AMX setup: an int8 export served by OpenVINO's own int8. Exporting the name again from another folder kept
+    # --engine openvino-int8 without --openvino-int8, which export refuses: fos serve failed to start.
+    import shutil
+
+    from shim.serve import ensure_exported
+
+    repo, model = tmp_path / "repo", str(tiny_dirs["embed"])
+    options = ExportOptions(
+        model=model, task="embed", name="org/m", repository=repo, precision="int8", openvino_int8=True, engine="openvino-int8"
+    )
+    run_export(options, log=lambda _: None)
+    moved = shutil.copytree(tiny_dirs["embed"], tmp_path / "moved")
+    ensure_exported([f"org/m={moved}"], repo, None)
+    assert "was exported from" in capsys.readouterr().out
+    (s,) = read_specs(repo)
+    assert (
+        s.engine == "openvino-int8" and spec.openvino_int8_file(repo / spec.encoder_model(s.name) / "1" / "model.onnx").exists()
+    )
+
+
 def _prompts(own: dict[str, str], model: str, default: str | None = None, **opts):
     from types import SimpleNamespace
 

@@ -46,7 +46,7 @@ class TritonPythonModel:
             f"fos encoder {self.spec.served_name}: {self.encoder.engine} on the {self.encoder.device} ({self.encoder.reason})"
             + (f", {threads} threads" if threads else "")
         )
-        self.plan = batching.plan_for(self.encoder.device)
+        self.plan = batching.plan_for(self.encoder.device, self.encoder.run_threads)
         started = time.perf_counter()
         shapes = batching.warm_up(self.encoder, self.plan, self.spec.pad_token_id, self.spec.encoder_inputs, self.spec.max_length)
         if shapes:

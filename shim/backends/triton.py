@@ -143,7 +143,8 @@ class _Endpoint:
         self.client = grpcclient.InferenceServerClient(url, channel_args=CHANNEL_ARGS)
         self.healthy = False
         self.down_since = time.monotonic()
-        self.ready: set[str] = set()  # the Triton models it said were ready at its last probe: the ones it is asked for
+        self.index: set[str] = set()  # the Triton models it said were ready at its last probe
+        self.ready: set[str] = set()  # those it is asked for: the index, less any that answered NOT_FOUND since
         self.found: dict[str, ModelSpec] = {}  # its exported models, by served name, learnt from those
 
 
@@ -192,9 +193,11 @@ class TritonBackend:
                 return self._mark(e, False)
             index = await e.client.get_model_repository_index(as_json=True, client_timeout=timeout)
             ready = {m["name"] for m in index.get("models", []) if m.get("state") == "READY"}
-            if not e.healthy or ready != e.ready:
+            # A NOT_FOUND since the last probe makes it learn again too: the index may look the same while a model it
+            # lists (an ensemble whose step was unloaded) cannot be served.
+            if not e.healthy or ready != e.index or e.ready != e.index:
                 e.found = await self._discover(e, ready)
-                e.ready = ready
+                e.index, e.ready = ready, set(ready)
                 self._learn()
             return self._mark(e, bool(e.found))
         except Exception as exc:
@@ -211,7 +214,9 @@ class TritonBackend:
         return found
 
     def _learn(self) -> None:
-        """The models served: those of every endpoint that answered (where two differ, the first endpoint's wins)."""
+        """The models served: those of every endpoint that answered, down or not (a model whose endpoints are down is
+        unavailable, a 503, not unknown); where two endpoints hold different exports under one name, the first
+        endpoint's, and only the endpoints holding that one are asked for it (``_order``)."""
         found: dict[str, ModelSpec] = {}
         for e in reversed(self.endpoints):
             found |= e.found
@@ -248,16 +253,17 @@ class TritonBackend:
     def engines(self) -> dict[str, Choice]:
         return {}  # Triton's encoders say which engine they run in Triton's log
 
-    def _order(self, model: str) -> list[_Endpoint]:
-        """Healthy endpoints that serve ``model``, rotated so successive calls start at different ones."""
-        healthy = [e for e in self.endpoints if e.healthy and model in e.ready]
+    def _order(self, s: ModelSpec, model: str) -> list[_Endpoint]:
+        """Healthy endpoints that serve ``model`` (a Triton model of ``s``) as ``s``, rotated so successive calls start
+        at different ones. Another export under the same name (a rolling re-export) would answer with another model."""
+        healthy = [e for e in self.endpoints if e.healthy and model in e.ready and e.found.get(s.served_name, s) == s]
         self._next += 1
         k = self._next % len(healthy) if healthy else 0
         return healthy[k:] + healthy[:k]
 
-    async def _infer(self, model: str, inputs: list, outputs: Sequence[str], timeout_s: float) -> list[np.ndarray]:
+    async def _infer(self, s: ModelSpec, model: str, inputs: list, outputs: Sequence[str], timeout_s: float) -> list[np.ndarray]:
         last = f"no ready Triton endpoint serves {model}"
-        for e in self._order(model):
+        for e in self._order(s, model):
             try:
                 result = await e.client.infer(
                     model,
@@ -316,7 +322,7 @@ class TritonBackend:
             if rows.pairs is not None:
                 inputs.append(_strings(specs.TEXT_PAIR, [rows.pairs[i] for i in g]))
             options = [*_detect(len(g), rows.detect_truncation), *_doc_tokens(len(g), rows.max_doc_tokens)]
-            return self._infer(s.name, [*inputs, *options], outputs, deadline)
+            return self._infer(s, s.name, [*inputs, *options], outputs, deadline)
 
         values, tokens, truncated = await self._fan_out(groups, call, len(rows.texts))
         return _output(values if s.task == "embed" else values.reshape(-1), tokens, truncated)
@@ -389,7 +395,7 @@ class TritonBackend:
             def by_ids(g: list[int]) -> Coroutine[Any, Any, list[np.ndarray]]:
                 feeds = pad(ids, s.pad_token_id, s.encoder_inputs, order=g)
                 return self._infer(
-                    specs.encoder_model(s.name), [_ints(n, a) for n, a in feeds.items()], [specs.EMBEDDING], self.timeout_s
+                    s, specs.encoder_model(s.name), [_ints(n, a) for n, a in feeds.items()], [specs.EMBEDDING], self.timeout_s
                 )
 
             groups = _calls(s, ids.lengths)
