@@ -91,9 +91,9 @@ export_cpu() {  # [flags...]: one of cpu_prep's exports (its src, task, name, re
 }
 # The four exports at once where there are cores for them: one after the other they took 8.2 minutes of the 16-core
 # host's 13 (each is mostly one thread: loading, tracing, NNCF's statistics); they write different models or
-# repositories, and each stages its own files.
-PREP_PARALLEL=${FOS_PREP_PARALLEL:-$([ "$(nproc)" -ge 8 ] && echo 1 || echo 0)}
+# repositories, and each stages its own files. nproc counts the cores cpuprep is pinned to, where it is.
 cpu_prep() {  # the cpu step's models and exports (each export checks parity on every CPU engine)
+  local parallel=${FOS_PREP_PARALLEL:-$([ "$(nproc)" -ge 8 ] && echo 1 || echo 0)}
   [ -d "$WORK/rerank/hf" ] || $PY -m bench.ruri_shape "$WORK/rerank" --reranker --corpus "$CORPUS" --size "$SIZE" \
     > "$OUT/build-rerank.log" 2>&1
   local task src name precision repo flags logs=() jobs=()
@@ -113,7 +113,7 @@ cpu_prep() {  # the cpu step's models and exports (each export checks parity on 
       logs+=("$OUT/export-cpu-$precision-$task.log")
       # NNCF is the likeliest to fail on a machine's own packages (nncf 3.4 asks for numpy < 2.5): onnxruntime's int8
       # is still measured without it.
-      if [ "$PREP_PARALLEL" = 1 ]; then
+      if [ "$parallel" = 1 ]; then
         { export_cpu "${flags[@]}" || { [ ${#flags[@]} -gt 0 ] && export_cpu; } || true; } &
         jobs+=($!)
       else
