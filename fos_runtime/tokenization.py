@@ -18,6 +18,12 @@ from typing import cast
 
 from . import spec, text
 
+# MeCab groups a run of unknown characters of one kind at every position of the run: its time grows with the square of
+# the run (50,000 'a' took 1.3 s here, under the tokenizer's lock, so every other request waited). A text past
+# max_length x this many characters is cut to that before MeCab: it yields more tokens than fit unless its words
+# average more than this many characters, and those beyond max_length are cut anyway.
+MECAB_CHARS_PER_TOKEN = 32
+
 
 @dataclasses.dataclass
 class Encoded:
@@ -76,11 +82,21 @@ class Tokenizer:
         texts = [text.clean(t) for t in texts]  # a NUL would end the text for MeCab
         pairs = [text.clean(t) for t in pairs] if pairs is not None else None
         cap = max_pair_tokens if pairs is not None else None
+        # Fast (Rust) tokenizers take linear time: only the Python ones (MeCab) are cut.
+        limit = None if self.hf.is_fast else self.max_length * MECAB_CHARS_PER_TOKEN
+        cut = [limit is not None and len(t) > limit for t in texts]
+        if limit is not None:
+            texts = [t[:limit] for t in texts]
+            if pairs is not None:
+                # A document cut to max_tokens_per_doc was asked for, and is not a truncation.
+                cut = [c or (cap is None and len(p) > limit) for c, p in zip(cut, pairs, strict=True)]
+                pairs = [p[:limit] for p in pairs]
         out = self._call(texts, pairs, self.max_length, cap)
         types = out.get(spec.TOKEN_TYPE_IDS)
         encoded = Encoded(input_ids=list(out[spec.INPUT_IDS]), token_type_ids=list(types) if types is not None else None)
         if detect_truncation:
-            encoded.truncated = self._truncated(texts, pairs, encoded.lengths, cap)
+            found = self._truncated(texts, pairs, encoded.lengths, cap)
+            encoded.truncated = [a or b for a, b in zip(found, cut, strict=True)]
         return encoded
 
     def _call(self, texts: Sequence[str], pairs: Sequence[str] | None, max_length: int, cap: int | None = None):

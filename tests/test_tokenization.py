@@ -69,6 +69,34 @@ def test_tokenizer_tells_which_inputs_it_cut(tmp_path):
     assert Tokenizer(tmp_path, max_length=m - 1).encode(["猫"], [text], detect_truncation=True).truncated == [True]
 
 
+def test_mecab_never_sees_more_than_the_context_can_use(tmp_path, monkeypatch):
+    # MeCab's time grows with the square of a run of unknown characters (50,000 'a': 1.3 s under the tokenizer's
+    # lock). A text is cut to max_length x MECAB_CHARS_PER_TOKEN characters first, and the cut is reported.
+    from fos_runtime import tokenization
+    from fos_runtime.tokenization import Tokenizer
+
+    import tiny_models
+
+    tiny_models.build_tokenizer(tmp_path).save_pretrained(str(tmp_path))
+    tok = Tokenizer(tmp_path, max_length=8)
+    limit = 8 * tokenization.MECAB_CHARS_PER_TOKEN
+    seen: list[int] = []
+    call = tok.hf.__class__.__call__
+
+    def recording(self, texts, pairs=None, **kwargs):
+        seen.extend(len(t) for t in [*texts, *(pairs or [])])
+        return call(self, texts, pairs, **kwargs)
+
+    monkeypatch.setattr(tok.hf.__class__, "__call__", recording)
+    word = "猫" + "a" * (limit * 10)  # one long word: fewer tokens than characters / MECAB_CHARS_PER_TOKEN
+    enc = tok.encode([word, "猫"], detect_truncation=True)
+    assert max(seen) <= limit and enc.truncated == [True, False]
+    assert enc.input_ids[0] == tok.encode([word[:limit]]).input_ids[0]
+    seen.clear()
+    pairs = tok.encode(["猫"], [word], detect_truncation=True)
+    assert max(seen) <= limit and pairs.truncated == [True]
+
+
 def test_tokenizer_reads_past_control_characters(tmp_path):
     # Every tokenization path (Triton's tokenizer model too, for clients that call Triton directly)
     # sees a control character as a space; MeCab alone stops at a NUL.
