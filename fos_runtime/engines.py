@@ -231,15 +231,12 @@ class OpenVINOSession:
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
         out = self.request.infer({name: feeds[name] for name in self.input_names})
-        self._release_after([feeds])
-        return np.asarray(out[0], dtype=np.float32)  # infer copies outputs out of the request's reused buffer
-
-    def _release_after(self, feeds: Sequence[Mapping[str, np.ndarray]]) -> None:
         # Between runs only: OpenVINO frees what no running request holds. Not with streams: with an AsyncInferQueue's
         # requests alive, OpenVINO 2026.4 corrupted the heap at the next round ("malloc(): invalid size"), a new queue
         # or none while releasing alike.
-        if self.queue is None and any(is_large(f[self.input_names[0]].shape) for f in feeds):
+        if self.queue is None and is_large(feeds[self.input_names[0]].shape):
             self.compiled.release_memory()
+        return np.asarray(out[0], dtype=np.float32)  # infer copies outputs out of the request's reused buffer
 
     def run_many(self, feeds: Sequence[Mapping[str, np.ndarray]]) -> list[np.ndarray]:
         """Each batch's output, in order; up to ``streams`` of them computed at once. One caller at a time."""

@@ -197,7 +197,7 @@ def _same_choices(repository: Path, stored: spec.ModelSpec, model: str, precisio
         print(f"{model}: --engine {engine} does not serve {precision} exports: exporting with --engine auto", flush=True)
         engine = "auto"
     # OpenVINO's int8 was made by NNCF at export: made again where the export had it and int8 is still asked for.
-    had_openvino_int8 = spec.openvino_int8_file(repository / spec.encoder_model(stored.name) / "1" / "model.onnx").exists()
+    had_openvino_int8 = spec.openvino_int8_file(spec.encoder_file(repository, stored.name)).exists()
     return ExportOptions(
         model=model,
         task=stored.task,

@@ -325,7 +325,7 @@ def test_triton_encoder_names_a_malformed_request_and_serves_the_next(triton, ex
 def test_a_long_run_gives_its_memory_back(exported, engine, streams):
     # The CPU engines keep a run's peak for the life of the process: one 4096-token input to this tiny ModernBERT
     # would leave about 800 MB resident with onnxruntime, one of 8192 3.2 GB (OpenVINO: 5 GB). OpenVINO with streams
-    # keeps it (engines.OpenVINOSession._release_after).
+    # keeps it (engines.OpenVINOSession.run).
     def resident_mib() -> float:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * 4096 / 2**20

@@ -335,9 +335,7 @@ def test_serve_exports_openvinos_int8_again_from_another_source(tiny_dirs, tmp_p
     ensure_exported([f"org/m={moved}"], repo, None)
     assert "was exported from" in capsys.readouterr().out
     (s,) = read_specs(repo)
-    assert (
-        s.engine == "openvino-int8" and spec.openvino_int8_file(repo / spec.encoder_model(s.name) / "1" / "model.onnx").exists()
-    )
+    assert s.engine == "openvino-int8" and spec.openvino_int8_file(spec.encoder_file(repo, s.name)).exists()
 
 
 def _prompts(own: dict[str, str], model: str, default: str | None = None, **opts):
