@@ -58,7 +58,7 @@ def main() -> None:
             streams=streams,
             device=args.device,
         )
-        if encoder.streams != streams:  # onnxruntime has none; OpenVINO may grant another number
+        if encoder.streams != streams:  # OpenVINO may grant another number
             raise SystemExit(f"{encoder.engine} runs {encoder.streams} streams, not {streams}")
         points: dict[int, list[tuple[int, float]]] = {}  # by width: a line for each (attention grows with it)
         # The engine's own first inference, on a shape not measured, so that it is not counted as the first shape's.

@@ -3,8 +3,10 @@ encoder and export's parity check all use this, so they behave the same."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
+import queue
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -41,7 +43,8 @@ def _load_cuda_libraries(ort) -> None:
 
 
 class Encoder:
-    """One session of the chosen engine; ``run`` takes padded arrays and returns the graph's only output.
+    """The chosen engine's session; ``run`` takes padded arrays and returns the graph's only output. With ``streams``
+    above 1 (a CPU), ``run_many`` computes that many batches at once, each on its share of the threads.
 
     ``engine``: one of ``engines.CHOICES``, resolved against the export's parity record (``engines.resolve``), or a
     ``engines.Choice`` run as it is (export's parity check, before there is a record). ``precision``: what the ONNX
@@ -81,17 +84,24 @@ class Encoder:
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": gpu}))
         elif device == "gpu":
             raise RuntimeError("device=gpu asked for, but this onnxruntime has no CUDAExecutionProvider")
+        if streams > 1 and len(providers) > 1:
+            raise RuntimeError(
+                f"{streams} engine streams asked for: streams share a CPU's cores, and this encoder would run on the GPU "
+                "(leave streams at 1, or keep the encoder on the CPU: device cpu)"
+            )
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # On a CPU, one session per process, fed one batch at a time: every core, no spinning threads
-        # left burning CPU between requests. On a GPU the CPU only launches kernels and runs a few shape
+        # On a CPU, every core, shared by the streams. On a GPU the CPU only launches kernels and runs a few shape
         # operations: a pool of threads there only waits on cores that tokenizers and HTTP workers need.
-        options.intra_op_num_threads = threads or (1 if len(providers) > 1 else available_cores())
+        self.streams = max(1, streams)
+        options.intra_op_num_threads = max(1, (threads or (1 if len(providers) > 1 else available_cores())) // self.streams)
         self.run_threads = options.intra_op_num_threads  # each run's threads: what a CPU run's fixed cost scales with
-        self.streams = 1
         options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        # One session a stream: a run on each at once, each on its own threads (onnxruntime's runs on one session
+        # share its one pool of threads). Each holds its own copy of the weights.
+        sessions = [ort.InferenceSession(str(path), sess_options=options, providers=providers) for _ in range(self.streams)]
+        self.session = sessions[0]
         self.device = "gpu" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         if device == "gpu" and self.device != "gpu":  # onnxruntime falls back to the CPU with only a log line
             raise RuntimeError("device=gpu asked for, but onnxruntime could not start its CUDAExecutionProvider (see its log)")
@@ -102,20 +112,35 @@ class Encoder:
         if self.device == "cpu":
             self._shrink = ort.RunOptions()
             self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        # Sessions not running now: a run takes one and gives it back, so that no two runs share a session's threads.
+        self._idle: queue.SimpleQueue = queue.SimpleQueue()
+        for session in sessions:
+            self._idle.put(session)
+        self._streams = (
+            concurrent.futures.ThreadPoolExecutor(self.streams, thread_name_prefix="fos-stream") if self.streams > 1 else None
+        )
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
         if self._openvino is not None:
             return self._openvino.run(feeds)
-        large = self._shrink is not None and engines.is_large(feeds[self.input_names[0]].shape)
-        inputs = {name: feeds[name] for name in self.input_names}
-        out = self.session.run([self.output_name], inputs, self._shrink if large else None)[0]
+        session = self._idle.get()
+        try:
+            large = self._shrink is not None and engines.is_large(feeds[self.input_names[0]].shape)
+            inputs = {name: feeds[name] for name in self.input_names}
+            out = session.run([self.output_name], inputs, self._shrink if large else None)[0]
+        finally:
+            self._idle.put(session)
         return np.asarray(out, dtype=np.float32)
 
     def run_many(self, feeds: Sequence[Mapping[str, np.ndarray]]) -> list[np.ndarray]:
-        """``run`` of each batch, in order: several at once where the engine has streams (OpenVINO), else one by one."""
+        """``run`` of each batch, in order: up to ``streams`` of them at once where the encoder has streams."""
         if self._openvino is not None:
             return self._openvino.run_many(feeds)
-        return [self.run(f) for f in feeds]
+        if self._streams is None or len(feeds) < 2:
+            return [self.run(f) for f in feeds]
+        work = [self._streams.submit(self.run, f) for f in feeds]
+        concurrent.futures.wait(work)  # every run ends before the round answers, failed or not
+        return [w.result() for w in work]
 
 
 def choose_engine(path: Path, engine: str, precision: str, device: str = "auto") -> tuple[engines.Choice, str]:

@@ -86,8 +86,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=1,
         metavar="N",
-        help="OpenVINO: compute up to N batches of a round at once, each on its share of the threads (CPUs with many "
-        "cores, where one small batch cannot keep them all busy); onnxruntime ignores it",
+        help="CPU encoders: compute up to N batches of a round at once, each on its share of the threads (CPUs with "
+        "many cores, where one small batch cannot keep them all busy); onnxruntime holds a copy of the model per stream",
     )
     p.add_argument(
         "--device",

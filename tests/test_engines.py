@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import threading
 
 import httpx
 import numpy as np
@@ -170,6 +171,45 @@ def test_openvino_streams_compute_a_rounds_batches_at_once_and_answer_in_order(e
     with pytest.raises(RuntimeError, match="a batch failed"):
         two.run_many(batches)
     assert failing.waited == 1 and session.queue is not failing and session.queue is not real
+    again = two.run_many(batches)
+    assert all(np.max(np.abs(g - w)) <= 1e-5 for g, w in zip(again, want, strict=True))
+
+
+def test_onnxruntime_streams_run_a_rounds_batches_at_once_each_on_its_own_session(exported):
+    # Streams on a CPU with many cores: a round's small batches at once, each on its share of the cores. Runs on one
+    # onnxruntime session share its one pool of threads, so each stream needs a session of its own.
+    _, model = model_of(exported, EMBED)
+    f = feeds(exported, EMBED)
+    batches = [{k: v[:n, :w] for k, v in f.items()} for n, w in ((3, 8), (1, f["input_ids"].shape[1]), (2, 5), (1, 3))]
+    one = Encoder(model, engine="onnxruntime", threads=2)
+    two = Encoder(model, engine="onnxruntime", threads=2, streams=2)
+    assert (one.streams, one.run_threads) == (1, 2)
+    assert (two.streams, two.run_threads) == (2, 1)  # the CPU plan's run cost follows a run's threads
+    want = [one.run(b) for b in batches]
+    # Each run waits at the barrier for another: run one after the other, they would never meet (BrokenBarrierError).
+    meeting = threading.Barrier(2, timeout=10)
+    used = set()
+
+    class Met:
+        def __init__(self, session):
+            self.session = session
+
+        def run(self, *args):
+            used.add(id(self.session))
+            meeting.wait()
+            return self.session.run(*args)
+
+    for _ in range(2):
+        two._idle.put(Met(two._idle.get()))
+    got = two.run_many(batches)
+    assert len(used) == 2
+    assert [g.shape for g in got] == [w.shape for w in want]
+    assert all(np.max(np.abs(g - w)) <= 1e-5 for g, w in zip(got, want, strict=True))
+    # A failed batch fails the round, once every run of it has ended; the sessions are all there for the next round.
+    bad = dict(batches[0], input_ids=batches[0]["input_ids"].astype(np.float32))
+    with pytest.raises(Exception, match="data type"):
+        two.run_many([bad, batches[1]])
+    assert two._idle.qsize() == 2
     again = two.run_many(batches)
     assert all(np.max(np.abs(g - w)) <= 1e-5 for g, w in zip(again, want, strict=True))
 

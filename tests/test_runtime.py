@@ -56,6 +56,10 @@ def test_a_gpu_encoder_runs_on_the_gpu_it_is_given(exported, monkeypatch):
     choice = engines.Choice(engines.ONNXRUNTIME, "fp16")
     assert Encoder("model.onnx", device="gpu", engine=choice, gpu=1).device == "gpu"
     assert given == [[("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]]
+    # Streams share a CPU's cores: on the GPU they would be copies of the model fighting over one device.
+    with pytest.raises(RuntimeError, match="streams share a CPU's cores"):
+        Encoder("model.onnx", device="auto", engine=choice, streams=2)
+    assert len(given) == 1  # refused before any session loads
 
 
 def test_triton_models_keep_scikit_learn_out():

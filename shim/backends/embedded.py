@@ -86,7 +86,9 @@ class _Model:
         self.tokenizer = Tokenizer(specs.tokenizer_files(repository, s.name), s.max_length)
         model = specs.encoder_file(repository, s.name)
         self.encoder = Encoder(model, threads=threads, device=device, engine=engine, precision=s.precision, streams=streams)
-        log.info("%s: %s on the %s (%s)", s.served_name, self.encoder.engine, self.encoder.device, self.encoder.reason)
+        e = self.encoder
+        streams = f", {e.streams} streams of {e.run_threads} threads" if e.streams > 1 else ""
+        log.info("%s: %s on the %s%s (%s)", s.served_name, e.engine, e.device, streams, e.reason)
         self.executor = executor
         self.plan = plan or batching.plan_for(self.encoder.device, self.encoder.run_threads)
         started = time.perf_counter()
