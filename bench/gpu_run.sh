@@ -35,7 +35,8 @@ PREP_CORES=${FOS_PREP_CORES:-$PREP_DEFAULT}
 SWEEP=${FOS_SWEEP-8:8}                           # shim workers:rounds in flight per worker, each a dify-embed level ("": none)
 CPU_CORES=${FOS_CPU_CORES:-}                     # cpu step: taskset's core list (e.g. 0-1); empty: every core
 # cpu step: embedded-bf16-s4 runs 4 batches of a round at once (fos serve --engine-streams 4): the fourth run's 16 cores
-# ran batches of 3-5 rows one at a time. Names: bench/compare.py (embedded-bf16-s4-t8: 4 streams over 8 threads).
+# ran batches of 3-5 rows one at a time; embedded-int8-s4 does the same with onnxruntime's int8 (a session a stream).
+# Names: bench/compare.py (embedded-bf16-s4-t8: 4 streams over 8 threads).
 # Add embedded-fp32 where there is time (~1 min more). embedded-int8 (onnxruntime's int8) and embedded-ov-int8
 # (OpenVINO's, NNCF) make cpuprep export int8 too, with --openvino-int8 for the latter (NNCF: 2.4 min a model on 2 Zen 4
 # cores).
@@ -45,6 +46,9 @@ CPU_DURATION=${FOS_CPU_DURATION:-$DURATION}      # cpu step: seconds per level
 # cpu step: engines (fos serve --engine names, and onnxruntime-int8 for onnxruntime on the int8 export) whose speed on uniform shapes (bench.engine_shapes, every core, the
 # reranker) is measured after the servers: the ceiling their served figures are read against. "": none.
 CPU_SHAPES=${FOS_CPU_SHAPES:-}
+# cpu step: bench.engine_shapes's threads:streams for those engines (0: every core); e.g. 0:1,0:4 measures 4 batches at
+# once (fos serve --engine-streams 4) beside one.
+CPU_CONFIGS=${FOS_CPU_CONFIGS:-0:1}
 CPU_ENGINE_ALONE=${FOS_CPU_ENGINE_ALONE:-}       # cpu step: 1 adds each server's engine alone (~1 min a server)
 export FOS_ENCODER_TIMING=${FOS_ENCODER_TIMING:-200}  # Triton's encoder logs where its time goes
 NAME=cl-nagoya/ruri-large
@@ -272,7 +276,7 @@ for engine in ${CPU_SHAPES//,/ }; do
   arg=$engine
   case $engine in openvino-int8) repo=$WORK/repo-cpu-int8 ;; onnxruntime-int8) repo=$WORK/repo-cpu-int8 arg=onnxruntime ;; esac
   ${CPU_CORES:+taskset -c "$CPU_CORES"} $PY -m bench.engine_shapes --repository "$repo" --model cl-nagoya/ruri-reranker-large \
-    --engine "$arg" --configs 0:1 --seconds 1.5 \
+    --engine "$arg" --configs "$CPU_CONFIGS" --seconds 1.5 \
     --shapes 1x32,4x32,16x32,1x64,1x65,1x128,2x65,4x33,4x48,4x49,4x128,16x128,2x120,3x100 \
     > "$OUT/cpu/shapes-$engine.log" 2>&1 || echo "engine_shapes $engine failed"
   grep -E '^threads' "$OUT/cpu/shapes-$engine.log" || true
