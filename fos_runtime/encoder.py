@@ -93,8 +93,12 @@ class Encoder:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # On a CPU, every core, shared by the streams. On a GPU the CPU only launches kernels and runs a few shape
         # operations: a pool of threads there only waits on cores that tokenizers and HTTP workers need.
-        self.streams = max(1, streams)
-        options.intra_op_num_threads = max(1, (threads or (1 if len(providers) > 1 else available_cores())) // self.streams)
+        total = threads or (1 if len(providers) > 1 else available_cores())
+        # A thread a stream at least: more streams than threads would run more threads than asked for.
+        self.streams = max(1, min(streams, total))
+        if self.streams < streams:
+            logging.getLogger("fos.encoder").warning("%d streams asked for over %d threads: %d streams", streams, total, total)
+        options.intra_op_num_threads = total // self.streams
         self.run_threads = options.intra_op_num_threads  # each run's threads: what a CPU run's fixed cost scales with
         options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")

@@ -185,6 +185,7 @@ def test_onnxruntime_streams_run_a_rounds_batches_at_once_each_on_its_own_sessio
     two = Encoder(model, engine="onnxruntime", threads=2, streams=2)
     assert (one.streams, one.run_threads) == (1, 2)
     assert (two.streams, two.run_threads) == (2, 1)  # the CPU plan's run cost follows a run's threads
+    assert Encoder(model, engine="onnxruntime", threads=2, streams=3).streams == 2  # a thread a stream at least
     want = [one.run(b) for b in batches]
     # Each run waits at the barrier for another: run one after the other, they would never meet (BrokenBarrierError).
     meeting = threading.Barrier(2, timeout=10)
