@@ -87,8 +87,8 @@ class _Model:
         model = specs.encoder_file(repository, s.name)
         self.encoder = Encoder(model, threads=threads, device=device, engine=engine, precision=s.precision, streams=streams)
         e = self.encoder
-        streams = f", {e.streams} streams of {e.run_threads} threads" if e.streams > 1 else ""
-        log.info("%s: %s on the %s%s (%s)", s.served_name, e.engine, e.device, streams, e.reason)
+        shared = f", {e.streams} streams of {e.run_threads} threads" if e.streams > 1 else ""
+        log.info("%s: %s on the %s%s (%s)", s.served_name, e.engine, e.device, shared, e.reason)
         self.executor = executor
         self.plan = plan or batching.plan_for(self.encoder.device, self.encoder.run_threads)
         started = time.perf_counter()
