@@ -14,7 +14,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from . import spec
-from .encoder import Encoder, available_cores
+from .cores import available_cores
+from .encoder import Encoder
 from .padding import ROW_BUCKETS, bucket_length, bucket_rows, merge_padded, pad, take
 from .tokenization import Encoded
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import os
 import queue
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -13,13 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from . import engines
-
-
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+from .cores import available_cores
 
 
 def threads_per_instance(instance_group: Sequence[Mapping]) -> int:

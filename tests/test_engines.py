@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from fos_runtime import encoder, engines, padding, spec
-from fos_runtime.encoder import Encoder, available_cores
+from fos_runtime.cores import available_cores
+from fos_runtime.encoder import Encoder
 from fos_runtime.engines import Choice, Cpu, NotServable, resolve
 from fos_runtime.tokenization import Tokenizer
 from shim.repository import read_specs

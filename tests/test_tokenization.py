@@ -166,7 +166,7 @@ def test_cheapest_runs_weigh_a_run_against_its_padding():
 def test_a_cpu_runs_fixed_cost_follows_its_threads():
     # A run's fixed cost stays while each token's falls with the threads: --threads 4 on a big host is not every core.
     from fos_runtime import batching
-    from fos_runtime.encoder import available_cores
+    from fos_runtime.cores import available_cores
 
     per_core = batching.PLANS["cpu"].run_cost_tokens
     assert batching.plan_for("cpu", 4).run_cost_tokens == 4 * per_core

@@ -18,7 +18,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from fos_runtime import batching, engines
+from fos_runtime import batching, cores, engines
 from fos_runtime import spec as specs
 from fos_runtime.batching import BatchPlan, Stats
 from fos_runtime.encoder import Encoder
@@ -156,6 +156,9 @@ class EmbeddedBackend:
         self._ready = False
 
     async def start(self) -> None:
+        quota = cores.cpu_quota()
+        if quota is not None and self.threads is None:
+            log.info("CPU quota of %.2f cores (cgroup): the engines' threads are %d", quota, cores.available_cores())
         found = read_specs(self.repository)
         if not found:
             log.warning("no exported models in %s", self.repository)
