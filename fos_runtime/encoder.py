@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import engines
+from . import engines, spec
 from .cores import available_cores
 
 
@@ -111,7 +111,10 @@ class Encoder:
             self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         # Sessions not running now: a run takes one and gives it back, so that no two runs share a session's threads.
         self._idle: queue.SimpleQueue = queue.SimpleQueue()
+        warm = {name: np.full((1, 8), 0 if name == spec.TOKEN_TYPE_IDS else 1, dtype=np.int64) for name in self.input_names}
         for session in sessions:
+            if self.device == "cpu":  # each session's first run sets it up: at load, not in a request's time
+                session.run([self.output_name], warm)
             self._idle.put(session)
         self._streams = (
             concurrent.futures.ThreadPoolExecutor(self.streams, thread_name_prefix="fos-stream") if self.streams > 1 else None
@@ -120,13 +123,15 @@ class Encoder:
     def run(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
         if self._openvino is not None:
             return self._openvino.run(feeds)
-        session = self._idle.get()
+        session = None
         try:
+            session = self._idle.get()
             large = self._shrink is not None and engines.is_large(feeds[self.input_names[0]].shape)
             inputs = {name: feeds[name] for name in self.input_names}
             out = session.run([self.output_name], inputs, self._shrink if large else None)[0]
         finally:
-            self._idle.put(session)
+            if session is not None:
+                self._idle.put(session)
         return np.asarray(out, dtype=np.float32)
 
     def run_many(self, feeds: Sequence[Mapping[str, np.ndarray]]) -> list[np.ndarray]:

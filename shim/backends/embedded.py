@@ -96,7 +96,7 @@ class _Model:
         if shapes:
             log.info("%s: warmed up %d shapes in %.1fs", s.served_name, shapes, time.perf_counter() - started)
         self.stats = Stats()
-        # One round at a time: onnxruntime already spreads one run over every core.
+        # One round at a time: a run already spreads over every core (with streams, a round's runs over their shares).
         self.rounds: Coalescer[Encoded, np.ndarray] = Coalescer(
             self._run, max_rows=1 << 30, max_cost=self.plan.round_tokens, concurrency=1, name=s.served_name
         )
@@ -145,11 +145,11 @@ class EmbeddedBackend:
         # auto: onnxruntime's GPU where it has one; cpu keeps the encoders off a GPU the machine has (OpenVINO, or
         # a GPU left to other work).
         self.device = device
-        # OpenVINO: batches of a round computed at once, each on its share of the threads (CPUs with many cores).
+        # CPU encoders: batches of a round computed at once, each on its share of the threads (CPUs with many cores).
         self.streams = streams
         self.models: dict[str, _Model] = {}
-        # One inference thread: onnxruntime already spreads one run over every core, and two runs
-        # at once would only fight over them.
+        # One inference thread: a run already spreads over every core (or a round's runs over the streams'
+        # shares of them), and two rounds at once would only fight over them.
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fos-infer")
         # Each model's tokenizer takes one call at a time (fugashi is not thread-safe): a thread per model.
         self.tokenize_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="fos-tokenize")
