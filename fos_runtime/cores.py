@@ -60,9 +60,11 @@ def _cgroup_folders(mounts: list[str], groups: list[str]) -> list[tuple[Path, Pa
         if version not in paths:
             continue
         path = paths[version]
-        # Inside a cgroup namespace the mount's root is the process's own cgroup: the path is then relative to it.
-        inside = path == root or path.startswith(root.rstrip("/") + "/")
-        relative = os.path.relpath(path, root) if inside else path.lstrip("/")
+        # The mount shows the hierarchy from its root down (a container's cgroup, mounted as its root without a cgroup
+        # namespace): a cgroup outside that root is not under this mount point at all.
+        if not (path == root or path.startswith(root.rstrip("/") + "/")):
+            continue
+        relative = os.path.relpath(path, root)
         folder = point / relative if relative != "." else point
         found.append((folder, point, version))
     return found

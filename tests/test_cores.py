@@ -88,8 +88,13 @@ def test_a_cgroup_v1_quota_under_a_mount_rooted_at_the_container_gives_one_core_
     assert cores.cpu_quota(proc) is None
 
 
-def test_a_cgroup_whose_name_only_begins_like_the_mount_root_is_not_taken_for_inside_it(tmp_path, eight_cores):
+def test_a_cgroup_outside_the_mounts_root_is_not_read_through_it(tmp_path, eight_cores):
+    # Mounted from /a, the folder holds /a's cgroups: /ab (a name that only begins like it) is not there, and the
+    # folder "ab" under the mount point would be /a/ab, another cgroup.
     proc = machine(
-        tmp_path, "0::/ab\n", [("/a", "cg", "cgroup2", "rw")], {"cg/ab/cpu.max": "200000 100000\n", "cg/cpu.max": "max 100000\n"}
+        tmp_path,
+        "0::/ab\n",
+        [("/a", "cg", "cgroup2", "rw")],
+        {"cg/ab/cpu.max": "200000 100000\n", "cg/cpu.max": "100000 100000\n"},
     )
-    assert cores.cpu_quota(proc) == 2.0
+    assert cores.cpu_quota(proc) is None
