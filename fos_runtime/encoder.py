@@ -90,7 +90,7 @@ class Encoder:
         # A thread a stream at least: more streams than threads would run more threads than asked for.
         self.streams = max(1, min(streams, total))
         if self.streams < streams:
-            logging.getLogger("fos.encoder").warning("%d streams asked for over %d threads: %d streams", streams, total, total)
+            logging.getLogger("fos.encoder").warning("streams cut from %d to %d: a thread each at least", streams, total)
         options.intra_op_num_threads = total // self.streams
         self.run_threads = options.intra_op_num_threads  # each run's threads: what a CPU run's fixed cost scales with
         options.inter_op_num_threads = 1
