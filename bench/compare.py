@@ -26,6 +26,7 @@ from pathlib import Path
 from fos_runtime import spec
 
 from .loadgen import prometheus_samples
+from .machine import describe, summary
 
 EMBED = "cl-nagoya/ruri-large"
 RERANK = "cl-nagoya/ruri-reranker-large"
@@ -238,6 +239,9 @@ def main() -> None:
         # The server's round sizes are read over a whole fos bench run: one level, or they mix.
         raise SystemExit("--engine-alone needs one concurrency level per workload (--dify-levels 16)")
     args.out.mkdir(parents=True, exist_ok=True)
+    machine = describe()
+    (args.out / "machine.json").write_text(json.dumps(machine, indent=1) + "\n")
+    print(f"machine: {summary(machine)}", flush=True)
     log = args.out / "servers.log"
     port = 8091
     url = f"http://127.0.0.1:{port}"

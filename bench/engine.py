@@ -24,6 +24,7 @@ from shim.repository import read_specs
 
 from . import corpus as corpora
 from .loadgen import make_items
+from .machine import describe
 
 
 def main() -> None:
@@ -98,6 +99,7 @@ def main() -> None:
         "padding_efficiency": stats.padding_efficiency,
         "tokens_per_s": stats.real_tokens / wall,
         "cpu_ms_per_token": 1000 * cpu / stats.real_tokens,
+        "machine": describe(),
     }
     print(json.dumps(result))
 

@@ -25,6 +25,8 @@ from fos_runtime.padding import pad
 from fos_runtime.tokenization import Encoded
 from shim.repository import read_specs
 
+from .machine import describe
+
 
 def fit(points: list[tuple[int, float]]) -> tuple[float, float]:
     """Least squares ``ms = fixed + per_token * tokens`` over (tokens, ms) points: (fixed, per_token)."""
@@ -92,7 +94,7 @@ def main() -> None:
                     f"padded token; run cost {fixed / per_token:.0f} padded tokens",
                     flush=True,
                 )
-    print(json.dumps({"engine": f"{encoder.engine.engine} {encoder.engine.compute}", "results": results}))
+    print(json.dumps({"engine": f"{encoder.engine.engine} {encoder.engine.compute}", "results": results, "machine": describe()}))
 
 
 if __name__ == "__main__":

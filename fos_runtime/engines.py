@@ -70,7 +70,7 @@ class Cpu:
 
     @classmethod
     def detect(cls) -> Cpu:
-        flags, model = _cpuinfo()
+        flags, model = cpuinfo()
         try:
             import openvino as ov
 
@@ -81,7 +81,8 @@ class Cpu:
             return cls(tuple(f for f in BF16_FLAGS if f in flags), False, False, model)
 
 
-def _cpuinfo() -> tuple[set[str], str]:
+def cpuinfo() -> tuple[set[str], str]:
+    """The CPU's flags and model name, as /proc/cpuinfo lists them (empty where there is none)."""
     try:
         text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:  # not Linux: OpenVINO's own capabilities alone cannot tell AMX from emulation

@@ -98,6 +98,9 @@ def test_engine_shapes_measures_each_configuration_and_fits_a_run_cost(exported)
     assert shapes == [(t, t, rows, width) for t in (1, 2) for rows, width in ((1, 8), (4, 8), (4, 16))]
     assert all(x["tokens_per_s"] > 0 and x["first_round_ms"] > 0 and "first_extra_ms" in x for x in result["results"])
     assert r.stdout.count("run cost") == 2  # a line per configuration and width of two shapes or more: x8
+    machine = result["machine"]  # what the figures were measured on, with them
+    assert machine["available_cores"] >= 1 and machine["logical_cpus"] >= 1 and "openvino" in machine["versions"]
+    assert all(f.startswith(("avx", "amx", "fma", "f16c")) for f in machine["cpu_flags"])
     # A stream count the engine does not run is refused, not reported under a label it did not earn.
     refused = [*args[:4], "--configs", "1:2", "--shapes", "1x8", "--engine", "onnxruntime"]
     r = subprocess.run([sys.executable, "-m", "bench.engine_shapes", *refused], capture_output=True, text=True)
