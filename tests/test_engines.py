@@ -283,6 +283,24 @@ def test_serve_engine_flag_overrides_and_refuses_what_cannot_serve(exported, mon
     assert "no bf16 units" in capsys.readouterr().err
 
 
+def test_a_server_on_onnxruntime_streams_answers_each_input_in_its_place(exported, references):
+    # A round of inputs of many lengths: cut into runs for 2 streams, computed at once on two sessions, put back in
+    # order. The answers are sentence-transformers' as with one stream.
+    from shim.app import create_app
+    from shim.backends.embedded import EmbeddedBackend
+
+    texts = ["猫", "東京は日本の首都です。", "ラーメンと餃子を食べに行きませんか？" * 3, "春", "新幹線で大阪へ。" * 2, "山"] * 2
+    backend = EmbeddedBackend(exported["repository"], engine="onnxruntime", threads=2, streams=2)
+    with ServerThread(create_app(backend)) as server:
+        assert {m.encoder.streams for m in backend.models.values()} == {2}
+        r = httpx.post(server.url + "/v1/embeddings", json={"model": EMBED, "input": texts, "encoding_format": "float"})
+        got = np.array([d["embedding"] for d in r.json()["data"]])
+        runs = backend.models[EMBED].stats.runs
+    want = references["embed"].encode(texts, convert_to_numpy=True)
+    want = want / np.linalg.norm(want, axis=1, keepdims=True)
+    assert runs >= 2 and np.max(np.abs(got - want)) <= 1e-4
+
+
 def test_device_cpu_keeps_encoders_off_a_gpu_and_gpu_needs_cuda(exported, monkeypatch, capsys):
     """On a machine with onnxruntime's CUDA provider, auto puts the encoder on the GPU, where OpenVINO cannot run:
     --device cpu keeps it on the CPU. --device gpu without CUDA is refused before anything loads."""
