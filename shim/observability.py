@@ -58,12 +58,14 @@ class _BackendCollector:
         busy = CounterMetricFamily("fos_encoder_seconds", "Time inside the in-process encoder's runs", labels=model)
         engine = GaugeMetricFamily(
             "fos_engine_info",
-            "The engine running the in-process encoder: its compute precision and the exported file's precision",
-            labels=["model", "engine", "compute_precision", "export_precision"],
+            "The engine running the in-process encoder: its compute precision, the exported file's precision, each "
+            "run's threads and the runs computed at once",
+            labels=["model", "engine", "compute_precision", "export_precision", "threads", "streams"],
         )
         exported = {s.served_name: s.precision for s in self.backend.specs()}
-        for name, choice in self.backend.engines().items():
-            engine.add_metric([name, choice.engine, choice.compute, exported.get(name, "")], 1)
+        for name, e in self.backend.engines().items():
+            labels = [name, e.choice.engine, e.choice.compute, exported.get(name, ""), str(e.threads), str(e.streams)]
+            engine.add_metric(labels, 1)
         for name, s in self.backend.stats().items():
             rounds.add_metric([name], s.rounds)
             requests.add_metric([name], s.requests)

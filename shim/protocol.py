@@ -210,6 +210,8 @@ class ModelCard(BaseModel):
     compute_precision: str | None = Field(
         None, description="The precision the engine computes in: the export's, or bf16 / int8 by OpenVINO on an fp32 export"
     )
+    engine_threads: int | None = Field(None, description="Threads each of the engine's runs uses; known in process only")
+    engine_streams: int | None = Field(None, description="Runs the engine computes at once (--engine-streams)")
 
 
 class ModelList(BaseModel):

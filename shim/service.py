@@ -296,8 +296,10 @@ class Service:
                     prompts=s.prompts or None,
                     default_prompt_name=s.default_prompt_name,
                     precision=s.precision,
-                    engine=engine.engine if engine else None,
-                    compute_precision=engine.compute if engine else None,
+                    engine=engine.choice.engine if engine else None,
+                    compute_precision=engine.choice.compute if engine else None,
+                    engine_threads=engine.threads if engine else None,
+                    engine_streams=engine.streams if engine else None,
                 )
             )
         return ModelList(data=cards)

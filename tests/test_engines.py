@@ -240,10 +240,13 @@ def test_models_and_metrics_say_which_engine_runs(embedded_server, triton_server
         assert (models[served]["engine"], models[served]["compute_precision"]) == (engine, compute or "fp32")
         assert models[served]["precision"] == "fp32"
     metrics = httpx.get(embedded_server.url + "/metrics").text
-    assert f'fos_engine_info{{compute_precision="fp32",engine="openvino",export_precision="fp32",model="{EMBED}"}} 1.0' in metrics
+    threads = models[EMBED]["engine_threads"]
+    assert threads == available_cores() and models[EMBED]["engine_streams"] == 1  # every core, one run at a time
+    info = f'compute_precision="fp32",engine="openvino",export_precision="fp32",model="{EMBED}",streams="1",threads="{threads}"'
+    assert f"fos_engine_info{{{info}}} 1.0" in metrics
     # Behind Triton the shim cannot know (Triton's log says); the export's precision it does know.
     models = {m["id"]: m for m in httpx.get(triton_server.url + "/v1/models").json()["data"]}
-    assert "engine" not in models[EMBED] and models[EMBED]["precision"] == "fp32"
+    assert "engine" not in models[EMBED] and "engine_threads" not in models[EMBED] and models[EMBED]["precision"] == "fp32"
 
 
 def test_triton_python_encoder_runs_the_exported_engine(triton, tmp_path_factory):

@@ -16,6 +16,15 @@ from fos_runtime.tokenization import Encoded
 from .coalescing import RoundStats
 
 
+@dataclasses.dataclass(frozen=True)
+class Engine:
+    """How an in-process encoder runs: the engine and precision, each run's threads, and the runs computed at once."""
+
+    choice: Choice
+    threads: int
+    streams: int
+
+
 @dataclasses.dataclass
 class Output:
     """What a backend returns for one request, row i for input i."""
@@ -69,7 +78,7 @@ class Backend(Protocol):
     def stats(self) -> dict[str, BatchingStats]:
         """Per served model: how its requests were grouped."""
 
-    def engines(self) -> dict[str, Choice]:
+    def engines(self) -> dict[str, Engine]:
         """Per served model, the engine running its encoder, where this process knows it (in process, not in Triton)."""
 
     async def embed(

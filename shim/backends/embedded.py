@@ -18,7 +18,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from fos_runtime import batching, cores, engines
+from fos_runtime import batching, cores
 from fos_runtime import spec as specs
 from fos_runtime.batching import BatchPlan, Stats
 from fos_runtime.encoder import Encoder
@@ -27,7 +27,7 @@ from fos_runtime.tokenization import Encoded, Tokenizer
 
 from ..errors import BackendUnavailable
 from ..repository import read_specs
-from .base import BatchingStats, Output
+from .base import BatchingStats, Engine, Output
 from .coalescing import Coalescer
 
 log = logging.getLogger("fos.embedded")
@@ -195,8 +195,8 @@ class EmbeddedBackend:
     def stats(self) -> dict[str, BatchingStats]:
         return {name: BatchingStats.of(m.rounds.stats, m.rounds.queued, encoder=m.stats) for name, m in self.models.items()}
 
-    def engines(self) -> dict[str, engines.Choice]:
-        return {name: m.encoder.engine for name, m in self.models.items()}
+    def engines(self) -> dict[str, Engine]:
+        return {name: Engine(m.encoder.engine, m.encoder.run_threads, m.encoder.streams) for name, m in self.models.items()}
 
     def _model(self, s: ModelSpec) -> _Model:
         model = self.models.get(s.served_name)

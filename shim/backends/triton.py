@@ -29,14 +29,13 @@ from tritonclient.utils import InferenceServerException
 
 from fos_runtime import spec as specs
 from fos_runtime.batching import plan_for
-from fos_runtime.engines import Choice
 from fos_runtime.padding import ROW_BUCKETS, pad
 from fos_runtime.spec import ModelSpec
 from fos_runtime.tokenization import Encoded
 
 from ..errors import APIError, BackendFailed, BackendTimeout, BackendUnavailable
 from ..repository import spec_of
-from .base import BatchingStats, Output
+from .base import BatchingStats, Engine, Output
 from .coalescing import Coalescer
 
 log = logging.getLogger("fos.triton")
@@ -250,7 +249,7 @@ class TritonBackend:
     def stats(self) -> dict[str, BatchingStats]:
         return {name: BatchingStats.of(r.stats, r.queued) for name, r in self._rounds.items()}
 
-    def engines(self) -> dict[str, Choice]:
+    def engines(self) -> dict[str, Engine]:
         return {}  # Triton's encoders say which engine they run in Triton's log
 
     def _order(self, s: ModelSpec, model: str) -> list[_Endpoint]:
