@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import engines, spec
+from . import engines
 from .cores import available_cores
 
 
@@ -111,9 +111,9 @@ class Encoder:
             self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         # Sessions not running now: a run takes one and gives it back, so that no two runs share a session's threads.
         self._idle: queue.SimpleQueue = queue.SimpleQueue()
-        warm = {name: np.full((1, 8), 0 if name == spec.TOKEN_TYPE_IDS else 1, dtype=np.int64) for name in self.input_names}
+        warm = engines.first_run_feeds(self.input_names)
         for session in sessions:
-            if self.device == "cpu":  # each session's first run sets it up: at load, not in a request's time
+            if self.device == "cpu":  # each session's first run sets it up, as OpenVINO's streams' do
                 session.run([self.output_name], warm)
             self._idle.put(session)
         self._streams = (

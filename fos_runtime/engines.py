@@ -175,6 +175,11 @@ def resolve(requested: str, folder: Path, precision: str, gpu: bool, cpu: Cpu | 
     )
 
 
+def first_run_feeds(input_names: Sequence[str]) -> dict[str, np.ndarray]:
+    """A one-row input of 8 tokens for a session's first run, which sets it up: run at load, not in a request's time."""
+    return {name: np.full((1, 8), 0 if name == spec.TOKEN_TYPE_IDS else 1, dtype=np.int64) for name in input_names}
+
+
 # A run whose attention is larger than any a 512-token model's can be (its 32 rows of 512): after it, the CPU engines
 # give back the memory the run took. They otherwise keep their peak for the life of the process: one 8192-token input
 # to a tiny ModernBERT left 3.2 GB resident with onnxruntime and 5 GB with OpenVINO. Below this, runs reuse that memory
@@ -226,7 +231,7 @@ class OpenVINOSession:
         self.streams = int(self.compiled.get_property("NUM_STREAMS"))
         self.queue = self._new_queue() if self.streams > 1 else None
         # The first run of a compiled model prepares its kernels: at load, not in the first request's time.
-        warm = {name: np.full((1, 8), 0 if name == spec.TOKEN_TYPE_IDS else 1, dtype=np.int64) for name in self.input_names}
+        warm = first_run_feeds(self.input_names)
         self.run(warm)
         self.run_many([warm] * self.streams)  # each stream's request too
 
