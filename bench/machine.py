@@ -15,10 +15,6 @@ PACKAGES = ("onnxruntime", "onnxruntime-gpu", "openvino", "torch", "transformers
 
 def describe() -> dict:
     flags, model = engines.cpuinfo()
-    try:
-        affinity: int | None = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        affinity = None
     versions = {}
     for package in PACKAGES:
         try:
@@ -30,7 +26,7 @@ def describe() -> dict:
         # The instruction sets the engines pick their kernels by (AVX2, AVX-512 and its VNNI / BF16, AMX).
         "cpu_flags": sorted(f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c")),
         "logical_cpus": os.cpu_count(),
-        "affinity_cpus": affinity,
+        "affinity_cpus": cores.affinity(),
         "cpu_quota": cores.cpu_quota(),
         "available_cores": cores.available_cores(),
         "platform": platform.platform(),

@@ -15,11 +15,18 @@ import os
 from pathlib import Path
 
 
+def affinity() -> int | None:
+    """The CPUs this process may run on; None where the system does not say (not Linux)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return None
+
+
 def available_cores(proc: Path = Path("/proc/self")) -> int:
     """The CPUs this process may run on, cut to its CPU quota rounded down (one at least)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
+    cores = affinity()
+    if cores is None:
         return os.cpu_count() or 1
     quota = cpu_quota(proc)
     return max(1, min(cores, math.floor(quota))) if quota is not None else cores
