@@ -8,8 +8,9 @@
 #   bash bench/device_cpu.sh wait 300                      # there, next call at once: until done or 300 s, whichever first
 #
 # FOS_* settings for gpu_run.sh pass through (FOS_CPU_SERVERS, FOS_CPU_DURATION, FOS_CPU_SHAPES, FOS_CPU_CONFIGS, ...).
-# Measured on the H100's host (Intel Xeon, 16 vCPUs, 2026-11-27): models and four one-after-the-other exports 8.2 minutes, each served
-# engine about 90 s at FOS_CPU_DURATION=8 (now: the exports run at once where there are 8 cores or more).
+# Measured on the H100's host (Intel Xeon, 16 vCPUs, 2026-11-27): models and four one-after-the-other exports 8.2
+# minutes, each served engine about 90 s at FOS_CPU_DURATION=8 (now: the exports run at once where there are 8 cores or
+# more).
 # What comes back, under $OUT: results.tgz (gpu_run.sh's results folder), run.log, and cpu.txt (lscpu and the CPU's
 # AVX-512 and AMX flags); `wait` prints "finished" with gpu_run.sh's exit status once it has ended.
 set -uo pipefail
