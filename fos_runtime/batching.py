@@ -7,6 +7,7 @@ Shared by the embedded backend (requests coalesced in process) and Triton's Pyth
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import itertools
 import time
 from collections.abc import Callable, Sequence
@@ -170,22 +171,60 @@ def cheapest_runs(
     return runs[::-1]
 
 
-def fill_streams(runs: Sequence[list[int]], lengths: Sequence[int], streams: int) -> list[list[int]]:
-    """``runs`` (each sorted by length) with the costliest of those of two rows or more cut in two, until each of
-    ``streams`` streams has one or no run has two rows. Runs computed at once on an engine's streams each get a share of
-    its threads: a round of fewer runs than streams leaves threads idle (dify-embed on 16 AMX cores with 4 streams: 0.56x
-    one stream), while an extra run's fixed cost is paid on a stream that would have waited anyway."""
-    runs = [list(r) for r in runs]
-    while len(runs) < streams:
-        splittable = [i for i, r in enumerate(runs) if len(r) > 1]
-        if not splittable:
-            break
-        k = max(splittable, key=lambda i: len(runs[i]) * lengths[runs[i][-1]])
-        run = runs[k]
-        # Where the larger part's padded tokens are fewest (the two run at once): the shorter rows' part may take more.
-        cut = min(range(1, len(run)), key=lambda c: max(c * lengths[run[c - 1]], (len(run) - c) * lengths[run[-1]]))
-        runs[k : k + 1] = [run[:cut], run[cut:]]
-    return runs
+def stream_runs(
+    lengths: Sequence[int], runs: Sequence[list[int]], streams: int, max_rows: int, max_tokens: int, run_cost_tokens: int
+) -> list[list[int]]:
+    """Runs of the same rows for an engine that computes ``streams`` runs at once, costliest first: the order in which
+    its free streams should take them. ``runs`` (``cheapest_runs``) cost the least in all; what a round waits for is
+    its busiest stream, so the rows are also cut into S, 2S, ... runs of at most equal cost (neighbours by length,
+    within ``max_rows`` and ``max_tokens``), and the cut whose busiest stream ends first wins (on a tie, the one that
+    costs least in all). On the AMX host's 4 streams (docs/benchmarks.md) a rerank round's 10 rows in 5-6 cheapest runs
+    kept one stream busy for two of them while the others waited."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    widths = [max(lengths[i], 1) for i in order]
+
+    def cost(run: Sequence[int]) -> int:
+        return run_cost_tokens + len(run) * max(max(lengths[i], 1) for i in run)
+
+    def cut_within(limit: int) -> list[list[int]]:
+        """The fewest runs of neighbours each costing at most ``limit`` (a row alone may cost more)."""
+        cut: list[list[int]] = []
+        i = 0
+        while i < len(order):
+            j = i + 1
+            while j < len(order) and j - i < max_rows and (j + 1 - i) * widths[j] <= min(max_tokens, limit - run_cost_tokens):
+                j += 1
+            cut.append(order[i:j])
+            i = j
+        return cut
+
+    candidates = [[list(r) for r in runs]]
+    for k in range(streams, streams * -(-len(runs) // streams) + 1, streams):
+        # The least limit that needs at most k runs: beyond it, more rows a run never adds runs.
+        low, high = run_cost_tokens + widths[-1], run_cost_tokens + len(widths) * widths[-1]
+        while low < high:
+            mid = (low + high) // 2
+            if len(cut_within(mid)) <= k:
+                high = mid
+            else:
+                low = mid + 1
+        candidates.append(cut_within(low))
+
+    def busiest_then_total(cut: list[list[int]]) -> tuple[int, int]:
+        costs = [cost(r) for r in cut]
+        return _busiest_stream(costs, streams), sum(costs)
+
+    best = min(candidates, key=busiest_then_total)
+    return sorted(best, key=cost, reverse=True)
+
+
+def _busiest_stream(costs: Sequence[int], streams: int) -> int:
+    """The load of the busiest of ``streams`` streams when runs of these costs go, costliest first, each to the stream
+    that is free first (what ``Encoder.run_many``'s pool does with runs in that order)."""
+    loads = [0] * streams
+    for c in sorted(costs, reverse=True):
+        heapq.heapreplace(loads, loads[0] + c)
+    return max(loads)
 
 
 def _run_sizes(width: int, max_rows: int, max_tokens: int, bucket_rows_too: bool) -> list[int]:
@@ -293,7 +332,7 @@ def _run(
     parts of ``sizes`` rows."""
     batches = plan.runs(lengths, max_length)
     if encoder.streams > 1:
-        batches = fill_streams(batches, lengths, encoder.streams)
+        batches = stream_runs(lengths, batches, encoder.streams, plan.max_rows, plan.max_tokens, plan.run_cost_tokens)
     if not batches:
         return [np.zeros((0, 0), dtype=np.float32) for _ in sizes]
     # A step's runs go to the engine together (OpenVINO with streams computes them at once); between steps the round

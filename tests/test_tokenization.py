@@ -360,21 +360,48 @@ def test_bucketed_runs_answer_as_plain_ones():
     assert stats.rows == len(seqs) and stats.computed_tokens % 16 == 0
 
 
-@given(st.lists(st.integers(1, 300), min_size=1, max_size=40), st.integers(1, 6))
-def test_fill_streams_gives_each_stream_a_run_while_rows_allow(lengths, streams):
-    from fos_runtime.batching import fill_streams
+@given(
+    st.lists(st.integers(1, 300), max_size=60), st.integers(1, 6), st.integers(1, 32), st.integers(300, 8192), st.integers(0, 200)
+)
+def test_stream_runs_cover_every_row_once_and_never_keep_the_round_longer(lengths, streams, max_rows, max_tokens, run_cost):
+    from fos_runtime.batching import _busiest_stream, stream_runs
 
-    runs = cheapest_runs(lengths, 32, 8192, 80)
-    filled = fill_streams(runs, lengths, streams)
-    assert sorted(i for r in filled for i in r) == list(range(len(lengths)))  # every row once
-    assert len(filled) == max(len(runs), min(streams, len(lengths)))
-    for run in filled:  # still neighbours by length
-        assert [lengths[i] for i in run] == sorted(lengths[i] for i in run)
+    def costs(runs):
+        return [run_cost + len(r) * max(lengths[i] for i in r) for r in runs]
+
+    cheapest = cheapest_runs(lengths, max_rows, max_tokens, run_cost)
+    runs = stream_runs(lengths, cheapest, streams, max_rows, max_tokens, run_cost)
+    assert sorted(i for r in runs for i in r) == list(range(len(lengths)))  # every row once
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    for r in runs:  # neighbours by length, within the limits
+        assert r == order[order.index(r[0]) : order.index(r[0]) + len(r)]
+        assert len(r) <= max_rows and (len(r) == 1 or len(r) * max(lengths[i] for i in r) <= max_tokens)
+    assert costs(runs) == sorted(costs(runs), reverse=True)  # costliest first, as the streams should take them
+    assert _busiest_stream(costs(runs), streams) <= _busiest_stream(costs(cheapest), streams)
 
 
-def test_a_round_of_fewer_runs_than_streams_is_cut_for_every_stream():
-    # One run's worth of rows (the CPU plan keeps 6 similar rows together) on an engine with 4 streams: 4 runs at
-    # once, the costliest cut where the parts' padded tokens are closest; answers as with one stream.
+def test_stream_runs_even_out_the_streams_of_a_rerank_round():
+    # One rerank request: 10 pairs of 60-240 tokens on 4 streams of 4 threads (a run costs 20 tokens' worth). The
+    # cheapest runs (6) leave two on one stream: 430 padded tokens against 400 once cut into runs of even cost.
+    from fos_runtime import batching
+
+    lengths = [60, 75, 90, 101, 120, 133, 150, 171, 190, 240]
+    plan = batching.plan_for("cpu", 4)
+    cheapest = plan.runs(lengths)
+    runs = batching.stream_runs(lengths, cheapest, 4, plan.max_rows, plan.max_tokens, plan.run_cost_tokens)
+
+    def busiest(rs):
+        return batching._busiest_stream([20 + len(r) * max(lengths[i] for i in r) for r in rs], 4)
+
+    assert (len(cheapest), busiest(cheapest)) == (6, 430)
+    assert (len(runs), busiest(runs)) == (8, 400)
+    # Fewer runs than streams: the long row alone, the short ones together.
+    assert batching.stream_runs([1, 1, 1, 9], [[0, 1, 2, 3]], 2, 32, 8192, 0) == [[3], [0, 1, 2]]
+
+
+def test_a_round_of_fewer_runs_than_streams_is_cut_for_the_streams():
+    # One run's worth of rows (the CPU plan keeps 6 similar rows together) on an engine with 4 streams: 3 runs of two
+    # at once (a fourth would not end the round sooner); answers as with one stream.
     from fos_runtime import batching
 
     seqs = [[i + 1] * n for i, n in enumerate([12, 10, 11, 12, 9, 12])]
@@ -383,8 +410,7 @@ def test_a_round_of_fewer_runs_than_streams_is_cut_for_every_stream():
     (want,) = batching.run(one, [Encoded(seqs)], 0, ALL, batching.plan_for("cpu", 16), s1)
     (got,) = batching.run(four, [Encoded(seqs)], 0, ALL, batching.plan_for("cpu", 4), s4)
     assert got.tolist() == want.tolist() == [[len(q), q[0]] for q in seqs]
-    assert (one.rounds, four.rounds, s1.runs, s4.runs) == ([1], [4], 1, 4)
-    assert batching.fill_streams([[0, 1, 2, 3]], [1, 1, 1, 9], 2) == [[0, 1, 2], [3]]  # 3x1 against 1x9 tokens
+    assert (one.rounds, four.rounds, s1.runs, s4.runs) == ([1], [3], 1, 3)
 
 
 def test_a_round_stops_between_runs_once_nobody_wants_it():
