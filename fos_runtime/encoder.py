@@ -24,6 +24,22 @@ def threads_per_instance(instance_group: Sequence[Mapping]) -> int:
     return max(1, available_cores() // max(1, instances))
 
 
+# --engine-streams auto. onnxruntime's int8 on 16 AMX cores, served (docs/benchmarks.md, 2026-11-27): 4 streams of 4
+# threads gave dify-embed c=16 1.40x and batch-embed c=2 1.24x one stream of 16 threads, rerank c=2 0.99x; 2 streams
+# 1.24x, 1.22x and 1.02x. A small run leaves most of 16 threads waiting at each layer; int8's light tokens make the run's
+# fixed cost weigh most. Each stream holds its own copy of the model. fp32 and OpenVINO were not measured to gain.
+CORES_PER_STREAM = 4
+AUTO_STREAMS_MAX = 4
+
+
+def auto_streams(choice: engines.Choice, device: str, threads: int) -> int:
+    """The streams ``--engine-streams auto`` gives an encoder: a stream per ``CORES_PER_STREAM`` of its threads, at
+    most ``AUTO_STREAMS_MAX``, for onnxruntime's int8 on a CPU; one otherwise."""
+    if device != "cpu" or choice != engines.Choice(engines.ONNXRUNTIME, "int8"):
+        return 1
+    return max(1, min(AUTO_STREAMS_MAX, threads // CORES_PER_STREAM))
+
+
 def _load_cuda_libraries(ort) -> None:
     """onnxruntime-gpu wheels find CUDA and cuDNN in the nvidia-* wheels (those torch installs) only once asked to;
     where the libraries are on the system's path instead (the NGC container), asking is harmless."""
@@ -41,7 +57,8 @@ class Encoder:
 
     ``engine``: one of ``engines.CHOICES``, resolved against the export's parity record (``engines.resolve``), or a
     ``engines.Choice`` run as it is (export's parity check, before there is a record). ``precision``: what the ONNX
-    file holds. ``self.engine`` is what runs, ``self.reason`` why it was picked."""
+    file holds. ``self.engine`` is what runs, ``self.reason`` why it was picked. ``streams``: None is
+    ``auto_streams``."""
 
     def __init__(
         self,
@@ -50,7 +67,7 @@ class Encoder:
         device: str = "auto",
         engine: str | engines.Choice = engines.ONNXRUNTIME,
         precision: str = "fp32",
-        streams: int = 1,
+        streams: int | None = 1,
         gpu: int = 0,
     ):
         """``gpu``: which GPU onnxruntime's CUDA provider runs on (a Triton GPU instance's device id)."""
@@ -61,6 +78,7 @@ class Encoder:
         else:
             self.engine, self.reason = choose_engine(path, engine, precision, device)
         if self.engine.engine == engines.OPENVINO:
+            streams = streams or 1
             if device == "gpu":
                 raise engines.NotServable("OpenVINO runs on the CPU, and this encoder is on the GPU")
             self._openvino = engines.OpenVINOSession(path, self.engine.compute, threads or available_cores(), streams)
@@ -77,6 +95,11 @@ class Encoder:
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": gpu}))
         elif device == "gpu":
             raise RuntimeError("device=gpu asked for, but this onnxruntime has no CUDAExecutionProvider")
+        # On a CPU, every core, shared by the streams. On a GPU the CPU only launches kernels and runs a few shape
+        # operations: a pool of threads there only waits on cores that tokenizers and HTTP workers need.
+        total = threads or (1 if len(providers) > 1 else available_cores())
+        if streams is None:
+            streams = auto_streams(engines.Choice(engines.ONNXRUNTIME, precision), "gpu" if len(providers) > 1 else "cpu", total)
         if streams > 1 and len(providers) > 1:
             raise RuntimeError(
                 f"{streams} engine streams asked for: streams share a CPU's cores, and this encoder would run on the GPU "
@@ -84,9 +107,6 @@ class Encoder:
             )
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # On a CPU, every core, shared by the streams. On a GPU the CPU only launches kernels and runs a few shape
-        # operations: a pool of threads there only waits on cores that tokenizers and HTTP workers need.
-        total = threads or (1 if len(providers) > 1 else available_cores())
         # A thread a stream at least: more streams than threads would run more threads than asked for.
         self.streams = max(1, min(streams, total))
         if self.streams < streams:

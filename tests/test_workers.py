@@ -57,7 +57,9 @@ def test_workers_need_triton(exported):
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--engine-streams", "0"], "--engine-streams must be at least 1"),
+        (["--engine-streams", "0"], "argument --engine-streams: at least 1 stream, or auto, not 0"),
+        (["--engine-streams", "many"], "argument --engine-streams: a number of streams (1 or more) or auto, not 'many'"),
+        (["--engine-streams", "1", "--triton", "127.0.0.1:1"], "--engine-streams is the embedded backend's"),
         (["--engine-streams", "2", "--triton", "127.0.0.1:1"], "--engine-streams is the embedded backend's"),
         # Flags that would do nothing are refused, not ignored.
         (["--threads", "4", "--triton", "127.0.0.1:1"], "--threads sizes the embedded backend's"),

@@ -79,7 +79,7 @@ class _Model:
         threads: int | None,
         engine: str,
         device: str,
-        streams: int = 1,
+        streams: int | None = None,
     ):
         self.spec = s
         self.tokenize_pool = tokenize_pool
@@ -87,7 +87,9 @@ class _Model:
         model = specs.encoder_file(repository, s.name)
         self.encoder = Encoder(model, threads=threads, device=device, engine=engine, precision=s.precision, streams=streams)
         e = self.encoder
-        shared = f", {e.streams} streams of {e.run_threads} threads" if e.streams > 1 else ""
+        shared = (
+            f", {e.streams} streams of {e.run_threads} threads{' (auto)' if streams is None else ''}" if e.streams > 1 else ""
+        )
         log.info("%s: %s on the %s%s (%s)", s.served_name, e.engine, e.device, shared, e.reason)
         self.executor = executor
         self.plan = plan or batching.plan_for(self.encoder.device, self.encoder.run_threads)
@@ -136,7 +138,7 @@ class EmbeddedBackend:
         threads: int | None = None,
         engine: str | None = None,
         device: str = "auto",
-        streams: int = 1,
+        streams: int | None = None,
     ):
         self.repository = Path(repository)
         self.plan = plan  # None: per model, from its encoder's device
@@ -145,7 +147,8 @@ class EmbeddedBackend:
         # auto: onnxruntime's GPU where it has one; cpu keeps the encoders off a GPU the machine has (OpenVINO, or
         # a GPU left to other work).
         self.device = device
-        # CPU encoders: batches of a round computed at once, each on its share of the threads (CPUs with many cores).
+        # CPU encoders: batches of a round computed at once, each on its share of the threads (CPUs with many cores);
+        # None: each encoder's own (``encoder.auto_streams``).
         self.streams = streams
         self.models: dict[str, _Model] = {}
         # One inference thread: a run already spreads over every core (or a round's runs over the streams'
