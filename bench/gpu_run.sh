@@ -308,8 +308,8 @@ if enc:
           round(enc.get("st_fp16_bs32", {}).get("tokens_per_s", 0)), enc.get("min_cosine_vs_st_fp32"))
 cpu = {}
 for f in (out / "cpu").glob("*.json") if (out / "cpu").is_dir() else ():
-    if not f.name.endswith("-engine.json"):
-        for lv in json.loads(f.read_text())["levels"]:
+    if not f.name.endswith("-engine.json"):  # machine.json and the engines alone have no levels
+        for lv in json.loads(f.read_text()).get("levels", []):
             cpu[(lv["label"], lv["workload"])] = lv["tokens_per_s"]
 for (label, workload), tps in sorted(cpu.items()):
     if label != "naive" and cpu.get(("naive", workload)):
