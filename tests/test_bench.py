@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -306,3 +307,15 @@ def test_compare_names_embedded_servers_by_variant_streams_and_threads():
     assert embedded("embedded-int8-t2") == ("int8", "onnxruntime", 1, 2)
     assert embedded("embedded-ov-fp32-s2") == ("fp32", "openvino-fp32", 2, None)
     assert embedded("embedded-bf17") is None and embedded("naive") is None and embedded("embedded-bf16-t8-s4") is None
+
+
+def test_fake_cpu_schedules_the_real_backend_on_sleeping_streams(exported):
+    """bench.fake_cpu: the embedded backend's rounds and runs, with encoders that sleep as the AMX host's did; with 4
+    streams a rerank round of 10 pairs is cut into a run a stream at least."""
+    from bench import fake_cpu
+
+    results = asyncio.run(fake_cpu.run(exported["repository"], [1, 4], list(fake_cpu.CONCURRENCY), 1.5, corpora.generated()))
+    assert [(r["streams"], r["workload"]) for r in results] == [(n, w) for n in (1, 4) for w in fake_cpu.CONCURRENCY]
+    assert all(r["tokens_per_s"] > 0 and r["p50_ms"] > 0 for r in results)
+    rerank = {r["streams"]: r for r in results if r["workload"] == "rerank"}
+    assert rerank[4]["runs_per_round"] >= 4 > rerank[1]["runs_per_round"]
