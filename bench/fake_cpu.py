@@ -50,6 +50,7 @@ class SleepingCpu:
         self.streams = streams
         self.run_threads = THREADS // streams
         self.run_ms, self.token_ms = COSTS[streams]
+        self.rounds_at_once = 2 if streams > 1 else 1  # as onnxruntime's streams
         self._pool = concurrent.futures.ThreadPoolExecutor(streams) if streams > 1 else None
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -109,7 +110,9 @@ async def run(
 ) -> list[dict]:
     results = []
     for n in streams:
-        backend = EmbeddedBackend(repository, threads=1, streams=1)
+        # The real encoders with n streams, so that rounds are taken as they would be (Encoder.rounds_at_once); then each
+        # gives way to a sleeping one.
+        backend = EmbeddedBackend(repository, engine="onnxruntime", threads=n, streams=n)
         await backend.start()
         try:
             for model in backend.models.values():

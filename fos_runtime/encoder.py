@@ -83,6 +83,7 @@ class Encoder:
                 raise engines.NotServable("OpenVINO runs on the CPU, and this encoder is on the GPU")
             self._openvino = engines.OpenVINOSession(path, self.engine.compute, threads or available_cores(), streams)
             self.streams = self._openvino.streams  # batches computed at once (run_many)
+            self.rounds_at_once = 1  # OpenVINOSession.run_many takes one caller at a time
             self.run_threads = max(1, (threads or available_cores()) // self._openvino.streams)
             self.device = "cpu"
             self.input_names = self._openvino.input_names
@@ -139,6 +140,9 @@ class Encoder:
         self._streams = (
             concurrent.futures.ThreadPoolExecutor(self.streams, thread_name_prefix="fos-stream") if self.streams > 1 else None
         )
+        # Callers run_many takes at once. With streams, two: a second round's runs queue behind the first's on the same
+        # streams and take those that its last runs leave idle (rerank on 4 AMX streams: one run of 5-6 kept one busy).
+        self.rounds_at_once = 2 if self._streams is not None else 1
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
         if self._openvino is not None:

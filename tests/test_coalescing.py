@@ -398,3 +398,49 @@ def test_a_ragged_gpu_encoder_gets_a_round_in_as_few_calls_as_its_batch_size_all
     old = json.loads(gpu.to_json())
     del old["ragged"]
     assert not ModelSpec.from_json(json.dumps(old)).ragged
+
+
+async def test_models_take_turns_and_a_model_with_two_rounds_at_once_runs_both():
+    # Embedded encoders spread over every core: rounds of two models never compute at once. One whose encoder takes
+    # two rounds (onnxruntime's streams) runs both, but not past a round of another model that asked first.
+    from shim.backends.embedded import Turns
+
+    turns, log = Turns(), []
+    gates = {name: asyncio.Event() for name in ("a1", "a2", "b1", "a3")}
+
+    async def round_(model: str, name: str) -> None:
+        async with turns.turn(model):
+            log.append(f"+{name}")
+            await gates[name].wait()
+            log.append(f"-{name}")
+
+    tasks = []
+    for model, name in (("a", "a1"), ("a", "a2"), ("b", "b1"), ("a", "a3")):
+        tasks.append(asyncio.create_task(round_(model, name)))
+        await asyncio.sleep(0.01)
+    assert log == ["+a1", "+a2"]  # a's two at once; b waits, and a's third waits behind b
+    gates["a1"].set()
+    await asyncio.sleep(0.01)
+    assert log == ["+a1", "+a2", "-a1"]  # b still waits for a's other round
+    gates["a2"].set()
+    await asyncio.sleep(0.01)
+    assert log[-2:] == ["-a2", "+b1"]
+    gates["b1"].set()
+    gates["a3"].set()
+    await asyncio.gather(*tasks)
+    assert log[-3:] == ["-b1", "+a3", "-a3"]
+    # A round cancelled while it waits gives its place up.
+    gates.update(x=asyncio.Event(), y=asyncio.Event())
+    first = asyncio.create_task(round_("a", "x"))
+    await asyncio.sleep(0.01)
+    waiting = asyncio.create_task(round_("b", "y"))
+    await asyncio.sleep(0.01)
+    waiting.cancel()
+    gates["x"].set()
+    await first
+
+    async def another_model() -> None:
+        async with turns.turn("c"):
+            pass
+
+    await asyncio.wait_for(another_model(), 1)

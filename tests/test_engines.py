@@ -3,10 +3,13 @@ what export's parity check records, and that OpenVINO computes in the precision 
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import io
 import json
 import threading
+import time
 
 import httpx
 import numpy as np
@@ -316,6 +319,48 @@ def test_a_server_on_onnxruntime_streams_answers_each_input_in_its_place(exporte
     want = references["embed"].encode(texts, convert_to_numpy=True)
     want = want / np.linalg.norm(want, axis=1, keepdims=True)
     assert runs >= 2 and np.max(np.abs(got - want)) <= 1e-4
+
+
+def test_with_onnxruntime_streams_a_second_round_runs_beside_the_first(exported):
+    # With streams, the next round's runs take the streams that a round's last runs leave idle. Here each round is one
+    # request of one input (one run), and each run waits at a barrier for another: one round at a time, they would
+    # never meet.
+    from shim.app import create_app
+    from shim.backends.embedded import EmbeddedBackend
+
+    backend = EmbeddedBackend(exported["repository"], engine="onnxruntime", threads=2, streams=2)
+    meeting = threading.Barrier(2, timeout=10)
+
+    class Met:
+        def __init__(self, session):
+            self.session = session
+
+        def run(self, *args):
+            meeting.wait()
+            return self.session.run(*args)
+
+    with ServerThread(create_app(backend)) as server:
+        model = backend.models[EMBED]
+        assert (model.encoder.rounds_at_once, model.rounds.concurrency) == (2, 2)
+        for _ in range(2):
+            model.encoder._idle.put(Met(model.encoder._idle.get()))
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            first = pool.submit(httpx.post, server.url + "/v1/embeddings", json={"model": EMBED, "input": ["猫"]}, timeout=30)
+            while model.rounds.stats.rounds < 1:  # the first round waits at the barrier
+                time.sleep(0.01)
+            second = httpx.post(server.url + "/v1/embeddings", json={"model": EMBED, "input": ["犬"]}, timeout=30)
+            assert (first.result().status_code, second.status_code) == (200, 200)
+        assert model.rounds.stats.rounds == 2
+    one = EmbeddedBackend(exported["repository"], engine="onnxruntime", threads=2, streams=1)
+
+    async def rounds_at_once() -> set[tuple[int, int]]:
+        await one.start()
+        try:
+            return {(m.encoder.rounds_at_once, m.rounds.concurrency) for m in one.models.values()}
+        finally:
+            await one.close()
+
+    assert asyncio.run(rounds_at_once()) == {(1, 1)}  # one stream: one round at a time, as it gathers the most
 
 
 def test_device_cpu_keeps_encoders_off_a_gpu_and_gpu_needs_cuda(exported, monkeypatch, capsys):

@@ -9,10 +9,12 @@ their inputs in length-grouped batches (``fos_runtime.batching``) on one inferen
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -68,12 +70,55 @@ def chunks(texts: Sequence[str], pairs: Sequence[str] | None) -> list[tuple[int,
     return bounds
 
 
+class Turns:
+    """The CPU goes to one model's rounds at a time, in the order they asked for it. A model whose encoder takes two
+    rounds at once (``Encoder.rounds_at_once``) may run both, but none past another model's round that waits: two
+    models' rounds at once would each spread over every core and fight over them."""
+
+    def __init__(self) -> None:
+        self._changed = asyncio.Condition()
+        self._waiting: collections.deque[list[object]] = collections.deque()  # a ticket a round: [its model]
+        self._model: object | None = None  # whose rounds run now
+        self._running = 0
+
+    @contextlib.asynccontextmanager
+    async def turn(self, model: object) -> AsyncIterator[None]:
+        ticket = [model]
+        async with self._changed:
+            self._waiting.append(ticket)
+            try:
+                await self._changed.wait_for(lambda: self._may_start(ticket))
+            finally:
+                self._waiting.remove(ticket)
+                self._changed.notify_all()  # the next of its model may start too; or, cancelled, it no longer blocks
+            self._model, self._running = model, self._running + 1
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._running -= 1
+                if not self._running:
+                    self._model = None
+                self._changed.notify_all()
+
+    def _may_start(self, ticket: list[object]) -> bool:
+        if self._model not in (None, ticket[0]):
+            return False
+        for waiting in self._waiting:  # only rounds of its own model ahead of it
+            if waiting is ticket:
+                return True
+            if waiting[0] is not ticket[0]:
+                return False
+        return True
+
+
 class _Model:
     def __init__(
         self,
         s: ModelSpec,
         repository: Path,
         executor,
+        turns: Turns,
         tokenize_pool,
         plan: BatchPlan | None,
         threads: int | None,
@@ -92,15 +137,17 @@ class _Model:
         )
         log.info("%s: %s on the %s%s (%s)", s.served_name, e.engine, e.device, shared, e.reason)
         self.executor = executor
+        self.turns = turns
         self.plan = plan or batching.plan_for(self.encoder.device, self.encoder.run_threads)
         started = time.perf_counter()
         shapes = batching.warm_up(self.encoder, self.plan, s.pad_token_id, s.encoder_inputs, s.max_length)
         if shapes:
             log.info("%s: warmed up %d shapes in %.1fs", s.served_name, shapes, time.perf_counter() - started)
         self.stats = Stats()
-        # One round at a time: a run already spreads over every core (with streams, a round's runs over their shares).
+        # One round at a time: a run already spreads over every core. With streams two, so that none waits at a round's
+        # end: a round that waits for the one in flight gathers more requests, one computed beside it fewer.
         self.rounds: Coalescer[Encoded, np.ndarray] = Coalescer(
-            self._run, max_rows=1 << 30, max_cost=self.plan.round_tokens, concurrency=1, name=s.served_name
+            self._run, max_rows=1 << 30, max_cost=self.plan.round_tokens, concurrency=e.rounds_at_once, name=s.served_name
         )
 
     async def tokenize(
@@ -121,13 +168,17 @@ class _Model:
 
     async def _run(self, encodeds: Sequence[Encoded], wanted: Callable[[], bool]) -> list[np.ndarray]:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self._run_sync, list(encodeds), wanted)
+        stats = Stats()
+        async with self.turns.turn(self):
+            out = await loop.run_in_executor(self.executor, self._run_sync, list(encodeds), wanted, stats)
+        self.stats.add(stats)  # here, on the event loop: two rounds' threads never add at once
+        return out
 
-    def _run_sync(self, encodeds: list[Encoded], wanted: Callable[[], bool]) -> list[np.ndarray]:
-        # Every model shares the inference thread: a round whose clients all left stops at its next run, so that the
-        # requests behind it (another model's too) do not wait for answers nobody reads.
+    def _run_sync(self, encodeds: list[Encoded], wanted: Callable[[], bool], stats: Stats) -> list[np.ndarray]:
+        # Every model takes its turn: a round whose clients all left stops at its next run, so that the requests behind
+        # it (another model's too) do not wait for answers nobody reads.
         s = self.spec
-        return batching.run(self.encoder, encodeds, s.pad_token_id, s.encoder_inputs, self.plan, self.stats, s.max_length, wanted)
+        return batching.run(self.encoder, encodeds, s.pad_token_id, s.encoder_inputs, self.plan, stats, s.max_length, wanted)
 
 
 class EmbeddedBackend:
@@ -151,9 +202,9 @@ class EmbeddedBackend:
         # None: each encoder's own (``encoder.auto_streams``).
         self.streams = streams
         self.models: dict[str, _Model] = {}
-        # One inference thread: a run already spreads over every core (or a round's runs over the streams'
-        # shares of them), and two rounds at once would only fight over them.
-        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fos-infer")
+        # Rounds computing: one model's at a time (``Turns``), two where its encoder takes two (onnxruntime's streams).
+        self.turns = Turns()
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="fos-infer")
         # Each model's tokenizer takes one call at a time (fugashi is not thread-safe): a thread per model.
         self.tokenize_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="fos-tokenize")
         self._ready = False
@@ -172,6 +223,7 @@ class EmbeddedBackend:
                 s,
                 self.repository,
                 self.executor,
+                self.turns,
                 self.tokenize_pool,
                 self.plan,
                 self.threads,
