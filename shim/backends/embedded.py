@@ -3,7 +3,8 @@
 
 Each request is tokenized in bounded chunks (a request whose client left stops at the next chunk), then joins its
 model's round queue (``coalescing``): the next round takes every request that waited, up to a token budget, and runs
-their inputs in length-grouped batches (``fos_runtime.batching``) on one inference thread.
+their inputs in length-grouped batches (``fos_runtime.batching``). One model's rounds compute at a time (``Turns``):
+one round, or two where onnxruntime has streams.
 """
 
 from __future__ import annotations
