@@ -115,7 +115,7 @@ class Stats:
     rows: int = 0
     real_tokens: int = 0
     computed_tokens: int = 0
-    seconds: float = 0.0  # inside the encoder's runs (two rounds at once count their overlap twice)
+    seconds: float = 0.0  # inside the encoder's runs
 
     def add(self, other: Stats) -> None:
         for field in dataclasses.fields(self):

@@ -145,6 +145,8 @@ class _Model:
         if shapes:
             log.info("%s: warmed up %d shapes in %.1fs", s.served_name, shapes, time.perf_counter() - started)
         self.stats = Stats()
+        self._computing = 0  # rounds inside the encoder now, and since when one has been
+        self._busy_since = 0.0
         # One round at a time: a run already spreads over every core. With streams two, so that none waits at a round's
         # end: a round that waits for the one in flight gathers more requests, one computed beside it fewer.
         self.rounds: Coalescer[Encoded, np.ndarray] = Coalescer(
@@ -171,7 +173,15 @@ class _Model:
         loop = asyncio.get_running_loop()
         stats = Stats()
         async with self.turns.turn(self):
-            out = await loop.run_in_executor(self.executor, self._run_sync, list(encodeds), wanted, stats)
+            if not self._computing:
+                self._busy_since = time.perf_counter()
+            self._computing += 1
+            try:
+                out = await loop.run_in_executor(self.executor, self._run_sync, list(encodeds), wanted, stats)
+            finally:
+                self._computing -= 1
+                # The encoder's time is while any of its rounds computes: two at once would count their overlap twice.
+                stats.seconds = time.perf_counter() - self._busy_since if not self._computing else 0.0
         self.stats.add(stats)  # here, on the event loop: two rounds' threads never add at once
         return out
 
