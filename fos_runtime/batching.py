@@ -52,10 +52,14 @@ class BatchPlan:
         """The model's context where this plan pads runs to shape buckets (it bounds them), else None."""
         return max_length if self.shape_buckets else None
 
-    def runs(self, lengths: Sequence[int], max_length: int | None = None) -> list[list[int]]:
-        """The cheapest runs of these rows, in the shapes this plan pads them to (``max_length``: the model's context)."""
+    def runs(self, lengths: Sequence[int], max_length: int | None = None, streams: int = 1) -> list[list[int]]:
+        """The cheapest runs of these rows, in the shapes this plan pads them to (``max_length``: the model's context);
+        for an engine with ``streams`` above 1, cut again so that its busiest stream ends first (``stream_runs``)."""
         limit = self.bucket_limit(max_length)
-        return cheapest_runs(lengths, self.max_rows, self.max_tokens, self.run_cost_tokens, limit, limit is not None)
+        runs = cheapest_runs(lengths, self.max_rows, self.max_tokens, self.run_cost_tokens, limit, limit is not None)
+        if streams > 1:
+            runs = stream_runs(lengths, runs, streams, self.max_rows, self.max_tokens, self.run_cost_tokens)
+        return runs
 
 
 # A CPU is saturated by 32 rows; a GPU is not: on an H200, ruri-large fp16 ran 1.33x faster in runs of
@@ -334,9 +338,7 @@ def _run(
 ) -> list[np.ndarray]:
     """The plan's runs over all rows (``lengths``), each fed by ``feeds_of``; the outputs split back into the
     parts of ``sizes`` rows."""
-    batches = plan.runs(lengths, max_length)
-    if encoder.streams > 1:
-        batches = stream_runs(lengths, batches, encoder.streams, plan.max_rows, plan.max_tokens, plan.run_cost_tokens)
+    batches = plan.runs(lengths, max_length, encoder.streams)
     if not batches:
         return [np.zeros((0, 0), dtype=np.float32) for _ in sizes]
     # A step's runs go to the engine together (OpenVINO with streams computes them at once); between steps the round
