@@ -233,6 +233,15 @@ def test_onnxruntime_streams_run_a_rounds_batches_at_once_each_on_its_own_sessio
     assert all(np.max(np.abs(g - w)) <= 1e-5 for g, w in zip(again, want, strict=True))
 
 
+def test_bf16_is_refused_where_openvino_would_emulate_it(exported, monkeypatch):
+    # An AVX-512 CPU without bf16 units (an Ice Lake Xeon, or a VM hiding AMX): OpenVINO accepts the bf16 hint, says
+    # bf16 runs and emulates it some 40 times slower than f32. Faked here so that every CPU checks the refusal.
+    _, model = model_of(exported, EMBED)
+    monkeypatch.setattr(engines.Cpu, "detect", classmethod(lambda cls: AVX2_CPU))
+    with pytest.raises(NotServable, match="would emulate bf16"):
+        Encoder(model, engine=Choice("openvino", "bf16"))
+
+
 def test_bf16_runs_where_the_cpu_has_units_and_is_refused_elsewhere(exported):
     _, model = model_of(exported, EMBED)
     f = feeds(exported, EMBED)
