@@ -7,7 +7,8 @@ OpenVINO computes in bf16 where the CPU has units for it. An int8 export holds o
 same graph (``spec.OPENVINO_INT8_FILE``), served only when asked for too. Export's parity check runs every variant this
 machine can run and records which passed beside the model (``engines.json``); ``auto`` and explicit choices serve only
 a variant recorded there, so what serves is what was checked. Without the record (an older export) only onnxruntime
-serves.
+serves. ``auto`` on an fp32 export: OpenVINO bf16 where the CPU has bf16 units, OpenVINO f32 where it has AVX-512
+without them, else onnxruntime.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class Cpu:
     openvino: bool  # openvino imports
     openvino_bf16: bool  # OpenVINO's CPU plugin lists BF16 among its capabilities
     model: str = ""
+    avx512: bool = False  # /proc/cpuinfo lists avx512f
 
     @property
     def bf16(self) -> bool:
@@ -75,10 +77,10 @@ class Cpu:
             import openvino as ov
 
             capabilities = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-            return cls(tuple(f for f in BF16_FLAGS if f in flags), True, "BF16" in capabilities, model)
+            return cls(tuple(f for f in BF16_FLAGS if f in flags), True, "BF16" in capabilities, model, "avx512f" in flags)
         except Exception as exc:  # not installed, or no CPU plugin for this machine
             log.info("openvino is not usable here: %s", exc)
-            return cls(tuple(f for f in BF16_FLAGS if f in flags), False, False, model)
+            return cls(tuple(f for f in BF16_FLAGS if f in flags), False, False, model, "avx512f" in flags)
 
 
 def cpuinfo() -> tuple[set[str], str]:
@@ -151,6 +153,10 @@ def resolve(requested: str, folder: Path, precision: str, gpu: bool, cpu: Cpu | 
                 "export again on a CPU with them (AMX or AVX512-BF16) to serve bf16",
                 "no parity record: exported before engines were checked" if not record else f"checked: {', '.join(record)}",
             )
+        if not cpu.bf16 and cpu.avx512 and "openvino-fp32" in usable:
+            # Measured on an Intel Xeon with AVX-512 and no bf16 units: served 1.10-1.37x, alone 1.11-1.35x (2 cores,
+            # docs/benchmarks.md). AVX2-only CPUs keep onnxruntime: not measured there.
+            return Choice(OPENVINO, "fp32"), "AVX-512 without bf16 units: OpenVINO f32 outran onnxruntime fp32 on such a CPU"
         return native, "no bf16 units here" if not cpu.bf16 else "OpenVINO bf16 was not checked at export"
     if not cpu.openvino:
         raise NotServable(f"--engine {requested}: openvino does not load on this machine")

@@ -27,6 +27,7 @@ from helpers import EMBED, EMBED_V3, RERANK, RERANK_V3, ServerThread
 
 BF16_CPU = Cpu(bf16_flags=("amx_bf16",), openvino=True, openvino_bf16=True)
 AVX2_CPU = Cpu(bf16_flags=(), openvino=True, openvino_bf16=False)
+AVX512_CPU = Cpu(bf16_flags=(), openvino=True, openvino_bf16=False, avx512=True)  # an Ice Lake Xeon, a VM hiding AMX
 NO_OPENVINO = Cpu(bf16_flags=("avx512_bf16",), openvino=False, openvino_bf16=False)
 ALL_CHECKED = {"onnxruntime": {}, "openvino-fp32": {}, "openvino-bf16": {}}
 HERE = Cpu.detect()
@@ -44,6 +45,12 @@ def test_auto_serves_bf16_only_where_the_cpu_has_units_and_parity_passed_it(tmp_
     assert resolve("auto", folder, "fp32", gpu=False, cpu=BF16_CPU)[0] == Choice("openvino", "bf16")
     # No bf16 units (an AVX2-only EPYC): today's behaviour, onnxruntime.
     assert resolve("auto", folder, "fp32", gpu=False, cpu=AVX2_CPU)[0] == Choice("onnxruntime", "fp32")
+    # AVX-512 without bf16 units: OpenVINO f32, where parity passed it; else onnxruntime.
+    assert resolve("auto", folder, "fp32", gpu=False, cpu=AVX512_CPU)[0] == Choice("openvino", "fp32")
+    ort_only = folder_with(tmp_path / "ort", {"onnxruntime": {}})
+    assert resolve("auto", ort_only, "fp32", gpu=False, cpu=AVX512_CPU)[0] == Choice("onnxruntime", "fp32")
+    assert resolve("auto", folder, "int8", gpu=False, cpu=AVX512_CPU)[0] == Choice("onnxruntime", "int8")
+    assert resolve("auto", folder, "fp32", gpu=True, cpu=AVX512_CPU)[0] == Choice("onnxruntime", "fp32")
     # The CPU says bf16 but OpenVINO does not list it (or the other way round): no bf16.
     half = Cpu(bf16_flags=("avx512_bf16",), openvino=True, openvino_bf16=False)
     assert resolve("auto", folder, "fp32", gpu=False, cpu=half)[0].engine == "onnxruntime"
@@ -256,7 +263,8 @@ def test_bf16_runs_where_the_cpu_has_units_and_is_refused_elsewhere(exported):
             Encoder(model, engine=Choice("openvino", "bf16"))
         with pytest.raises(NotServable, match="no bf16 units"):
             Encoder(model, engine="openvino-bf16")
-        assert Encoder(model, engine="auto").engine == Choice("onnxruntime", "fp32")
+        auto = Choice("openvino", "fp32") if HERE.avx512 and HERE.openvino else Choice("onnxruntime", "fp32")
+        assert Encoder(model, engine="auto").engine == auto
 
 
 def test_models_and_metrics_say_which_engine_runs(embedded_server, triton_server):
