@@ -244,7 +244,7 @@ def test_bf16_is_refused_where_openvino_would_emulate_it(exported, monkeypatch):
     # An AVX-512 CPU without bf16 units (an Ice Lake Xeon, or a VM hiding AMX): OpenVINO accepts the bf16 hint, says
     # bf16 runs and emulates it some 40 times slower than f32. Faked here so that every CPU checks the refusal.
     _, model = model_of(exported, EMBED)
-    monkeypatch.setattr(engines.Cpu, "detect", classmethod(lambda cls: AVX2_CPU))
+    monkeypatch.setattr(engines.Cpu, "detect", classmethod(lambda cls: AVX512_CPU))
     with pytest.raises(NotServable, match="would emulate bf16"):
         Encoder(model, engine=Choice("openvino", "bf16"))
 
