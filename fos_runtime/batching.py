@@ -47,10 +47,6 @@ class BatchPlan:
     # rounds a worker instead of 2 gave 1.16x the tokens/s with 4 shim workers and the same with 8 (8 rounds: +2%,
     # and more Triton calls for the same rows).
     rounds_in_flight: int
-    # The longest a round waits, right after the one before it, for as many requests as that one answered, as a share
-    # of its time (``shim.backends.coalescing``): clients that send their next request on an answer otherwise split
-    # into two cohorts that alternate, each half a round (dify-embed c=16: 8 requests a round, not 16).
-    regather: float
 
     def bucket_limit(self, max_length: int | None) -> int | None:
         """The model's context where this plan pads runs to shape buckets (it bounds them), else None."""
@@ -83,8 +79,6 @@ PLANS = {
         # 96 on 16 AMX cores (bench.engine_shapes, docs/benchmarks.md).
         run_cost_tokens=5,
         rounds_in_flight=1,
-        # Sixteen clients came back 13-31 ms after their round of 300-450 ms ended (int8 at dify-embed c=16, 2 cores).
-        regather=0.1,
     ),
     "gpu": BatchPlan(
         max_rows=256,
@@ -103,7 +97,6 @@ PLANS = {
         # kernel launches, not their tokens.
         run_cost_tokens=3000,
         rounds_in_flight=4,
-        regather=0.0,  # rounds in flight keep it fed; the coalescer waits only with one
     ),
 }
 DEVICES = tuple(PLANS)

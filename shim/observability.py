@@ -53,9 +53,6 @@ class _BackendCollector:
         requests = CounterMetricFamily("fos_round_requests", "Requests answered by those rounds", labels=model)
         rows = CounterMetricFamily("fos_round_rows", "Inputs carried by those rounds", labels=model)
         depth = GaugeMetricFamily("fos_queue_depth", "Requests waiting for a round", labels=model)
-        waited = CounterMetricFamily(
-            "fos_round_wait_seconds", "Time rounds waited for the clients of the round before to come back", labels=model
-        )
         runs = CounterMetricFamily("fos_encoder_runs", "Padded batches run by the in-process encoder", labels=model)
         eff = GaugeMetricFamily("fos_padding_efficiency", "Real tokens / computed tokens (in-process encoder)", labels=model)
         busy = CounterMetricFamily("fos_encoder_seconds", "Time inside the in-process encoder's runs", labels=model)
@@ -74,14 +71,13 @@ class _BackendCollector:
             requests.add_metric([name], s.requests)
             rows.add_metric([name], s.rows)
             depth.add_metric([name], s.queued)
-            waited.add_metric([name], s.waited_seconds)
             if s.encoder_runs is not None:
                 runs.add_metric([name], s.encoder_runs)
             if s.padding_efficiency is not None:
                 eff.add_metric([name], s.padding_efficiency)
             if s.encoder_seconds is not None:
                 busy.add_metric([name], s.encoder_seconds)
-        yield from (rounds, requests, rows, depth, waited, runs, eff, busy, engine)
+        yield from (rounds, requests, rows, depth, runs, eff, busy, engine)
 
 
 class RequestContextMiddleware:

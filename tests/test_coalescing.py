@@ -185,66 +185,6 @@ async def test_several_rounds_in_flight():
     assert run.rounds == [["a"], ["b"]]
 
 
-async def _closed_loop(rounds: Coalescer, name: str, requests: int, think: float = 0.002) -> None:
-    """A client that sends its next request ``think`` seconds after each answer, as Dify's indexing workers do."""
-    for i in range(requests):
-        await rounds.submit(f"{name}{i}", rows=1, cost=1)
-        await asyncio.sleep(think)
-
-
-@pytest.mark.parametrize("regather", [0.0, 0.5])
-async def test_clients_that_come_back_at_once_merge_into_one_round(regather):
-    # One client ahead of three others: without waiting they alternate in two rounds for good, each half of them.
-    run = Recorder(delay=0.1)
-    rounds = Coalescer(run, max_rows=100, max_cost=100, regather=regather)
-
-    async def body():
-        first = asyncio.create_task(_closed_loop(rounds, "a", 6))
-        await asyncio.sleep(0.01)
-        await asyncio.gather(first, *(_closed_loop(rounds, n, 6) for n in "bcd"))
-
-    await _with(rounds, body)
-    largest = max(len(r) for r in run.rounds)
-    assert largest == (4 if regather else 3), run.rounds
-    if regather:
-        assert rounds.stats.waited_seconds > 0
-        assert [len(r) for r in run.rounds[-3:]] == [4, 4, 4], run.rounds  # once merged, they stay so
-
-
-async def test_a_round_waits_no_longer_than_its_share_for_clients_that_do_not_come_back():
-    run = Recorder(delay=0.1)
-    rounds = Coalescer(run, max_rows=100, max_cost=100, regather=0.3)
-
-    async def body():
-        loop = asyncio.get_running_loop()
-        first = asyncio.create_task(_closed_loop(rounds, "a", 3))
-        await asyncio.sleep(0.01)
-        await asyncio.gather(first, *(_closed_loop(rounds, n, 3) for n in "bc"))  # they come back soon, then stop
-        start = loop.time()
-        await asyncio.gather(*(rounds.submit(n, rows=1, cost=1) for n in ("late", "late too")))
-        late = loop.time() - start
-        start = loop.time()
-        await rounds.submit("later", rows=1, cost=1)  # the only one to come after the round of two
-        return late, loop.time() - start
-
-    late, later = await _with(rounds, body)
-    assert run.rounds[-2:] == [["late", "late too"], ["later"]]
-    # The two waited for the rest of a's, b's and c's round to come back, at most 30% of that round's 0.1 s.
-    assert 0.1 + 0.02 <= late < 0.1 + 0.03 + 0.02, (late, later)
-    # Those did not come back within it: "later" does not wait for the two.
-    assert later < 0.1 + 0.015, (late, later)
-
-
-def test_regather_is_off_with_several_rounds_in_flight():
-    async def run(payloads, wanted):
-        return payloads
-
-    assert Coalescer(run, max_rows=1, max_cost=1, regather=0.1).regather == 0.1
-    assert Coalescer(run, max_rows=1, max_cost=1, concurrency=2, regather=0.1).regather == 0.0
-    with pytest.raises(ValueError, match="share"):
-        Coalescer(run, max_rows=1, max_cost=1, regather=1.0)
-
-
 # The Triton backend's handling of call outcomes, against a stand-in gRPC client.
 
 SPEC = ModelSpec(

@@ -47,7 +47,6 @@ class BatchingStats:
     requests: int  # requests those rounds answered
     rows: int  # inputs those rounds carried
     queued: int  # requests waiting for a round now
-    waited_seconds: float  # rounds waiting for the clients of the round before (``Coalescer``'s regather)
     encoder_runs: int | None = None  # padded batches the encoder ran (known where it runs in process)
     padding_efficiency: float | None = None  # real tokens / computed tokens, likewise
     encoder_seconds: float | None = None  # time inside the encoder's runs, likewise
@@ -59,7 +58,6 @@ class BatchingStats:
             requests=rounds.requests,
             rows=rounds.rows,
             queued=queued,
-            waited_seconds=rounds.waited_seconds,
             encoder_runs=encoder.runs if encoder else None,
             padding_efficiency=encoder.padding_efficiency if encoder else None,
             encoder_seconds=encoder.seconds if encoder else None,

@@ -150,12 +150,7 @@ class _Model:
         # One round at a time: a run already spreads over every core. With streams two, so that none waits at a round's
         # end: a round that waits for the one in flight gathers more requests, one computed beside it fewer.
         self.rounds: Coalescer[Encoded, np.ndarray] = Coalescer(
-            self._run,
-            max_rows=1 << 30,
-            max_cost=self.plan.round_tokens,
-            concurrency=e.rounds_at_once,
-            name=s.served_name,
-            regather=self.plan.regather,
+            self._run, max_rows=1 << 30, max_cost=self.plan.round_tokens, concurrency=e.rounds_at_once, name=s.served_name
         )
 
     async def tokenize(

@@ -377,7 +377,6 @@ class TritonBackend:
                 max_cost=plan.round_tokens,
                 concurrency=(self.rounds_in_flight or plan.rounds_in_flight) * len(self.urls),
                 name=s.served_name,
-                regather=plan.regather,
             )
             rounds.start()
             self._rounds[s.served_name] = rounds
