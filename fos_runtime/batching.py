@@ -42,12 +42,11 @@ class BatchPlan:
     # meeting at each layer), counted in padded tokens: runs are cut where that costs less than the padding it saves.
     run_cost_tokens: int
     # Rounds the shim keeps in flight per model and Triton endpoint. A CPU encoder computes one at a time, and a
-    # round that waits for it gathers more requests (dify-embed c=16 on 2 cores: 8 a round, against 5 with two in
-    # flight; its clients, which send their next request on an answer, alternate in two halves, and rounds of 16, a
-    # round waiting for the last one's clients in commit 37605f6, served no faster there: docs/benchmarks.md). A GPU
-    # encoder is fed while Triton tokenizes the next rounds. On an H100 (dify-embed c=256, docs/benchmarks.md), 4 rounds a
-    # worker instead of 2 gave 1.16x the tokens/s with 4 shim workers and the same with 8 (8 rounds: +2%, and more
-    # Triton calls for the same rows).
+    # round that waits for it gathers more requests: 8 at dify-embed c=16 on 2 cores, against 5 with two in flight.
+    # (Those clients send their next request on an answer and alternate in two halves; rounds of all 16, commit
+    # 37605f6, served no faster there: docs/benchmarks.md.) A GPU encoder is fed while Triton tokenizes the next
+    # rounds. On an H100 (dify-embed c=256, docs/benchmarks.md), 4 rounds a worker instead of 2 gave 1.16x the
+    # tokens/s with 4 shim workers and the same with 8 (8 rounds: +2%, and more Triton calls for the same rows).
     rounds_in_flight: int
 
     def bucket_limit(self, max_length: int | None) -> int | None:
