@@ -243,9 +243,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--engine",
         choices=engines.CHOICES,
         default="auto",
-        help="what runs the encoder in fos serve and in Triton's Python encoder, decided where it runs (auto: OpenVINO "
-        "bf16 on a CPU with AMX or AVX512-BF16, OpenVINO f32 on one with AVX-512 but neither, if parity passed it at "
-        "export; else onnxruntime); fos serve --engine overrides it",
+        help="what runs the encoder in fos serve and in Triton's Python encoder, decided where it runs (auto: "
+        f"{engines.AUTO_RULE}); fos serve --engine overrides it",
     )
     p.add_argument(
         "--tensorrt",

@@ -31,6 +31,11 @@ OPENVINO = "openvino"
 # What a user may ask for: a variant, an engine at its best checked precision, or auto.
 VARIANTS = ("onnxruntime", "openvino-fp32", "openvino-bf16", "openvino-int8")
 CHOICES = ("auto", "onnxruntime", "openvino", "openvino-fp32", "openvino-bf16", "openvino-int8")
+# What ``auto`` serves (``resolve``), as fos export's and fos serve's --engine help both say it.
+AUTO_RULE = (
+    "OpenVINO bf16 on a CPU with AMX or AVX512-BF16, OpenVINO f32 on one with AVX-512 but neither, where export's "
+    "parity check passed it; else onnxruntime"
+)
 
 RECORD = "engines.json"  # beside model.onnx: the variants export's parity check passed
 

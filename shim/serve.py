@@ -76,8 +76,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--engine",
         choices=engines.CHOICES,
         help="what runs the encoders (embedded backend; default: what each model was exported with, auto unless told): "
-        "auto serves OpenVINO bf16 on a CPU with AMX or AVX512-BF16, OpenVINO f32 on one with AVX-512 but neither, where "
-        "export's parity check passed it, else onnxruntime; openvino: its best checked precision here; "
+        f"auto: {engines.AUTO_RULE}; openvino: its best checked precision here; "
         "openvino-fp32|bf16|int8: that one. bf16 is computed from the fp32 export; int8 is OpenVINO's own, in an int8 "
         "export made with --openvino-int8",
     )
