@@ -94,11 +94,20 @@ def to_onnx(source: Source, path: Path) -> None:
 
 def optimize(source: Source, src: Path, dst: Path) -> dict[str, int] | None:
     """Fuse attention, LayerNorm and GELU for BERT-like models; returns the fused operators by type,
-    or None where the architecture is not one onnxruntime knows."""
+    or None where the architecture is not one onnxruntime knows.
+
+    The residual Add stays apart from the LayerNormalization after it (no SkipLayerNormalization): onnxruntime's CPU
+    kernel for that op ran 5x slower than the two ops (1.32; fos_runtime.encoder.CPU_DISABLED_OPTIMIZERS), and a GPU
+    session fuses them again when it loads (its kernel is fast)."""
     model_type = getattr(source.hf_config, "model_type", "")
     if model_type not in _BERT_LIKE:
         return None
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
+
+    options = FusionOptions("bert")
+    options.enable_skip_layer_norm = False
+    options.enable_bias_skip_layer_norm = False
 
     # Its fusions log every step at INFO; the export prints its own progress.
     logging.disable(logging.INFO)
@@ -111,6 +120,7 @@ def optimize(source: Source, src: Path, dst: Path) -> dict[str, int] | None:
                 num_heads=int(source.hf_config.num_attention_heads),
                 hidden_size=int(source.hf_config.hidden_size),
                 opt_level=0,  # Python fusions only; the session applies its own graph optimisations
+                optimization_options=options,
             )
         model.save_model_to_file(str(dst))
     finally:

@@ -14,6 +14,11 @@ import numpy as np
 from . import engines
 from .cores import available_cores
 
+# Graph optimisations a CPU session goes without. SkipLayerNormFusion puts a residual Add and its LayerNormalization
+# back into one SkipLayerNormalization, whose CPU kernel (onnxruntime 1.32) ran 5x slower than the two: 0.50 against
+# 0.10 ms at ruri-large's 144x1024 on an AVX-512 Xeon, 12% of an int8 run of 8x18 tokens (docs/benchmarks.md).
+CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
+
 
 def threads_per_instance(instance_group: Sequence[Mapping]) -> int:
     """Each CPU instance's share of the cores, from a Triton model config's ``instance_group``.
@@ -118,7 +123,10 @@ class Encoder:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # One session a stream: a run on each at once, each on its own threads (onnxruntime's runs on one session
         # share its one pool of threads). Each holds its own copy of the weights.
-        sessions = [ort.InferenceSession(str(path), sess_options=options, providers=providers) for _ in range(self.streams)]
+        cpu_only = {} if len(providers) > 1 else {"disabled_optimizers": list(CPU_DISABLED_OPTIMIZERS)}
+        sessions = [
+            ort.InferenceSession(str(path), sess_options=options, providers=providers, **cpu_only) for _ in range(self.streams)
+        ]
         self.session = sessions[0]
         self.device = "gpu" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         if device == "gpu" and self.device != "gpu":  # onnxruntime falls back to the CPU with only a log line

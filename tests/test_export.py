@@ -96,6 +96,41 @@ def test_attention_is_fused(exported):
         assert "not fused" not in exported["printed"][s.task]
 
 
+def test_cpu_sessions_keep_layer_norm_apart_from_the_residual_add(exported, tmp_path, monkeypatch):
+    # onnxruntime's CPU SkipLayerNormalization ran 5x slower than Add + LayerNormalization: export leaves them apart,
+    # and the encoder's CPU session does not fuse them again, as onnxruntime otherwise does when it loads the graph.
+    import onnx
+    import onnxruntime as ort
+
+    from fos_runtime import engines
+    from fos_runtime.encoder import Encoder
+
+    def ops(path: Path) -> list[str]:
+        return [n.op_type for n in onnx.load(str(path)).graph.node]
+
+    real = ort.InferenceSession
+
+    def writing_what_runs(path, sess_options, **kwargs):
+        sess_options.optimized_model_filepath = str(tmp_path / "encoder.onnx")
+        return real(path, sess_options=sess_options, **kwargs)
+
+    repo = exported["repository"]
+    for served in (EMBED, RERANK):
+        s = next(s for s in read_specs(repo) if s.served_name == served)
+        path = spec.encoder_file(repo, s.name)
+        assert "SkipLayerNormalization" not in ops(path) and "LayerNormalization" in ops(path), served
+        assert "SkipLayerNormalization" not in exported["printed"][SERVED[served]]
+        default = ort.SessionOptions()
+        default.optimized_model_filepath = str(tmp_path / "default.onnx")
+        ort.InferenceSession(str(path), default, providers=["CPUExecutionProvider"])
+        assert "SkipLayerNormalization" in ops(tmp_path / "default.onnx")  # what the encoder keeps from happening
+        with monkeypatch.context() as m:
+            m.setattr(ort, "InferenceSession", writing_what_runs)
+            Encoder(path, device="cpu", engine=engines.Choice(engines.ONNXRUNTIME, "fp32"))
+        runs = ops(tmp_path / "encoder.onnx")
+        assert "SkipLayerNormalization" not in runs and "LayerNormalization" in runs and "Attention" in runs, served
+
+
 def test_export_warns_when_attention_is_not_fused(tiny_dirs, tmp_path):
     # onnxruntime 1.30's fusion misses transformers 5's attention mask: the graph is right but slower, and only this
     # line says so. The fusion is switched off here to stand for such a version.
