@@ -110,6 +110,21 @@ def test_engine_shapes_measures_each_configuration_and_fits_a_run_cost(exported)
     assert (round(fixed, 6), round(per_token, 6)) == (10.0, 0.02)
 
 
+def test_op_profile_gives_each_shapes_operator_shares_in_the_session_that_serves(exported):
+    import subprocess
+    import sys
+
+    args = ["--repository", str(exported["repository"]), "--model", EMBED, "--shapes", "2x8,1x4", "--runs", "3"]
+    r = subprocess.run([sys.executable, "-m", "bench.op_profile", *args], capture_output=True, text=True, check=True)
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["engine"] == "onnxruntime fp32" and [(x["rows"], x["tokens"]) for x in result["results"]] == [(2, 8), (1, 4)]
+    for x in result["results"]:
+        assert x["ms_per_run"] > 0 and abs(sum(x["shares"].values()) - 1) < 1e-6
+        # The operators that run: fused attention, and the LayerNormalization the CPU session keeps apart from its Add.
+        assert {"Attention", "LayerNormalization", "Add"} <= set(x["shares"]) and "SkipLayerNormalization" not in x["shares"]
+    assert result["machine"]["available_cores"] >= 1  # what the figures were measured on, with them
+
+
 def test_triton_level_reports_rows_queue_and_compute_per_request():
     from bench.loadgen import parse_triton_counts, triton_level
 
