@@ -26,8 +26,8 @@ from .machine import describe
 
 
 def shares(events: list[dict], runs: int) -> list[dict]:
-    """Per shape, in the order run (each ``runs`` runs after one untimed): ms per run and each operator type's share of
-    the operators' time, largest first."""
+    """Per shape, in the order run (each ``runs`` runs after one untimed), after the session's own first run at load:
+    ms per run and each operator type's share of the operators' time, largest first."""
     starts = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "Session" and e["name"] == "model_run")
     per_run: list[collections.Counter] = [collections.Counter() for _ in starts]
     for e in events:
@@ -35,7 +35,7 @@ def shares(events: list[dict], runs: int) -> list[dict]:
             k = next(i for i, (a, b) in enumerate(starts) if a <= e["ts"] <= b)
             per_run[k][e["args"]["op_name"]] += e["dur"]
     out = []
-    for first in range(0, len(starts), runs + 1):
+    for first in range(1, len(starts), runs + 1):
         timed = range(first + 1, first + runs + 1)
         ops: collections.Counter = sum((per_run[k] for k in timed), collections.Counter())
         total = sum(ops.values())
@@ -70,10 +70,7 @@ def main() -> None:
             feeds = pad(Encoded(input_ids=[[1] * length] * rows), s.pad_token_id, s.encoder_inputs)
             for _ in range(args.runs + 1):  # the first prepares the shape
                 encoder.run(feeds)
-        # The session's own first run (at load) comes first: left out.
         events = json.loads(Path(encoder.session.end_profiling()).read_text())
-    load = min((e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"), key=lambda e: e["ts"])
-    events = [e for e in events if e.get("ts", 0) > load["ts"] + load["dur"]]
     results = []
     for (rows, length), r in zip(shapes, shares(events, args.runs), strict=True):
         top = ", ".join(f"{op} {share:.1%}" for op, share in list(r["shares"].items())[:6])

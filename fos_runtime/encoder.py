@@ -16,7 +16,7 @@ from .cores import available_cores
 
 # Graph optimisations a CPU session goes without. SkipLayerNormFusion puts a residual Add and its LayerNormalization
 # back into one SkipLayerNormalization, whose CPU kernel (onnxruntime 1.32) ran 5x slower than the two: 0.50 against
-# 0.10 ms at ruri-large's 144x1024 on an AVX-512 Xeon, 12% of an int8 run of 8x18 tokens (docs/benchmarks.md).
+# 0.10 ms at ruri-large's 144x1024 on an AVX-512 Xeon, 12-14% of an int8 run of 8x18 tokens (docs/benchmarks.md).
 CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 
 
