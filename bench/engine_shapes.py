@@ -36,6 +36,21 @@ def fit(points: list[tuple[int, float]]) -> tuple[float, float]:
     return float(fixed), float(per_token)
 
 
+def time_rounds(encoder: Encoder, feeds: dict[str, np.ndarray], streams: int, seconds: float) -> tuple[float, float]:
+    """Rounds of ``streams`` copies of ``feeds`` through ``encoder.run_many`` for ``seconds``: the first round's
+    milliseconds, timed on its own, and a later round's mean."""
+    # A new shape's first run prepares its kernels: OpenVINO int8 ~40 ms of it on 2 Zen 4 cores, keyed on rows x tokens,
+    # which a server that forms new shapes pays again and again (docs/benchmarks.md).
+    first = time.perf_counter()
+    encoder.run_many([feeds] * streams)
+    first_ms = (time.perf_counter() - first) * 1000
+    rounds, began = 0, time.perf_counter()
+    while time.perf_counter() - began < seconds:
+        encoder.run_many([feeds] * streams)
+        rounds += 1
+    return first_ms, (time.perf_counter() - began) / rounds * 1000
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repository", required=True)
@@ -67,19 +82,9 @@ def main() -> None:
         encoder.run_many([pad(Encoded(input_ids=[[1] * 3]), s.pad_token_id, s.encoder_inputs)] * streams)
         for rows, length in shapes:
             feeds = pad(Encoded(input_ids=[[1] * length] * rows), s.pad_token_id, s.encoder_inputs)  # as serving pads
-            # A new shape's first run prepares its kernels: OpenVINO int8 ~40 ms of it on 2 Zen 4 cores, keyed on rows x
-            # tokens, which a server that forms new shapes pays again and again (docs/benchmarks.md).
-            first = time.perf_counter()
-            encoder.run_many([feeds] * streams)
-            first_ms = (time.perf_counter() - first) * 1000
-            rounds, began = 0, time.perf_counter()
-            while time.perf_counter() - began < args.seconds:
-                encoder.run_many([feeds] * streams)
-                rounds += 1
-            elapsed = time.perf_counter() - began
-            ms = elapsed / rounds * 1000
+            first_ms, ms = time_rounds(encoder, feeds, streams, args.seconds)
             points.setdefault(length, []).append((rows * length, ms))
-            tps = rounds * streams * rows * length / elapsed
+            tps = streams * rows * length / ms * 1000
             shape = {"threads": threads, "streams": streams, "rows": rows, "tokens": length}
             # The first round's time beyond a later one's: what preparing the shape cost (noise: several ms either way).
             timing = {"tokens_per_s": tps, "ms_per_round": ms, "first_round_ms": first_ms, "first_extra_ms": first_ms - ms}

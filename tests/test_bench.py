@@ -110,6 +110,38 @@ def test_engine_shapes_measures_each_configuration_and_fits_a_run_cost(exported)
     assert (round(fixed, 6), round(per_token, 6)) == (10.0, 0.02)
 
 
+def test_gemm_ceiling_times_the_products_alone_beside_the_model(exported, tmp_path):
+    import subprocess
+    import sys
+
+    import onnx
+
+    from bench.gemm_ceiling import macs_per_token, model_depth, stand_in
+
+    assert macs_per_token(1024, 4096, 24) == 301_989_888  # ruri-large's products per token
+    assert model_depth(600.0, 4, 24) == 100.0  # 4 stand-in layers a token: a sixth of ruri-large's
+    # The stand-in holds the products the ceiling counts, no more and no fewer: its weights are one MAC a token each.
+    stand_in(tmp_path / "g.onnx", 16, 40, 3)
+    graph = onnx.load(str(tmp_path / "g.onnx")).graph
+    weights = {w.name: w.dims for w in graph.initializer}
+    products = [n.input[1] for n in graph.node if n.op_type == "MatMul"]
+    assert len(products) == 12 and sum(weights[w][0] * weights[w][1] for w in products) == macs_per_token(16, 40, 3)
+    args = ["--hidden", "32", "--intermediate", "64", "--layers", "4", "--graph-layers", "2", "--shapes", "2x8"]
+    args += ["--variants", "onnxruntime-fp32,onnxruntime-int8", "--configs", "1:1,2:2", "--seconds", "0.05"]
+    args += ["--alternations", "2", "--repository", str(exported["repository"]), "--model", EMBED]
+    r = subprocess.run([sys.executable, "-m", "bench.gemm_ceiling", *args], capture_output=True, text=True, check=True)
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    rows = {(x["variant"], x["streams"]): x for x in result["results"]}
+    assert set(rows) == {(v, n) for v in ("onnxruntime-fp32", "onnxruntime-int8") for n in (1, 2)}
+    for x in rows.values():
+        assert len(x["ceiling_tokens_per_s"]) == 2 and min(x["gmacs_per_s"]) > 0
+        assert x["gmacs_per_s"][0] == pytest.approx(x["ceiling_tokens_per_s"][0] * macs_per_token(32, 64, 4) / 1e9)
+    # The export is fp32: its encoder runs beside the fp32 stand-in only.
+    assert all(x["share"] > 0 and len(x["model_tokens_per_s"]) == 2 for (v, _), x in rows.items() if v.endswith("fp32"))
+    assert not any("share" in x for (v, _), x in rows.items() if v.endswith("int8"))
+    assert result["macs_per_token"] == macs_per_token(32, 64, 4) and result["machine"]["available_cores"] >= 1
+
+
 def test_op_profile_gives_each_shapes_operator_shares_in_the_session_that_serves(exported):
     import subprocess
     import sys
