@@ -87,11 +87,11 @@ class Encoder:
             if device == "gpu":
                 raise engines.NotServable("OpenVINO runs on the CPU, and this encoder is on the GPU")
             self._openvino = engines.OpenVINOSession(path, self.engine.compute, threads or available_cores(), streams)
-            self.streams = self._openvino.streams  # batches computed at once (run_many)
-            self.rounds_at_once = 1  # OpenVINOSession.run_many takes one caller at a time
-            self.run_threads = max(1, (threads or available_cores()) // self._openvino.streams)
+            self.streams = self._openvino.streams  # OpenVINO may grant another number
+            self.run_threads = max(1, (threads or available_cores()) // self.streams)
             self.device = "cpu"
             self.input_names = self._openvino.input_names
+            self._pool(self._openvino.requests)
             return
         import onnxruntime as ort
 
@@ -138,13 +138,19 @@ class Encoder:
         if self.device == "cpu":
             self._shrink = ort.RunOptions()
             self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
-        # Sessions not running now: a run takes one and gives it back, so that no two runs share a session's threads.
-        self._idle: queue.SimpleQueue = queue.SimpleQueue()
-        warm = engines.first_run_feeds(self.input_names)
-        for session in sessions:
-            if self.device == "cpu":  # each session's first run sets it up, as OpenVINO's streams' do
+        if self.device == "cpu":  # each session's first run sets it up, as OpenVINO's requests' do
+            warm = engines.first_run_feeds(self.input_names)
+            for session in sessions:
                 session.run([self.output_name], warm)
-            self._idle.put(session)
+        self._pool(sessions)
+
+    def _pool(self, runners: Sequence) -> None:
+        """What runs a batch, one per stream (onnxruntime sessions, OpenVINO infer requests), and the threads that run
+        a round's batches at once."""
+        # Runners not running now: a run takes one and gives it back, so that no two runs share one's threads or buffers.
+        self._idle: queue.SimpleQueue = queue.SimpleQueue()
+        for runner in runners:
+            self._idle.put(runner)
         self._streams = (
             concurrent.futures.ThreadPoolExecutor(self.streams, thread_name_prefix="fos-stream") if self.streams > 1 else None
         )
@@ -153,23 +159,21 @@ class Encoder:
         self.rounds_at_once = 2 if self._streams is not None else 1
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
-        if self._openvino is not None:
-            return self._openvino.run(feeds)
-        session = None
+        runner = None
         try:
-            session = self._idle.get()
+            runner = self._idle.get()
+            if self._openvino is not None:
+                return self._openvino.run(runner, feeds)
             large = self._shrink is not None and engines.is_large(feeds[self.input_names[0]].shape)
             inputs = {name: feeds[name] for name in self.input_names}
-            out = session.run([self.output_name], inputs, self._shrink if large else None)[0]
+            out = runner.run([self.output_name], inputs, self._shrink if large else None)[0]
         finally:
-            if session is not None:
-                self._idle.put(session)
+            if runner is not None:
+                self._idle.put(runner)
         return np.asarray(out, dtype=np.float32)
 
     def run_many(self, feeds: Sequence[Mapping[str, np.ndarray]]) -> list[np.ndarray]:
         """``run`` of each batch, in order: up to ``streams`` of them at once where the encoder has streams."""
-        if self._openvino is not None:
-            return self._openvino.run_many(feeds)
         if self._streams is None or len(feeds) < 2:
             return [self.run(f) for f in feeds]
         work = [self._streams.submit(self.run, f) for f in feeds]

@@ -13,7 +13,6 @@ without them, else onnxruntime.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -207,8 +206,9 @@ def is_large(shape: tuple[int, ...]) -> bool:
 
 
 class OpenVINOSession:
-    """One compiled model, run synchronously: one batch at a time over every thread, like onnxruntime's session; or,
-    with ``streams`` above 1, that many batches at once (``run_many``), each on its share of the threads.
+    """One compiled model and an infer request per stream: with ``streams`` above 1, that many batches run at once
+    (each from a thread of its own, ``fos_runtime.encoder.Encoder``), each on its share of the threads; else one at a
+    time over every thread, like onnxruntime's session.
 
     The compute precision is always set: left to itself OpenVINO runs bf16 on a CPU with bf16 units, which an fp32
     parity check would not have covered. Dynamic shapes ([-1, -1]), latency hint (one stream over every core) unless
@@ -243,49 +243,20 @@ class OpenVINOSession:
         if got != precision:
             raise NotServable(f"OpenVINO runs {got}, not {precision}, on this CPU (bf16 needs AMX or AVX512-BF16)")
         self.input_names = tuple(i.get_any_name() for i in model.inputs)
-        self.request = self.compiled.create_infer_request()
         self.streams = int(self.compiled.get_property("NUM_STREAMS"))
-        self.queue = self._new_queue() if self.streams > 1 else None
-        # The first run of a compiled model prepares its kernels: at load, not in the first request's time.
+        self.requests = [self.compiled.create_infer_request() for _ in range(self.streams)]
+        # The first run of a compiled model prepares its kernels, and each request's its own: at load, not in the first
+        # requests' time.
         warm = first_run_feeds(self.input_names)
-        self.run(warm)
-        self.run_many([warm] * self.streams)  # each stream's request too
+        for request in self.requests:
+            self.run(request, warm)
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
-        out = self.request.infer({name: feeds[name] for name in self.input_names})
-        # Between runs only: OpenVINO frees what no running request holds. Not with streams: with an AsyncInferQueue's
-        # requests alive, OpenVINO 2026.4 corrupted the heap at the next round ("malloc(): invalid size"), a new queue
-        # or none while releasing alike.
-        if self.queue is None and is_large(feeds[self.input_names[0]].shape):
+    def run(self, request, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        """``request`` (one of ``requests``, used by one caller at a time) run on ``feeds``."""
+        out = request.infer({name: feeds[name] for name in self.input_names})
+        # Between runs only: OpenVINO frees what no running request holds. Not with streams, where another request may
+        # be running: with an AsyncInferQueue's requests alive, OpenVINO 2026.4 corrupted the heap at the next round
+        # ("malloc(): invalid size").
+        if self.streams == 1 and is_large(feeds[self.input_names[0]].shape):
             self.compiled.release_memory()
         return np.asarray(out[0], dtype=np.float32)  # infer copies outputs out of the request's reused buffer
-
-    def run_many(self, feeds: Sequence[Mapping[str, np.ndarray]]) -> list[np.ndarray]:
-        """Each batch's output, in order; up to ``streams`` of them computed at once. One caller at a time."""
-        if self.queue is None or len(feeds) < 2:
-            return [self.run(f) for f in feeds]
-        outs: list[np.ndarray | None] = [None] * len(feeds)
-
-        def done(request, k: int) -> None:  # the request's output buffer is reused: copy it out
-            outs[k] = np.array(request.get_output_tensor(0).data, dtype=np.float32)
-
-        self.queue.set_callback(done)
-        try:
-            for k, f in enumerate(feeds):
-                self.queue.start_async({name: f[name] for name in self.input_names}, k)
-            self.queue.wait_all()
-        except Exception:
-            # A queue whose request failed raises that error again at every later wait: drain it and start a new one,
-            # so that one bad round does not fail all the rounds after it.
-            with contextlib.suppress(Exception):
-                self.queue.wait_all()
-            self.queue = self._new_queue()
-            raise
-        if any(o is None for o in outs):  # a failed request calls back with nothing to copy
-            raise RuntimeError("OpenVINO: a batch of the round did not complete")
-        return [o for o in outs if o is not None]
-
-    def _new_queue(self):
-        import openvino as ov
-
-        return ov.AsyncInferQueue(self.compiled, self.streams)

@@ -144,48 +144,6 @@ def test_openvino_fp32_computes_fp32_on_any_cpu(exported, served):
     assert np.max(np.abs(ov.run(f) - reference)) <= 1e-5
 
 
-def test_openvino_streams_compute_a_rounds_batches_at_once_and_answer_in_order(exported):
-    # Batches of different shapes: each answer must land where its batch was, whichever stream finished first.
-    _, model = model_of(exported, EMBED)
-    f = feeds(exported, EMBED)
-    batches = [{k: v[:n, :w] for k, v in f.items()} for n, w in ((3, 8), (1, f["input_ids"].shape[1]), (2, 5), (1, 3))]
-    one = Encoder(model, engine="openvino-fp32")
-    two = Encoder(model, engine="openvino-fp32", streams=2)
-    assert two._openvino is not None and two._openvino.streams == 2 and two._openvino.queue is not None
-    assert two.run_threads == max(1, available_cores() // 2)  # what the CPU plan's run cost scales with
-    want = [one.run(b) for b in batches]
-    got = two.run_many(batches)
-    assert [g.shape for g in got] == [w.shape for w in want]
-    assert all(np.max(np.abs(g - w)) <= 1e-5 for g, w in zip(got, want, strict=True))
-    assert np.max(np.abs(Encoder(model, engine="onnxruntime").run_many(batches)[2] - want[2])) <= 1e-5
-    # A round whose batch fails fails alone: OpenVINO's queue raises a failed request's error at every later wait, so
-    # it is replaced. (A failure is simulated: inputs the engine refuses can crash it natively, and pad never makes
-    # them.)
-    session = two._openvino
-    real = session.queue
-
-    class Failing:
-        def __init__(self):
-            self.waited = 0
-
-        def set_callback(self, callback):
-            pass
-
-        def start_async(self, inputs, k):
-            if k == 1:
-                raise RuntimeError("a batch failed")
-
-        def wait_all(self):
-            self.waited += 1
-
-    failing = session.queue = Failing()
-    with pytest.raises(RuntimeError, match="a batch failed"):
-        two.run_many(batches)
-    assert failing.waited == 1 and session.queue is not failing and session.queue is not real
-    again = two.run_many(batches)
-    assert all(np.max(np.abs(g - w)) <= 1e-5 for g, w in zip(again, want, strict=True))
-
-
 def test_auto_streams_split_many_cores_for_onnxruntimes_int8_only(exported):
     # Measured to gain on 16 AMX cores: onnxruntime's int8 (dify-embed 1.40x, batch-embed 1.24x with 4 streams).
     int8, fp32 = Choice("onnxruntime", "int8"), Choice("onnxruntime", "fp32")
@@ -200,41 +158,60 @@ def test_auto_streams_split_many_cores_for_onnxruntimes_int8_only(exported):
     assert Encoder(model, engine="onnxruntime", precision="int8", threads=8).streams == 1  # asked for: one
 
 
-def test_onnxruntime_streams_run_a_rounds_batches_at_once_each_on_its_own_session(exported):
+class Meeting:
+    """Wraps a stream's runner (an onnxruntime session or an OpenVINO infer request): each run waits at ``barrier``
+    for another before it computes, and the ``fail``-th run raises."""
+
+    def __init__(self, runner, barrier: threading.Barrier, used: set, fail: int | None = None, sleep: float = 0.0):
+        self.runner, self.barrier, self.used, self.fail, self.sleep = runner, barrier, used, fail, sleep
+
+    def _call(self, method, *args, **kwargs):
+        self.used.add(id(self.runner))
+        self.barrier.wait()
+        time.sleep(self.sleep)
+        if self.fail is not None:
+            self.fail -= 1
+            if self.fail < 0:
+                self.fail = None
+                raise RuntimeError("a batch failed")
+        return getattr(self.runner, method)(*args, **kwargs)
+
+    def run(self, *args, **kwargs):  # onnxruntime
+        return self._call("run", *args, **kwargs)
+
+    def infer(self, *args, **kwargs):  # OpenVINO
+        return self._call("infer", *args, **kwargs)
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino-fp32"])
+def test_streams_run_a_rounds_batches_at_once_each_on_its_own_runner(exported, engine):
     # Streams on a CPU with many cores: a round's small batches at once, each on its share of the cores. Runs on one
-    # onnxruntime session share its one pool of threads, so each stream needs a session of its own.
+    # onnxruntime session share its one pool of threads, so each stream has a session of its own; OpenVINO, an infer
+    # request a stream. Batches of different shapes: each answer must land where its batch was.
     _, model = model_of(exported, EMBED)
     f = feeds(exported, EMBED)
     batches = [{k: v[:n, :w] for k, v in f.items()} for n, w in ((3, 8), (1, f["input_ids"].shape[1]), (2, 5), (1, 3))]
-    one = Encoder(model, engine="onnxruntime", threads=2)
-    two = Encoder(model, engine="onnxruntime", threads=2, streams=2)
-    assert (one.streams, one.run_threads) == (1, 2)
-    assert (two.streams, two.run_threads) == (2, 1)  # the CPU plan's run cost follows a run's threads
-    assert Encoder(model, engine="onnxruntime", threads=2, streams=3).streams == 2  # a thread a stream at least
+    one = Encoder(model, engine=engine, threads=2)
+    two = Encoder(model, engine=engine, threads=2, streams=2)
+    assert (one.streams, one.run_threads, one.rounds_at_once) == (1, 2, 1)
+    assert (two.streams, two.run_threads, two.rounds_at_once) == (2, 1, 2)  # the CPU plan's run cost follows a run's threads
+    if engine == "onnxruntime":
+        assert Encoder(model, engine=engine, threads=2, streams=3).streams == 2  # a thread a stream at least
     want = [one.run(b) for b in batches]
+    assert np.max(np.abs(Encoder(model, engine="onnxruntime").run(batches[2]) - want[2])) <= 1e-5
     # Each run waits at the barrier for another: run one after the other, they would never meet (BrokenBarrierError).
-    meeting = threading.Barrier(2, timeout=10)
-    used = set()
-
-    class Met:
-        def __init__(self, session):
-            self.session = session
-
-        def run(self, *args):
-            used.add(id(self.session))
-            meeting.wait()
-            return self.session.run(*args)
-
-    for _ in range(2):
-        two._idle.put(Met(two._idle.get()))
+    meeting, used = threading.Barrier(2, timeout=10), set()
+    runners = [Meeting(two._idle.get(), meeting, used) for _ in range(2)]
+    for runner in runners:
+        two._idle.put(runner)
     got = two.run_many(batches)
     assert len(used) == 2
     assert [g.shape for g in got] == [w.shape for w in want]
     assert all(np.max(np.abs(g - w)) <= 1e-5 for g, w in zip(got, want, strict=True))
-    # A failed batch fails the round, once every run of it has ended; the sessions are all there for the next round.
-    bad = dict(batches[0], input_ids=batches[0]["input_ids"].astype(np.float32))
-    with pytest.raises(Exception, match="data type"):
-        two.run_many([bad, batches[1]])
+    # A failed batch fails the round, once every run of it has ended; the runners are all there for the next round.
+    runners[0].fail = 0
+    with pytest.raises(RuntimeError, match="a batch failed"):
+        two.run_many(batches[:2])
     assert two._idle.qsize() == 2
     again = two.run_many(batches)
     assert all(np.max(np.abs(g - w)) <= 1e-5 for g, w in zip(again, want, strict=True))
@@ -338,30 +315,21 @@ def test_a_server_on_onnxruntime_streams_answers_each_input_in_its_place(exporte
     assert runs >= 2 and np.max(np.abs(got - want)) <= 1e-4
 
 
-def test_with_onnxruntime_streams_a_second_round_runs_beside_the_first(exported):
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino-fp32"])
+def test_with_streams_a_second_round_runs_beside_the_first(exported, engine):
     # With streams, the next round's runs take the streams that a round's last runs leave idle. Here each round is one
     # request of one input (one run), and each run waits at a barrier for another: one round at a time, they would
-    # never meet.
+    # never meet. Both rounds compute for 0.5 s at once: the encoder's time counts it once.
     from shim.app import create_app
     from shim.backends.embedded import EmbeddedBackend
 
-    backend = EmbeddedBackend(exported["repository"], engine="onnxruntime", threads=2, streams=2)
+    backend = EmbeddedBackend(exported["repository"], engine=engine, threads=2, streams=2)
     meeting = threading.Barrier(2, timeout=10)
-
-    class Met:
-        def __init__(self, session):
-            self.session = session
-
-        def run(self, *args):
-            meeting.wait()
-            time.sleep(0.5)  # both rounds compute for 0.5 s at once: the encoder's time counts it once
-            return self.session.run(*args)
-
     with ServerThread(create_app(backend)) as server:
         model = backend.models[EMBED]
         assert (model.encoder.rounds_at_once, model.rounds.concurrency) == (2, 2)
         for _ in range(2):
-            model.encoder._idle.put(Met(model.encoder._idle.get()))
+            model.encoder._idle.put(Meeting(model.encoder._idle.get(), meeting, set(), sleep=0.5))
         began = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             first = pool.submit(httpx.post, server.url + "/v1/embeddings", json={"model": EMBED, "input": ["猫"]}, timeout=30)
@@ -370,7 +338,7 @@ def test_with_onnxruntime_streams_a_second_round_runs_beside_the_first(exported)
             second = httpx.post(server.url + "/v1/embeddings", json={"model": EMBED, "input": ["犬"]}, timeout=30)
             assert (first.result().status_code, second.status_code) == (200, 200)
         assert model.rounds.stats.rounds == 2 and 0.5 < model.stats.seconds < time.perf_counter() - began
-    one = EmbeddedBackend(exported["repository"], engine="onnxruntime", threads=2, streams=1)
+    one = EmbeddedBackend(exported["repository"], engine=engine, threads=2, streams=1)
 
     async def rounds_at_once() -> set[tuple[int, int]]:
         await one.start()
