@@ -50,7 +50,7 @@ class SleepingCpu:
         self.streams = streams
         self.run_threads = THREADS // streams
         self.run_ms, self.token_ms = COSTS[streams]
-        self.rounds_at_once = 2 if streams > 1 else 1  # as onnxruntime's streams
+        self.rounds_at_once = 2 if streams > 1 else 1  # as the Encoder's streams
         self._pool = concurrent.futures.ThreadPoolExecutor(streams) if streams > 1 else None
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:

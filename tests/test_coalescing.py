@@ -402,7 +402,7 @@ def test_a_ragged_gpu_encoder_gets_a_round_in_as_few_calls_as_its_batch_size_all
 
 async def test_models_take_turns_and_a_model_with_two_rounds_at_once_runs_both():
     # Embedded encoders spread over every core: rounds of two models never compute at once. One whose encoder takes
-    # two rounds (onnxruntime's streams) runs both, but not past a round of another model that asked first.
+    # two rounds (an encoder with streams) runs both, but not past a round of another model that asked first.
     from shim.backends.embedded import Turns
 
     turns, log = Turns(), []

@@ -4,7 +4,7 @@
 Each request is tokenized in bounded chunks (a request whose client left stops at the next chunk), then joins its
 model's round queue (``coalescing``): the next round takes every request that waited, up to a token budget, and runs
 their inputs in length-grouped batches (``fos_runtime.batching``). One model's rounds compute at a time (``Turns``):
-one round, or two where onnxruntime has streams.
+one round, or two where its encoder has streams.
 """
 
 from __future__ import annotations
@@ -213,7 +213,7 @@ class EmbeddedBackend:
         # None: each encoder's own (``encoder.auto_streams``).
         self.streams = streams
         self.models: dict[str, _Model] = {}
-        # Rounds computing: one model's at a time (``Turns``), two where its encoder takes two (onnxruntime's streams).
+        # Rounds computing: one model's at a time (``Turns``), two where its encoder takes two (one with streams).
         self.turns = Turns()
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="fos-infer")
         # Each model's tokenizer takes one call at a time (fugashi is not thread-safe): a thread per model.
