@@ -45,7 +45,7 @@ def time_rounds(encoder: Encoder, feeds: dict[str, np.ndarray], streams: int, se
     encoder.run_many([feeds] * streams)
     first_ms = (time.perf_counter() - first) * 1000
     rounds, began = 0, time.perf_counter()
-    while time.perf_counter() - began < seconds:
+    while rounds == 0 or time.perf_counter() - began < seconds:
         encoder.run_many([feeds] * streams)
         rounds += 1
     return first_ms, (time.perf_counter() - began) / rounds * 1000

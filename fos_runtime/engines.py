@@ -255,8 +255,8 @@ class OpenVINOSession:
         """``request`` (one of ``requests``, used by one caller at a time) run on ``feeds``."""
         out = request.infer({name: feeds[name] for name in self.input_names})
         # Between runs only: OpenVINO frees what no running request holds. Not with streams, where another request may
-        # be running: with an AsyncInferQueue's requests alive, OpenVINO 2026.4 corrupted the heap at the next round
-        # ("malloc(): invalid size").
+        # be running now (two rounds at once); releasing under running requests is not safe: with an AsyncInferQueue's
+        # requests alive (the code before), OpenVINO 2026.4 corrupted the heap at the next round ("malloc(): invalid size").
         if self.streams == 1 and is_large(feeds[self.input_names[0]].shape):
             self.compiled.release_memory()
         return np.asarray(out[0], dtype=np.float32)  # infer copies outputs out of the request's reused buffer

@@ -126,7 +126,8 @@ def test_gemm_ceiling_times_the_products_alone_beside_the_model(exported, tmp_pa
     weights = {w.name: w.dims for w in graph.initializer}
     products = [n.input[1] for n in graph.node if n.op_type == "MatMul"]
     assert len(products) == 12 and sum(weights[w][0] * weights[w][1] for w in products) == macs_per_token(16, 40, 3)
-    args = ["--hidden", "32", "--intermediate", "64", "--layers", "4", "--graph-layers", "2", "--shapes", "2x8"]
+    # The tiny model's sizes (bench.random_models.TINY); one stand-in layer, so that tokens/s is scaled to its two.
+    args = ["--hidden", "32", "--intermediate", "64", "--layers", "2", "--graph-layers", "1", "--shapes", "2x8"]
     args += ["--variants", "onnxruntime-fp32,onnxruntime-int8", "--configs", "1:1,2:2", "--seconds", "0.05"]
     args += ["--alternations", "2", "--repository", str(exported["repository"]), "--model", EMBED]
     r = subprocess.run([sys.executable, "-m", "bench.gemm_ceiling", *args], capture_output=True, text=True, check=True)
@@ -135,11 +136,18 @@ def test_gemm_ceiling_times_the_products_alone_beside_the_model(exported, tmp_pa
     assert set(rows) == {(v, n) for v in ("onnxruntime-fp32", "onnxruntime-int8") for n in (1, 2)}
     for x in rows.values():
         assert len(x["ceiling_tokens_per_s"]) == 2 and min(x["gmacs_per_s"]) > 0
-        assert x["gmacs_per_s"][0] == pytest.approx(x["ceiling_tokens_per_s"][0] * macs_per_token(32, 64, 4) / 1e9)
+        # A round of streams x 2 x 8 stand-in tokens in ms_per_round[k][0], each half a model token; its MACs a second.
+        stand_in_tps = [x["streams"] * 16 * 1000 / ms[0] for ms in x["ms_per_round"]]
+        assert x["ceiling_tokens_per_s"] == pytest.approx([t / 2 for t in stand_in_tps])
+        assert x["gmacs_per_s"] == pytest.approx([t * macs_per_token(32, 64, 1) / 1e9 for t in stand_in_tps])
     # The export is fp32: its encoder runs beside the fp32 stand-in only.
     assert all(x["share"] > 0 and len(x["model_tokens_per_s"]) == 2 for (v, _), x in rows.items() if v.endswith("fp32"))
     assert not any("share" in x for (v, _), x in rows.items() if v.endswith("int8"))
-    assert result["macs_per_token"] == macs_per_token(32, 64, 4) and result["machine"]["available_cores"] >= 1
+    assert result["macs_per_token"] == macs_per_token(32, 64, 2) and result["machine"]["available_cores"] >= 1
+    # Another size than the export's, or a name it does not serve, is refused, not measured as a meaningless share.
+    for bad, said in ((["--hidden", "48"], "hidden size 32"), (["--model", "nobody"], "serves no 'nobody'")):
+        r = subprocess.run([sys.executable, "-m", "bench.gemm_ceiling", *args, *bad], capture_output=True, text=True)
+        assert r.returncode != 0 and said in r.stderr
 
 
 def test_op_profile_gives_each_shapes_operator_shares_in_the_session_that_serves(exported):

@@ -215,6 +215,11 @@ def test_streams_run_a_rounds_batches_at_once_each_on_its_own_runner(exported, e
     assert two._idle.qsize() == 2
     again = two.run_many(batches)
     assert all(np.max(np.abs(g - w)) <= 1e-5 for g, w in zip(again, want, strict=True))
+    if engine == "onnxruntime":  # a real failure too (OpenVINO can crash natively on inputs pad never makes)
+        bad = dict(batches[0], input_ids=batches[0]["input_ids"].astype(np.float32))
+        with pytest.raises(Exception, match="data type"):
+            two.run_many([bad, batches[1]])
+        assert two._idle.qsize() == 2 and np.max(np.abs(two.run_many(batches)[1] - want[1])) <= 1e-5
 
 
 def test_bf16_is_refused_where_openvino_would_emulate_it(exported, monkeypatch):
