@@ -20,9 +20,9 @@ from pathlib import Path
 from fos_runtime import batching, spec
 from fos_runtime.encoder import Encoder
 from fos_runtime.tokenization import Tokenizer
-from shim.repository import read_specs
 
 from . import corpus as corpora
+from .encoders import served_spec
 from .loadgen import make_items
 from .machine import describe
 
@@ -48,7 +48,7 @@ def main() -> None:
     p.add_argument("--corpus")
     args = p.parse_args()
     repository = Path(args.repository)
-    s = next(s for s in read_specs(repository) if s.served_name == args.model)
+    s = served_spec(repository, args.model)
     tokenizer = Tokenizer(spec.tokenizer_files(repository, s.name), s.max_length)
     encoder = Encoder(
         spec.encoder_file(repository, s.name),

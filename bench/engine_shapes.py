@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import numpy as np
 
 from fos_runtime import spec
 from fos_runtime.encoder import Encoder
-from fos_runtime.padding import pad
-from fos_runtime.tokenization import Encoded
-from shim.repository import read_specs
 
+from .encoders import parse_shapes, served_spec, time_rounds, uniform_feeds
 from .machine import describe
 
 
@@ -34,21 +31,6 @@ def fit(points: list[tuple[int, float]]) -> tuple[float, float]:
     ms = np.array([p[1] for p in points], dtype=float)
     per_token, fixed = np.polyfit(tokens, ms, 1)
     return float(fixed), float(per_token)
-
-
-def time_rounds(encoder: Encoder, feeds: dict[str, np.ndarray], streams: int, seconds: float) -> tuple[float, float]:
-    """Rounds of ``streams`` copies of ``feeds`` through ``encoder.run_many`` for ``seconds``: the first round's
-    milliseconds, timed on its own, and a later round's mean."""
-    # A new shape's first run prepares its kernels: OpenVINO int8 ~40 ms of it on 2 Zen 4 cores, keyed on rows x tokens,
-    # which a server that forms new shapes pays again and again (docs/benchmarks.md).
-    first = time.perf_counter()
-    encoder.run_many([feeds] * streams)
-    first_ms = (time.perf_counter() - first) * 1000
-    rounds, began = 0, time.perf_counter()
-    while rounds == 0 or time.perf_counter() - began < seconds:
-        encoder.run_many([feeds] * streams)
-        rounds += 1
-    return first_ms, (time.perf_counter() - began) / rounds * 1000
 
 
 def main() -> None:
@@ -62,8 +44,8 @@ def main() -> None:
     # On a GPU host onnxruntime would go to the GPU and OpenVINO be refused: this measures the CPU unless told otherwise.
     p.add_argument("--device", default="cpu", choices=("cpu", "gpu"), help="as fos serve --device")
     args = p.parse_args()
-    s = next(s for s in read_specs(args.repository) if s.served_name == args.model)
-    shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes.split(",")]
+    s = served_spec(args.repository, args.model)
+    shapes = parse_shapes(args.shapes)
     results = []
     for config in args.configs.split(","):
         threads, streams = (int(n) for n in config.split(":"))
@@ -79,10 +61,9 @@ def main() -> None:
             raise SystemExit(f"{encoder.engine} runs {encoder.streams} streams, not {streams}")
         points: dict[int, list[tuple[int, float]]] = {}  # by width: a line for each (attention grows with it)
         # The engine's own first inference, on a shape not measured, so that it is not counted as the first shape's.
-        encoder.run_many([pad(Encoded(input_ids=[[1] * 3]), s.pad_token_id, s.encoder_inputs)] * streams)
+        encoder.run_many([uniform_feeds(s, 1, 3)] * streams)
         for rows, length in shapes:
-            feeds = pad(Encoded(input_ids=[[1] * length] * rows), s.pad_token_id, s.encoder_inputs)  # as serving pads
-            first_ms, ms = time_rounds(encoder, feeds, streams, args.seconds)
+            first_ms, ms = time_rounds(encoder, uniform_feeds(s, rows, length), streams, args.seconds)
             points.setdefault(length, []).append((rows * length, ms))
             tps = streams * rows * length / ms * 1000
             shape = {"threads": threads, "streams": streams, "rows": rows, "tokens": length}

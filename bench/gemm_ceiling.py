@@ -28,11 +28,8 @@ import numpy as np
 
 from fos_runtime import engines, spec
 from fos_runtime.encoder import Encoder
-from fos_runtime.padding import pad
-from fos_runtime.tokenization import Encoded
-from shim.repository import read_specs
 
-from .engine_shapes import time_rounds
+from .encoders import parse_shapes, served_spec, time_rounds, uniform_feeds
 from .machine import describe
 
 # Which stand-in graph each variant runs: onnxruntime's dynamic int8 is export's own (export.convert.to_precision).
@@ -120,16 +117,13 @@ def main() -> None:
         raise SystemExit("--repository needs --model")
     real = {}  # precision -> (encoder file, the model's spec)
     for repository in args.repository:
-        specs = read_specs(repository)
-        served = next((s for s in specs if s.served_name == args.model), None)
-        if served is None:
-            raise SystemExit(f"{repository} serves no {args.model!r}: {', '.join(s.served_name for s in specs)}")
+        served = served_spec(repository, args.model)
         if served.precision not in ("fp32", "int8") or served.precision in real:
             raise SystemExit(f"{repository}: one fp32 and one int8 export at most ({served.precision} here)")
         if served.dimension and served.dimension != args.hidden:
             raise SystemExit(f"{args.model} has hidden size {served.dimension}, not --hidden {args.hidden}")
         real[served.precision] = (spec.encoder_file(repository, served.name), served)
-    shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes.split(",")]
+    shapes = parse_shapes(args.shapes)
     per_token = macs_per_token(args.hidden, args.intermediate, args.layers)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -150,23 +144,21 @@ def main() -> None:
                     tokens = streams * rows * length  # a round's
                     runs = [(ceiling, {spec.INPUT_IDS: np.ones((rows, length), dtype=np.int64)})]
                     if model is not None:
-                        served = real[graph][1]
-                        ids = Encoded(input_ids=[[1] * length] * rows)
-                        runs.append((model, pad(ids, served.pad_token_id, served.encoder_inputs)))
+                        runs.append((model, uniform_feeds(real[graph][1], rows, length)))
                     # Alternated, so that the machine's swings fall on both alike.
                     ms = [[time_rounds(e, f, streams, args.seconds)[1] for e, f in runs] for _ in range(args.alternations)]
-                    tps = [[1000 * tokens / m for m in block] for block in ms]
-                    tps = [[model_depth(t[0], args.graph_layers, args.layers), *t[1:]] for t in tps]
+                    ceiling_tps = [model_depth(1000 * tokens / block[0], args.graph_layers, args.layers) for block in ms]
                     row = {"variant": variant, "threads": threads, "streams": streams, "rows": rows, "tokens": length}
                     row["ms_per_round"] = ms
-                    row["ceiling_tokens_per_s"] = [t[0] for t in tps]
-                    row["gmacs_per_s"] = [t[0] * per_token / 1e9 for t in tps]
-                    line = ", ".join(f"{t[0]:,.0f}" for t in tps)
+                    row["ceiling_tokens_per_s"] = ceiling_tps
+                    row["gmacs_per_s"] = [t * per_token / 1e9 for t in ceiling_tps]
+                    line = ", ".join(f"{t:,.0f}" for t in ceiling_tps)
                     line += f" tokens/s ({', '.join(f'{g:.0f}' for g in row['gmacs_per_s'])} GMAC/s)"
                     if model is not None:
-                        row["model_tokens_per_s"] = [t[1] for t in tps]
-                        row["share"] = float(np.mean(row["model_tokens_per_s"]) / np.mean(row["ceiling_tokens_per_s"]))
-                        line += f"; the model {', '.join(f'{t[1]:,.0f}' for t in tps)}: {row['share']:.2f} of it"
+                        model_tps = [1000 * tokens / block[1] for block in ms]
+                        row["model_tokens_per_s"] = model_tps
+                        row["share"] = float(np.mean(model_tps) / np.mean(ceiling_tps))
+                        line += f"; the model {', '.join(f'{t:,.0f}' for t in model_tps)}: {row['share']:.2f} of it"
                     results.append(row)
                     print(f"{variant} threads {threads or 'all'} streams {streams} {rows}x{length}: ceiling {line}", flush=True)
                 del ceiling, model

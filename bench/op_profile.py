@@ -18,10 +18,8 @@ import onnxruntime as ort
 
 from fos_runtime import spec
 from fos_runtime.encoder import Encoder
-from fos_runtime.padding import pad
-from fos_runtime.tokenization import Encoded
-from shim.repository import read_specs
 
+from .encoders import parse_shapes, served_spec, uniform_feeds
 from .machine import describe
 
 
@@ -52,8 +50,8 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=20, help="timed runs per shape")
     p.add_argument("--threads", type=int, help="as fos serve --threads")
     args = p.parse_args()
-    s = next(s for s in read_specs(args.repository) if s.served_name == args.model)
-    shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes.split(",")]
+    s = served_spec(args.repository, args.model)
+    shapes = parse_shapes(args.shapes)
     real = ort.InferenceSession
     with tempfile.TemporaryDirectory(prefix="fos-op-profile-") as tmp:
 
@@ -67,7 +65,7 @@ def main() -> None:
                 spec.encoder_file(args.repository, s.name), threads=args.threads, device="cpu", precision=s.precision
             )
         for rows, length in shapes:
-            feeds = pad(Encoded(input_ids=[[1] * length] * rows), s.pad_token_id, s.encoder_inputs)
+            feeds = uniform_feeds(s, rows, length)
             for _ in range(args.runs + 1):  # the first prepares the shape
                 encoder.run(feeds)
         events = json.loads(Path(encoder.session.end_profiling()).read_text())
