@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fos_runtime import spec
+from fos_runtime import engines, spec
 from fos_runtime.encoder import Encoder
 from fos_runtime.padding import pad
 from fos_runtime.tokenization import Encoded
@@ -31,6 +31,24 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
         rows, tokens = shape.split("x")
         shapes.append((int(rows), int(tokens)))
     return shapes
+
+
+def parse_configs(text: str) -> list[tuple[int, int]]:
+    """``"0:1,2:2"`` as [(0, 1), (2, 2)]: threads (0: every core) and streams."""
+    configs = []
+    for config in text.split(","):
+        threads, streams = config.split(":")
+        configs.append((int(threads), int(streams)))
+    return configs
+
+
+def streams_encoder(path: Path, threads: int, streams: int, engine: str | engines.Choice, precision: str, device: str) -> Encoder:
+    """The encoder at ``path`` on ``threads`` (0: every core) in exactly ``streams`` streams; exits where the engine
+    grants another number (OpenVINO may), since a figure would then be another configuration's."""
+    encoder = Encoder(path, threads=threads or None, engine=engine, precision=precision, streams=streams, device=device)
+    if encoder.streams != streams:
+        raise SystemExit(f"{encoder.engine} runs {encoder.streams} streams, not {streams}")
+    return encoder
 
 
 def uniform_feeds(s: spec.ModelSpec, rows: int, tokens: int) -> dict[str, np.ndarray]:

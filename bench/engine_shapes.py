@@ -19,9 +19,8 @@ import json
 import numpy as np
 
 from fos_runtime import spec
-from fos_runtime.encoder import Encoder
 
-from .encoders import parse_shapes, served_spec, time_rounds, uniform_feeds
+from .encoders import parse_configs, parse_shapes, served_spec, streams_encoder, time_rounds, uniform_feeds
 from .machine import describe
 
 
@@ -47,18 +46,9 @@ def main() -> None:
     s = served_spec(args.repository, args.model)
     shapes = parse_shapes(args.shapes)
     results = []
-    for config in args.configs.split(","):
-        threads, streams = (int(n) for n in config.split(":"))
-        encoder = Encoder(
-            spec.encoder_file(args.repository, s.name),
-            threads=threads or None,
-            engine=args.engine or s.engine,
-            precision=s.precision,
-            streams=streams,
-            device=args.device,
-        )
-        if encoder.streams != streams:  # OpenVINO may grant another number
-            raise SystemExit(f"{encoder.engine} runs {encoder.streams} streams, not {streams}")
+    for threads, streams in parse_configs(args.configs):
+        path = spec.encoder_file(args.repository, s.name)
+        encoder = streams_encoder(path, threads, streams, args.engine or s.engine, s.precision, args.device)
         points: dict[int, list[tuple[int, float]]] = {}  # by width: a line for each (attention grows with it)
         # The engine's own first inference, on a shape not measured, so that it is not counted as the first shape's.
         encoder.run_many([uniform_feeds(s, 1, 3)] * streams)

@@ -29,7 +29,7 @@ import numpy as np
 from fos_runtime import engines, spec
 from fos_runtime.encoder import Encoder
 
-from .encoders import parse_shapes, served_spec, time_rounds, uniform_feeds
+from .encoders import parse_configs, parse_shapes, served_spec, streams_encoder, time_rounds, uniform_feeds
 from .machine import describe
 
 # Which stand-in graph each variant runs: onnxruntime's dynamic int8 is export's own (export.convert.to_precision).
@@ -90,10 +90,7 @@ def stand_in(path: Path, hidden: int, intermediate: int, layers: int, seed: int 
 
 def _encoder(path: Path, choice: engines.Choice, threads: int, streams: int) -> Encoder:
     precision = choice.compute if choice.engine == engines.ONNXRUNTIME else "fp32"
-    encoder = Encoder(path, threads=threads or None, engine=choice, precision=precision, streams=streams, device="cpu")
-    if encoder.streams != streams:  # OpenVINO may grant another number
-        raise SystemExit(f"{encoder.engine} runs {encoder.streams} streams, not {streams}")
-    return encoder
+    return streams_encoder(path, threads, streams, choice, precision, "cpu")
 
 
 def main() -> None:
@@ -110,7 +107,8 @@ def main() -> None:
     p.add_argument("--repository", action="append", default=[], help="an export to time beside it (once per precision)")
     p.add_argument("--model", help="served name in --repository")
     args = p.parse_args()
-    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    variants = args.variants.split(",")
+    unknown = set(variants) - set(VARIANTS)
     if unknown:
         raise SystemExit(f"unknown variants {sorted(unknown)}: use {', '.join(VARIANTS)}")
     if args.repository and not args.model:
@@ -129,15 +127,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         graphs = {"fp32": Path(tmp) / "fp32.onnx", "int8": Path(tmp) / "int8.onnx"}
         stand_in(graphs["fp32"], args.hidden, args.intermediate, args.graph_layers)
-        if "onnxruntime-int8" in args.variants:
+        if "onnxruntime-int8" in variants:
             from export.convert import to_precision
 
             to_precision(graphs["fp32"], graphs["int8"], "int8")
-        for variant in args.variants.split(","):
+        for variant in variants:
             choice, graph = VARIANTS[variant]
-            for config in args.configs.split(","):
-                threads, streams = (int(n) for n in config.split(":"))
-
+            for threads, streams in parse_configs(args.configs):
                 ceiling = _encoder(graphs[graph], choice, threads, streams)
                 model = _encoder(real[graph][0], choice, threads, streams) if graph in real else None
                 for rows, length in shapes:
