@@ -26,20 +26,20 @@ def served_spec(repository: str | Path, name: str) -> spec.ModelSpec:
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
     """``"4x18,8x18"`` as [(4, 18), (8, 18)]: rows and tokens."""
-    shapes = []
-    for shape in text.split(","):
-        rows, tokens = shape.split("x")
-        shapes.append((int(rows), int(tokens)))
-    return shapes
+    return _int_pairs(text, "x")
 
 
 def parse_configs(text: str) -> list[tuple[int, int]]:
     """``"0:1,2:2"`` as [(0, 1), (2, 2)]: threads (0: every core) and streams."""
-    configs = []
-    for config in text.split(","):
-        threads, streams = config.split(":")
-        configs.append((int(threads), int(streams)))
-    return configs
+    return _int_pairs(text, ":")
+
+
+def _int_pairs(text: str, sep: str) -> list[tuple[int, int]]:
+    pairs = []
+    for item in text.split(","):
+        first, second = item.split(sep)
+        pairs.append((int(first), int(second)))
+    return pairs
 
 
 def streams_encoder(path: Path, threads: int, streams: int, engine: str | engines.Choice, precision: str, device: str) -> Encoder:
