@@ -4,7 +4,8 @@ shim, and infinity-emb (torch and optimum engines; ``bench/infinity.sh install``
 
     uv run python -m bench.compare --embed-dir DIR --rerank-dir DIR --repo-fp32 DIR --repo-int8 DIR
 
-The repositories come from ``fos export --encoder-backend python`` (the same files serve both the
+Other models than ruri-large and ruri-reranker-large (ruri v3's) take ``--embed-name`` and ``--rerank-name``, the names
+they were exported under. The repositories come from ``fos export --encoder-backend python`` (the same files serve both the
 embedded backend and the pip tritonserver).
 """
 
@@ -28,8 +29,6 @@ from fos_runtime import spec
 from .loadgen import prometheus_samples
 from .machine import describe, summary
 
-EMBED = "cl-nagoya/ruri-large"
-RERANK = "cl-nagoya/ruri-reranker-large"
 # Triton behind the shim: (ragged batching as exported, rounds in flight per model; None: the plan's). Without ragged
 # batching the Python encoder schedules as the container's ONNX Runtime backend does; 4096 rounds in flight is no
 # coalescing (every request its own call), the shim as it was before rounds.
@@ -105,7 +104,7 @@ def _bench(label: str, url: str, tokenizer: Path, args, triton_metrics: str | No
     counts rounds: the embedded backend)."""
     per_round: dict[str, float] = {}
     for workload in args.workloads.split(","):
-        model = RERANK if workload == "rerank" else EMBED
+        model = _model(workload, args)
         before = _counters(url, model)
         levels = _levels(workload, args)
         subprocess.run(
@@ -119,9 +118,9 @@ def _bench(label: str, url: str, tokenizer: Path, args, triton_metrics: str | No
                 "--label",
                 label,
                 "--model",
-                EMBED,
+                args.embed_name,
                 "--rerank-model",
-                RERANK,
+                args.rerank_name,
                 "--workload",
                 workload,
                 "--concurrency",
@@ -157,6 +156,11 @@ def _triton_runs_onnxruntime(repo: Path) -> None:
             raise SystemExit(f"{s.served_name}: Triton would run {choice} here; export --repo-fp32 with --engine onnxruntime")
 
 
+def _model(workload: str, args) -> str:
+    """The served model a workload asks for."""
+    return args.rerank_name if workload == "rerank" else args.embed_name
+
+
 def _levels(workload: str, args) -> str:
     """The concurrency levels a workload runs at, as fos bench --concurrency takes them."""
     return args.dify_levels if workload == "dify-embed" else PLAN[workload]
@@ -189,7 +193,7 @@ def _engine_alone(
             if (r["workload"], r["concurrency"]) == (workload, concurrency)
         ][-1]
         cmd = [sys.executable, "-m", "bench.engine", "--repository", str(repo), "--workload", workload]
-        cmd += ["--model", RERANK if workload == "rerank" else EMBED, "--engine", engine, "--device", args.device]
+        cmd += ["--model", _model(workload, args), "--engine", engine, "--device", args.device]
         cmd += ["--seconds", str(args.engine_seconds), "--streams", str(streams)]
         cmd += ["--threads", str(threads)] if threads else []
         cmd += ["--round-requests", f"{round_requests:.3f}", "--requests", str(level["requests"])]
@@ -218,6 +222,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--embed-dir", type=Path, required=True, help="sentence-transformers directory")
     p.add_argument("--rerank-dir", type=Path, required=True, help="cross-encoder directory")
+    p.add_argument("--embed-name", default="cl-nagoya/ruri-large", help="the embedder's served name in the repositories")
+    p.add_argument("--rerank-name", default="cl-nagoya/ruri-reranker-large", help="the reranker's served name")
     p.add_argument("--repo-fp32", type=Path, required=True)
     p.add_argument("--repo-int8", type=Path)
     p.add_argument("--servers", default="naive,embedded-fp32,embedded-bf16,embedded-int8,triton-fp32")
@@ -245,7 +251,7 @@ def main() -> None:
     log = args.out / "servers.log"
     port = 8091
     url = f"http://127.0.0.1:{port}"
-    tokenizer = spec.tokenizer_files(args.repo_fp32, spec.triton_name(EMBED))
+    tokenizer = spec.tokenizer_files(args.repo_fp32, spec.triton_name(args.embed_name))
     fos = [sys.executable, "-m", "shim.cli"]
     for server in args.servers.split(","):
         print(f"== {server}", flush=True)
@@ -258,6 +264,10 @@ def main() -> None:
                 str(args.embed_dir),
                 "--rerank",
                 str(args.rerank_dir),
+                "--embed-name",
+                args.embed_name,
+                "--rerank-name",
+                args.rerank_name,
                 "--port",
                 str(port),
             ]

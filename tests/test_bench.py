@@ -246,7 +246,9 @@ def test_compare_counts_rounds_of_a_backend_that_had_none_before(monkeypatch, tm
     readings = iter([{}, {"fos_rounds_total": 4.0, "fos_round_requests_total": 30.0}])
     monkeypatch.setattr(compare, "_counters", lambda url, model: next(readings))
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: None)
-    args = argparse.Namespace(workloads="dify-embed", dify_levels="16", duration=1, corpus=None, out=tmp_path)
+    args = argparse.Namespace(
+        workloads="dify-embed", dify_levels="16", duration=1, corpus=None, out=tmp_path, embed_name="e", rerank_name="r"
+    )
     assert compare._bench("triton-fp32-ort", "http://127.0.0.1:1", tmp_path, args) == {"dify-embed": 7.5}
 
 
