@@ -66,18 +66,26 @@ def _eager_attention(source: Source):
             m.set_attn_implementation(impl)
 
 
-def to_onnx(source: Source, path: Path) -> None:
-    # Two rows of different length, so the traced graph is the padded, masked one.
+def to_onnx(source: Source, path: Path, precision: str = "fp32", device: str = "cpu") -> dict[str, int] | None:
+    """The graph as traced; for ModernBERT on the CPU with onnxruntime's attention operators, which it returns by type
+    (else None: BERT-like models are fused afterwards by ``optimize``)."""
     from fos_runtime.padding import pad
     from fos_runtime.tokenization import Encoded
 
+    from . import modernbert
+
+    # Two rows of different length, so the traced graph is the padded, masked one.
     sample = Encoded(input_ids=[[2, 10, 11, 12, 3], [2, 10, 3]], token_type_ids=[[0, 0, 0, 1, 1], [0, 1, 1]])
     arrays = pad(sample, pad_token_id=source.tokenizer.pad_token_id or 0, inputs=source.encoder_inputs)
     args = tuple(torch.from_numpy(arrays[name]) for name in source.encoder_inputs)
     out = output_name(source.task)
     axes = {name: {0: "batch", 1: "sequence"} for name in source.encoder_inputs}
     axes[out] = {0: "batch"}
-    with warnings.catch_warnings(), torch.inference_mode(), _eager_attention(source):
+    fused_attention = modernbert.applies(source.hf_config, precision, device)
+    tracing = (
+        modernbert.traced_with_fused_attention(source.model, source.hf_config) if fused_attention else _eager_attention(source)
+    )
+    with warnings.catch_warnings(), torch.inference_mode(), tracing:
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
         torch.onnx.export(
             Graph(source).eval(),
@@ -90,6 +98,7 @@ def to_onnx(source: Source, path: Path) -> None:
             do_constant_folding=True,
             dynamo=False,
         )
+    return modernbert.finish(path) if fused_attention else None
 
 
 def optimize(source: Source, src: Path, dst: Path) -> dict[str, int] | None:

@@ -120,11 +120,12 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> spec.Mode
     with tempfile.TemporaryDirectory(prefix="fos-export-") as tmp:
         work = Path(tmp)
         t = _step(log, 2, total, "converting to ONNX (pooling and activation inside the graph)")
-        convert.to_onnx(source, work / "raw.onnx")
+        traced = convert.to_onnx(source, work / "raw.onnx", opts.precision, opts.device)
         fused = convert.optimize(source, work / "raw.onnx", work / "fp32.onnx")
         fp32 = work / ("fp32.onnx" if fused is not None else "raw.onnx")
-        ops = ", ".join(f"{op} x{n}" for op, n in sorted((fused or {}).items()))
-        log(f"      done in {time.perf_counter() - t:.1f}s" + (f" (fused: {ops or 'nothing'})" if fused is not None else ""))
+        shown = fused if fused is not None else traced
+        ops = ", ".join(f"{op} x{n}" for op, n in sorted((shown or {}).items()))
+        log(f"      done in {time.perf_counter() - t:.1f}s" + (f" (fused: {ops or 'nothing'})" if shown is not None else ""))
         if warning := convert.unfused_attention(fused):
             log(f"      {warning}")
 

@@ -22,6 +22,7 @@ from fos_runtime.tokenization import Tokenizer
 from shim.cli import main
 from shim.repository import parse, read_specs
 
+import tiny_models
 from helpers import EMBED, EMBED_V3, RERANK, RERANK_V3, SERVED
 
 
@@ -82,18 +83,26 @@ def test_configs_chain_tokenizer_to_encoder(exported):
 
 def test_attention_is_fused(exported):
     # onnxruntime's fused Attention is the fast path on CPU and GPU; transformers' default SDPA
-    # attention traces into a pattern the fusion misses, so export traces the eager one.
+    # attention traces into a pattern the fusion misses, so export traces the eager one. ModernBERT, which
+    # onnxruntime's fusions do not know, is traced with its attention operators (export.modernbert).
     import onnx
 
     repo = exported["repository"]
     for s in read_specs(repo):
-        if s.served_name not in (EMBED, RERANK):
-            continue  # onnxruntime has no fusion for ModernBERT
+        key = SERVED[s.served_name]
         graph = onnx.load(str(repo / spec.encoder_model(s.name) / "1" / "model.onnx")).graph
         ops = [n.op_type for n in graph.node]
-        assert ops.count("Attention") == 2 and "Softmax" not in ops, (s.served_name, sorted(set(ops)))
-        assert "fused: " in exported["printed"][s.task] and "Attention x2" in exported["printed"][s.task]
-        assert "not fused" not in exported["printed"][s.task]
+        assert "Softmax" not in ops, (s.served_name, sorted(set(ops)))
+        if s.served_name in (EMBED, RERANK):
+            assert ops.count("Attention") == 2, (s.served_name, sorted(set(ops)))
+            assert "fused: " in exported["printed"][key] and "Attention x2" in exported["printed"][key]
+            assert "not fused" not in exported["printed"][key]
+        else:
+            layers = tiny_models.LAYERS_V3
+            assert ops.count("MultiHeadAttention") == layers and ops.count("RotaryEmbedding") == 2 * layers
+            # Fixed-size splits, not the shape arithmetic that chunk() traces into.
+            assert "Slice" not in ops and "IsNaN" not in ops, sorted(set(ops))
+            assert f"fused: MultiHeadAttention x{layers}, RotaryEmbedding x{2 * layers}" in exported["printed"][key]
 
 
 def test_cpu_sessions_keep_layer_norm_apart_from_the_residual_add(exported, tmp_path, monkeypatch):
@@ -161,6 +170,28 @@ def test_exported_tokenizer_gives_segment_ids(exported):
 def test_detect_task(tiny_dirs):
     for key in SERVED.values():
         assert export.load.detect_task(str(tiny_dirs[key])) == key.split("_")[0]
+
+
+def test_modernbert_attention_operators_keep_positions_and_windows(tiny_dirs, tmp_path):
+    """The tiny model's random weights give nearly uniform attention, under which rotary positions hardly move the
+    output. Sharpened, a wrong rotary base for the local layers moves it by 5e-2 (checked), far past parity's 1e-4: export
+    must pass parity with ModernBERT's attention as onnxruntime's operators on inputs longer than the local window."""
+    import onnx
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(tiny_dirs["embed_v3"]), device="cpu")
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "Wqkv"):
+                module.Wqkv.weight.mul_(30)
+    model.save(str(tmp_path / "sharp"))
+    lines: list[str] = []
+    opts = ExportOptions(model=str(tmp_path / "sharp"), task="embed", name="sharp/v3", repository=tmp_path / "repo")
+    s = run_export(opts, log=lines.append)
+    assert any("-> PASS" in line for line in lines) and not any("FAIL" in line for line in lines), "\n".join(lines)
+    ops = [n.op_type for n in onnx.load(str(spec.encoder_file(tmp_path / "repo", s.name))).graph.node]
+    assert ops.count("MultiHeadAttention") == tiny_models.LAYERS_V3
 
 
 @pytest.mark.parametrize("precision", ["fp16", "int8"])

@@ -12,6 +12,7 @@ CORPUS = Path(__file__).parent / "data" / "corpus_ja.txt"
 MAX_SEQ_LENGTH = random_models.TINY.max_seq_length  # small, so the tests exercise truncation
 MAX_SEQ_LENGTH_V3 = random_models.TINY_V3.max_seq_length  # ruri v3's 8192
 LOCAL_ATTENTION_V3 = random_models.TINY_V3.local_attention
+LAYERS_V3 = random_models.TINY_V3.layers
 
 
 def corpus() -> list[str]:
