@@ -25,12 +25,14 @@ def applies(hf_config: Any, precision: str, device: str) -> bool:
     """ModernBERT with the default rotary embedding, exported for the CPU in fp32 or int8: the operators' CPU kernels
     are the ones export's parity check runs. fp16 and GPU exports keep the graph as transformers traces it."""
     rope = getattr(hf_config, "rope_parameters", None) or {}
+    layer_types = set(getattr(hf_config, "layer_types", None) or ())
     return (
         getattr(hf_config, "model_type", "") == "modernbert"
         and precision in ("fp32", "int8")
         and device == "cpu"
-        and all(p.get("rope_type", "default") == "default" for p in rope.values())
-        and set(rope) >= set(getattr(hf_config, "layer_types", ()))
+        and bool(layer_types)
+        and set(rope) >= layer_types
+        and all(rope[kind].get("rope_type", "default") == "default" for kind in layer_types)
     )
 
 

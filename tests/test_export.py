@@ -172,6 +172,21 @@ def test_detect_task(tiny_dirs):
         assert export.load.detect_task(str(tiny_dirs[key])) == key.split("_")[0]
 
 
+def test_modernbert_attention_operators_only_where_checked():
+    """onnxruntime's attention operators for ModernBERT on the CPU in fp32 and int8 only, with the rotary embedding they
+    compute: not for fp16 or the GPU, other architectures, or scaled rotary positions."""
+    from transformers import BertConfig, ModernBertConfig
+
+    from export import modernbert
+
+    config = ModernBertConfig(num_hidden_layers=3)
+    assert modernbert.applies(config, "fp32", "cpu") and modernbert.applies(config, "int8", "cpu")
+    assert not modernbert.applies(config, "fp16", "cpu") and not modernbert.applies(config, "fp32", "gpu")
+    assert not modernbert.applies(BertConfig(), "fp32", "cpu")
+    config.rope_parameters["sliding_attention"] = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    assert not modernbert.applies(config, "fp32", "cpu")
+
+
 def test_modernbert_attention_operators_keep_positions_and_windows(tiny_dirs, tmp_path):
     """The tiny model's random weights give nearly uniform attention, under which rotary positions hardly move the
     output. Sharpened, a wrong rotary base for the local layers moves it by 5e-2 (checked), far past parity's 1e-4: export
