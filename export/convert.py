@@ -66,9 +66,7 @@ def _eager_attention(source: Source):
             m.set_attn_implementation(impl)
 
 
-def to_onnx(
-    source: Source, path: Path, precision: str = "fp32", device: str = "cpu", encoder_backend: str = "python"
-) -> dict[str, int] | None:
+def to_onnx(source: Source, path: Path, precision: str = "fp32", device: str = "cpu") -> dict[str, int] | None:
     """The graph as traced; for ModernBERT on the CPU with onnxruntime's attention operators, which it returns by type
     (else None: BERT-like models are fused afterwards by ``optimize``)."""
     from fos_runtime.padding import pad
@@ -83,7 +81,7 @@ def to_onnx(
     out = output_name(source.task)
     axes = {name: {0: "batch", 1: "sequence"} for name in source.encoder_inputs}
     axes[out] = {0: "batch"}
-    fused_attention = modernbert.applies(source.hf_config, precision, device, encoder_backend)
+    fused_attention = modernbert.applies(source.hf_config, precision, device)
     tracing = (
         modernbert.traced_with_fused_attention(source.model, source.hf_config) if fused_attention else _eager_attention(source)
     )

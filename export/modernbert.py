@@ -21,18 +21,15 @@ import torch
 _PLACEHOLDER = ("fos", "MultiHeadAttention")
 
 
-def applies(hf_config: Any, precision: str, device: str, encoder_backend: str = "python") -> bool:
-    """ModernBERT with the default rotary embedding, exported for the CPU in fp32 or int8 and run by the project's own
-    engines (the Python encoder, as ``fos serve`` and the pip tritonserver run it): the kernels export's parity check
-    runs. fp16 and GPU exports, and those for the container's ONNX Runtime backend (whose onnxruntime is another version,
-    never checked here), keep the graph as transformers traces it."""
+def applies(hf_config: Any, precision: str, device: str) -> bool:
+    """ModernBERT with the default rotary embedding, exported for the CPU in fp32 or int8: the operators' CPU kernels
+    are the ones export's parity check runs. fp16 and GPU exports keep the graph as transformers traces it."""
     rope = getattr(hf_config, "rope_parameters", None) or {}
     layer_types = set(getattr(hf_config, "layer_types", None) or ())
     return (
         getattr(hf_config, "model_type", "") == "modernbert"
         and precision in ("fp32", "int8")
         and device == "cpu"
-        and encoder_backend == "python"
         and bool(layer_types)
         and set(rope) >= layer_types
         and all(rope[kind].get("rope_type", "default") == "default" for kind in layer_types)

@@ -173,9 +173,8 @@ def test_detect_task(tiny_dirs):
 
 
 def test_modernbert_attention_operators_only_where_checked():
-    """onnxruntime's attention operators for ModernBERT on the CPU in fp32 and int8 only, run by the project's engines,
-    with the rotary embedding they compute: not for fp16 or the GPU, the container's ONNX Runtime backend, other
-    architectures, or scaled rotary positions."""
+    """onnxruntime's attention operators for ModernBERT on the CPU in fp32 and int8 only, with the rotary embedding they
+    compute: not for fp16 or the GPU, other architectures, or scaled rotary positions."""
     from transformers import BertConfig, ModernBertConfig
 
     from export import modernbert
@@ -183,7 +182,6 @@ def test_modernbert_attention_operators_only_where_checked():
     config = ModernBertConfig(num_hidden_layers=3)
     assert modernbert.applies(config, "fp32", "cpu") and modernbert.applies(config, "int8", "cpu")
     assert not modernbert.applies(config, "fp16", "cpu") and not modernbert.applies(config, "fp32", "gpu")
-    assert not modernbert.applies(config, "fp32", "cpu", encoder_backend="onnxruntime")
     assert not modernbert.applies(BertConfig(), "fp32", "cpu")
     config.rope_parameters["sliding_attention"] = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
     assert not modernbert.applies(config, "fp32", "cpu")
@@ -204,9 +202,7 @@ def test_modernbert_attention_operators_keep_positions_and_windows(tiny_dirs, tm
                 module.Wqkv.weight.mul_(30)
     model.save(str(tmp_path / "sharp"))
     lines: list[str] = []
-    opts = ExportOptions(
-        model=str(tmp_path / "sharp"), task="embed", name="sharp/v3", repository=tmp_path / "repo", encoder_backend="python"
-    )
+    opts = ExportOptions(model=str(tmp_path / "sharp"), task="embed", name="sharp/v3", repository=tmp_path / "repo")
     s = run_export(opts, log=lines.append)
     assert any("-> PASS" in line for line in lines) and not any("FAIL" in line for line in lines), "\n".join(lines)
     ops = [n.op_type for n in onnx.load(str(spec.encoder_file(tmp_path / "repo", s.name))).graph.node]
