@@ -44,18 +44,16 @@ def output_name(task: str) -> str:
 
 
 @contextlib.contextmanager
-def _eager_attention(source: Source):
-    """Trace attention as plain MatMul/Softmax, the pattern onnxruntime's fusion recognises.
+def _eager_attention(model: torch.nn.Module):
+    """Trace attention as plain MatMul/Softmax, the pattern onnxruntime's fusion recognises, with the additive masks
+    that export.modernbert's attention takes.
 
     transformers 5 defaults to SDPA, which traces into a NaN-guarded softmax (IsNaN/Where) that the
     fusion does not match, leaving every layer's attention unfused. Eager and SDPA compute the same
     function; the model is put back as it was afterwards."""
     from transformers import PreTrainedModel
 
-    if getattr(source.hf_config, "model_type", "") not in _BERT_LIKE:
-        yield
-        return
-    models = [m for m in source.model.modules() if isinstance(m, PreTrainedModel)]
+    models = [m for m in model.modules() if isinstance(m, PreTrainedModel)]
     before = [m.config._attn_implementation for m in models]
     for m in models:
         m.set_attn_implementation("eager")
@@ -82,10 +80,11 @@ def to_onnx(source: Source, path: Path, precision: str = "fp32", device: str = "
     axes = {name: {0: "batch", 1: "sequence"} for name in source.encoder_inputs}
     axes[out] = {0: "batch"}
     fused_attention = modernbert.applies(source.hf_config, precision, device)
-    tracing = (
-        modernbert.traced_with_fused_attention(source.model, source.hf_config) if fused_attention else _eager_attention(source)
-    )
-    with warnings.catch_warnings(), torch.inference_mode(), tracing:
+    with warnings.catch_warnings(), torch.inference_mode(), contextlib.ExitStack() as tracing:
+        if fused_attention or getattr(source.hf_config, "model_type", "") in _BERT_LIKE:
+            tracing.enter_context(_eager_attention(source.model))
+        if fused_attention:
+            tracing.enter_context(modernbert.traced_with_fused_attention(source.hf_config))
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
         torch.onnx.export(
             Graph(source).eval(),

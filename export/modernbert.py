@@ -85,10 +85,10 @@ def _rotary_tables(hf_config: Any, theta: float) -> tuple[torch.Tensor, torch.Te
 
 
 @contextlib.contextmanager
-def traced_with_fused_attention(model: torch.nn.Module, hf_config: Any):
+def traced_with_fused_attention(hf_config: Any):
     """While tracing: every ModernBERT layer's attention as RotaryEmbedding and MultiHeadAttention, and the split of its
-    fused projections by fixed sizes (``chunk`` traces into shape arithmetic). Eager attention, so that the masks the
-    model builds are the additive ones. The classes and the model are put back as they were afterwards."""
+    fused projections by fixed sizes (``chunk`` traces into shape arithmetic). The model must build additive masks (eager
+    attention: export.convert sets it). The classes are put back as they were afterwards."""
     from transformers.models.modernbert import modeling_modernbert as mb
 
     tables = {kind: _rotary_tables(hf_config, p["rope_theta"]) for kind, p in hf_config.rope_parameters.items()}
@@ -108,18 +108,12 @@ def traced_with_fused_attention(model: torch.nn.Module, hf_config: Any):
         x, gate = self.Wi(hidden_states).split(self.config.intermediate_size, dim=-1)
         return self.Wo(self.act(x) * gate)
 
-    models = [m for m in model.modules() if isinstance(m, mb.ModernBertPreTrainedModel)]
-    before = [m.config._attn_implementation for m in models]
     originals = (mb.ModernBertAttention.forward, mb.ModernBertMLP.forward)
-    for m in models:
-        m.set_attn_implementation("eager")
     mb.ModernBertAttention.forward, mb.ModernBertMLP.forward = attention, mlp  # type: ignore[method-assign]
     try:
         yield
     finally:
         mb.ModernBertAttention.forward, mb.ModernBertMLP.forward = originals  # type: ignore[method-assign]
-        for m, impl in zip(models, before, strict=True):
-            m.set_attn_implementation(impl)
 
 
 def finish(path: Path) -> dict[str, int]:
