@@ -187,6 +187,19 @@ def test_modernbert_attention_operators_only_where_checked():
     assert not modernbert.applies(config, "fp32", "cpu")
 
 
+def test_modernbert_attention_traced_without_a_mask_says_so(tiny_dirs):
+    """The traced attention takes the model's additive mask as its bias; a layer called without one stops the export
+    with that said, not with an arithmetic error deep in the trace."""
+    import torch
+
+    from export import modernbert
+
+    source = export.load.load(str(tiny_dirs["embed_v3"]), "embed")
+    layer = next(m for m in source.model.modules() if type(m).__name__ == "ModernBertAttention")
+    with modernbert.traced_with_fused_attention(source.hf_config), pytest.raises(RuntimeError, match="attention mask"):
+        layer(torch.zeros(1, 4, source.hf_config.hidden_size), attention_mask=None)
+
+
 def test_modernbert_attention_operators_keep_positions_and_windows(tiny_dirs, tmp_path):
     """The tiny model's random weights give nearly uniform attention, under which rotary positions hardly move the
     output. Sharpened, a wrong rotary base for the local layers moves it by 5e-2 (checked), far past parity's 1e-4: export
