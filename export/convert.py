@@ -45,8 +45,7 @@ def output_name(task: str) -> str:
 
 @contextlib.contextmanager
 def _eager_attention(model: torch.nn.Module):
-    """Trace attention as plain MatMul/Softmax, the pattern onnxruntime's fusion recognises, with the additive masks
-    that export.modernbert's attention takes.
+    """Trace attention as plain MatMul/Softmax, the pattern onnxruntime's fusion recognises.
 
     transformers 5 defaults to SDPA, which traces into a NaN-guarded softmax (IsNaN/Where) that the
     fusion does not match, leaving every layer's attention unfused. Eager and SDPA compute the same
@@ -81,7 +80,7 @@ def to_onnx(source: Source, path: Path, precision: str = "fp32", device: str = "
     axes[out] = {0: "batch"}
     fused_attention = modernbert.applies(source.hf_config, precision, device)
     with warnings.catch_warnings(), torch.inference_mode(), contextlib.ExitStack() as tracing:
-        if fused_attention or getattr(source.hf_config, "model_type", "") in _BERT_LIKE:
+        if getattr(source.hf_config, "model_type", "") in _BERT_LIKE:
             tracing.enter_context(_eager_attention(source.model))
         if fused_attention:
             tracing.enter_context(modernbert.traced_with_fused_attention(source.hf_config))

@@ -4,8 +4,12 @@ Traced as transformers writes it, each layer's attention is some forty small ope
 concatenations, scores materialised and masked, a NaN guard) and onnxruntime's fusions know none of it. At 4,096 tokens
 that graph took 44.9 s and 6.1 GB on a 2-core Xeon, and OpenVINO 30.6 s and 10.5 GB; with ``RotaryEmbedding`` and
 ``MultiHeadAttention`` (com.microsoft; OpenVINO reads both) 23.1 s and 3.1 GB, and OpenVINO 18.0 s and 3.3 GB
-(docs/benchmarks.md). The model's own masks (padding, and the 128-token window of its local layers) go in as the
-attention's additive bias, so what is computed is unchanged; export's parity check holds it to sentence-transformers.
+(docs/benchmarks.md). Padding goes in as MultiHeadAttention's key padding mask, and the local layers' 128-token window as
+an additive bias of (1, 1, sequence, sequence), so what is computed is unchanged; export's parity check holds it to
+sentence-transformers. Not padding as a bias of (batch, 1, sequence, sequence): onnxruntime 1.20.1, the ONNX Runtime
+backend's in the NGC tritonserver 25.02 container, reads such a bias wrong for every row after the first (embeddings of
+cosine 0.31-0.90 against 1.32's), and 1.19 rejects it; the masks as they are now gave the same outputs in 1.20.1 and
+1.32, and 1.19 rejects the window (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ def applies(hf_config: Any, precision: str, device: str) -> bool:
         and precision in ("fp32", "int8")
         and device == "cpu"
         and bool(layer_types)
+        and layer_types <= {"full_attention", "sliding_attention"}
         and set(rope) >= layer_types
         and all(rope[kind].get("rope_type", "default") == "default" for kind in layer_types)
     )
@@ -58,22 +63,35 @@ class _Rotary(torch.autograd.Function):
 
 
 class _Attention(torch.autograd.Function):
-    """Scaled dot-product attention of (batch, sequence, hidden) queries, keys and values with an additive bias of
-    (batch, 1, sequence, sequence); traced as the placeholder that becomes onnxruntime's ``MultiHeadAttention``."""
+    """Scaled dot-product attention of (batch, sequence, heads * size) values; traced as the placeholder that becomes
+    onnxruntime's ``MultiHeadAttention``. A global layer's queries and keys carry its padding in one more component a
+    head (``_with_padding``; ``scale`` is the real head size's), and ``keys`` and ``window`` are None. A local layer's
+    ``keys`` (batch, sequence; 1 real, 0 padding) is the key padding mask and ``window`` (1, 1, sequence, sequence) the
+    additive bias."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, heads: int):
-        b, s, d = q.shape
+    def forward(ctx, q, k, v, keys, window, heads: int, scale: float):
+        b, s, _ = q.shape
 
         def split(t: torch.Tensor) -> torch.Tensor:
-            return t.view(b, s, heads, d // heads).transpose(1, 2)
+            return t.view(b, s, heads, -1).transpose(1, 2)
 
-        scores = torch.matmul(split(q), split(k).transpose(2, 3)) * (d // heads) ** -0.5 + bias
-        return torch.matmul(torch.softmax(scores, -1), split(v)).transpose(1, 2).reshape(b, s, d)
+        scores = torch.matmul(split(q), split(k).transpose(2, 3)) * scale
+        if keys is not None:
+            scores = scores.masked_fill(keys[:, None, None] == 0, torch.finfo(q.dtype).min) + window
+        return torch.matmul(torch.softmax(scores, -1), split(v)).transpose(1, 2).reshape(v.shape)
 
     @staticmethod
-    def symbolic(g, q, k, v, bias, heads: int):
-        return g.op(f"{_PLACEHOLDER[0]}::{_PLACEHOLDER[1]}", q, k, v, bias, num_heads_i=heads).setType(q.type())
+    def symbolic(g, q, k, v, keys, window, heads: int, scale: float):
+        inputs = (q, k, v) if keys is None else (q, k, v, keys, window)
+        return g.op(f"{_PLACEHOLDER[0]}::{_PLACEHOLDER[1]}", *inputs, num_heads_i=heads, scale_f=scale).setType(v.type())
+
+
+def _with_padding(t: torch.Tensor, column: torch.Tensor) -> torch.Tensor:
+    """(batch, sequence, heads * size) with ``column`` (batch, sequence, heads, 1) appended to every head: (batch,
+    sequence, heads * (size + 1))."""
+    b, s, heads, _ = column.shape
+    return torch.cat((t.view(b, s, heads, -1), column), -1).view(b, s, -1)
 
 
 def _rotary_tables(hf_config: Any, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,49 +104,74 @@ def _rotary_tables(hf_config: Any, theta: float) -> tuple[torch.Tensor, torch.Te
 
 @contextlib.contextmanager
 def traced_with_fused_attention(hf_config: Any):
-    """While tracing: every ModernBERT layer's attention as RotaryEmbedding and MultiHeadAttention, and the split of its
-    fused projections by fixed sizes (``chunk`` traces into shape arithmetic). The model must build additive masks (eager
-    attention: export.convert sets it). The classes are put back as they were afterwards."""
+    """While tracing: every ModernBERT layer's attention as RotaryEmbedding and MultiHeadAttention, its masks built once
+    by the model (the keys that are not padding, and the local layers' window), and the split of its fused projections
+    by fixed sizes (``chunk`` traces into shape arithmetic). The classes are put back as they were afterwards."""
     from transformers.models.modernbert import modeling_modernbert as mb
 
     tables = {kind: _rotary_tables(hf_config, p["rope_theta"]) for kind, p in hf_config.rope_parameters.items()}
     heads = int(hf_config.num_attention_heads)
 
-    def attention(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+    def model(self, input_ids=None, attention_mask=None, **kwargs):
         if attention_mask is None:
             raise RuntimeError("ModernBERT traced without its attention mask: export traces padded inputs")
+        b, s = input_ids.shape
+        positions = torch.arange(s)
+        # Compared as booleans: the distances as a (sequence, sequence) int64 tensor took 0.5 GB at 8,192 tokens.
+        far = (positions[None, :] > positions[:, None] + self.config.sliding_window) | (
+            positions[None, :] < positions[:, None] - self.config.sliding_window
+        )
+        window = torch.zeros(()).masked_fill(far, torch.finfo(torch.float32).min)[None, None]
+        # The global layers' padding as one more component of each head's queries (1) and keys (0, or -1e4 / scale
+        # where padding): a padded key's score falls by 1e4, and their attention takes no mask, which lets onnxruntime
+        # run its flash attention (a key padding mask there took 2 GB more at 8,192 tokens; docs/benchmarks.md).
+        padding = (1 - attention_mask.float()) * (-1e4 * (self.config.hidden_size // heads) ** 0.5)
+        components = (torch.ones(b, s, heads, 1), padding[:, :, None, None].expand(b, s, heads, 1))
+        # Given a mapping by layer type, the model hands each layer its entry as it is, and builds no masks of its own.
+        masks = {"full_attention": components, "sliding_attention": (attention_mask.to(torch.int32), window)}
+        return model_forward(self, input_ids=input_ids, attention_mask=masks, **kwargs)
+
+    def attention(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
         b, s, _ = hidden_states.shape
         q, k, v = self.Wqkv(hidden_states).split(self.config.hidden_size, dim=-1)
-        cos, sin = tables[self.config.layer_types[self.layer_idx]]
+        kind = self.config.layer_types[self.layer_idx]
+        cos, sin = tables[kind]
         positions = torch.arange(s).unsqueeze(0).expand(b, s)
         q, k = (_Rotary.apply(t, positions, cos, sin, heads) for t in (q, k))
-        return self.Wo(_Attention.apply(q, k, v, attention_mask, heads)), None
+        scale = (self.config.hidden_size // heads) ** -0.5
+        if kind == "sliding_attention":
+            keys, window = attention_mask
+        else:
+            q, k = (_with_padding(t, c) for t, c in zip((q, k), attention_mask, strict=True))
+            keys = window = None
+        return self.Wo(_Attention.apply(q, k, v, keys, window, heads, scale)), None
 
     def mlp(self, hidden_states):
         x, gate = self.Wi(hidden_states).split(self.config.intermediate_size, dim=-1)
         return self.Wo(self.act(x) * gate)
 
-    originals = (mb.ModernBertAttention.forward, mb.ModernBertMLP.forward)
-    mb.ModernBertAttention.forward, mb.ModernBertMLP.forward = attention, mlp  # type: ignore[method-assign]
+    model_forward = mb.ModernBertModel.forward
+    originals = (model_forward, mb.ModernBertAttention.forward, mb.ModernBertMLP.forward)
+    mb.ModernBertModel.forward, mb.ModernBertAttention.forward, mb.ModernBertMLP.forward = model, attention, mlp  # type: ignore[method-assign]
     try:
         yield
     finally:
-        mb.ModernBertAttention.forward, mb.ModernBertMLP.forward = originals  # type: ignore[method-assign]
+        mb.ModernBertModel.forward, mb.ModernBertAttention.forward, mb.ModernBertMLP.forward = originals  # type: ignore[method-assign]
 
 
 def finish(path: Path) -> dict[str, int]:
-    """The traced placeholder as com.microsoft MultiHeadAttention (the bias its sixth input); returns the fused
-    operators by type."""
+    """The traced placeholder as com.microsoft MultiHeadAttention (a local layer's key padding mask its fifth input, its
+    window the sixth); returns the fused operators by type."""
     import onnx
 
     model = onnx.load(str(path))
     counts = {"MultiHeadAttention": 0, "RotaryEmbedding": 0}
     for node in model.graph.node:
         if (node.domain, node.op_type) == _PLACEHOLDER:
-            q, k, v, bias = node.input
+            q, k, v, *masks = node.input  # the local layers': key padding mask and window
             node.domain, node.op_type = "com.microsoft", "MultiHeadAttention"
             del node.input[:]
-            node.input.extend([q, k, v, "", "", bias])
+            node.input.extend([q, k, v, *(["", *masks] if masks else [])])
         if node.op_type in counts:
             counts[node.op_type] += 1
     kept = [o for o in model.opset_import if o.domain not in (_PLACEHOLDER[0], "com.microsoft")]

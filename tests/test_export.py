@@ -90,8 +90,8 @@ def test_attention_is_fused(exported):
     repo = exported["repository"]
     for s in read_specs(repo):
         key = SERVED[s.served_name]
-        graph = onnx.load(str(repo / spec.encoder_model(s.name) / "1" / "model.onnx")).graph
-        ops = [n.op_type for n in graph.node]
+        model = onnx.load(str(repo / spec.encoder_model(s.name) / "1" / "model.onnx"))
+        ops = [n.op_type for n in model.graph.node]
         assert "Softmax" not in ops, (s.served_name, sorted(set(ops)))
         if s.served_name in (EMBED, RERANK):
             assert ops.count("Attention") == 2, (s.served_name, sorted(set(ops)))
@@ -103,6 +103,24 @@ def test_attention_is_fused(exported):
             # Fixed-size splits, not the shape arithmetic that chunk() traces into.
             assert "Slice" not in ops and "IsNaN" not in ops, sorted(set(ops))
             assert f"fused: MultiHeadAttention x{layers}, RotaryEmbedding x{2 * layers}" in exported["printed"][key]
+            _assert_masks_without_a_batch_sized_bias(model)
+
+
+def _assert_masks_without_a_batch_sized_bias(model) -> None:
+    """No bias of a batch's shape reaches MultiHeadAttention: onnxruntime 1.20.1 (the NGC 25.02 container's) computes a
+    bias of (batch, 1, ...) wrong for every row after the first, and 1.19 rejects it (docs/benchmarks.md). The global
+    layers take q, k and v alone (their padding rides in one more component a head; onnxruntime's flash attention on the
+    CPU), the local layers a key padding mask of (batch, sequence) and their window as a bias of (1, 1, ...)."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True).graph
+    shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in inferred.value_info}
+    nodes = [n for n in model.graph.node if n.op_type == "MultiHeadAttention"]
+    local = [n for n in nodes if len(n.input) == 6 and n.input[3] == ""]
+    assert 0 < len(local) < len(nodes) and all(len(n.input) == 3 for n in nodes if n not in local), [n.input for n in nodes]
+    assert all(shapes[n.input[4]] == ["batch", "sequence"] and shapes[n.input[5]][:2] == [1, 1] for n in local), [
+        (shapes.get(n.input[4]), shapes.get(n.input[5])) for n in local
+    ]
 
 
 def test_cpu_sessions_keep_layer_norm_apart_from_the_residual_add(exported, tmp_path, monkeypatch):
@@ -174,7 +192,8 @@ def test_detect_task(tiny_dirs):
 
 def test_modernbert_attention_operators_only_where_checked():
     """onnxruntime's attention operators for ModernBERT on the CPU in fp32 and int8 only, with the rotary embedding they
-    compute: not for fp16 or the GPU, other architectures, or scaled rotary positions."""
+    compute and the two kinds of layer whose masks export builds: not for fp16 or the GPU, other architectures, scaled
+    rotary positions or another kind of layer."""
     from transformers import BertConfig, ModernBertConfig
 
     from export import modernbert
@@ -183,21 +202,25 @@ def test_modernbert_attention_operators_only_where_checked():
     assert modernbert.applies(config, "fp32", "cpu") and modernbert.applies(config, "int8", "cpu")
     assert not modernbert.applies(config, "fp16", "cpu") and not modernbert.applies(config, "fp32", "gpu")
     assert not modernbert.applies(BertConfig(), "fp32", "cpu")
+    other = ModernBertConfig(num_hidden_layers=3)
+    other.layer_types = [*other.layer_types[:2], "chunked_attention"]
+    other.rope_parameters["chunked_attention"] = other.rope_parameters["full_attention"]
+    assert not modernbert.applies(other, "fp32", "cpu")
     config.rope_parameters["sliding_attention"] = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
     assert not modernbert.applies(config, "fp32", "cpu")
 
 
 def test_modernbert_attention_traced_without_a_mask_says_so(tiny_dirs):
-    """The traced attention takes the model's additive mask as its bias; a layer called without one stops the export
-    with that said, not with an arithmetic error deep in the trace."""
+    """The traced attention takes its key padding mask from the model's attention mask; a model called without one
+    stops the export with that said, not with an error deep in the trace."""
     import torch
 
     from export import modernbert
 
     source = export.load.load(str(tiny_dirs["embed_v3"]), "embed")
-    layer = next(m for m in source.model.modules() if type(m).__name__ == "ModernBertAttention")
+    model = next(m for m in source.model.modules() if type(m).__name__ == "ModernBertModel")
     with modernbert.traced_with_fused_attention(source.hf_config), pytest.raises(RuntimeError, match="attention mask"):
-        layer(torch.zeros(1, 4, source.hf_config.hidden_size), attention_mask=None)
+        model(input_ids=torch.ones(1, 4, dtype=torch.int64), attention_mask=None)
 
 
 def test_modernbert_attention_operators_keep_positions_and_windows(tiny_dirs, tmp_path):
