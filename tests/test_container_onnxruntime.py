@@ -1,0 +1,80 @@
+"""The exported encoders on the onnxruntime of the NGC container's ONNX Runtime backend.
+
+There is no Docker here, so the container cannot run; its onnxruntime can, from PyPI at the same version, in an
+environment of its own (``uv run --with``). That version is older than the project's, and it once computed ruri v3's
+padded rows wrong where the project's computed them right, without an error (docs/benchmarks.md). The same files and the
+same padded batch must give the same outputs on both."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from fos_runtime import spec
+from shim.repository import read_specs
+
+ROOT = Path(__file__).resolve().parent.parent
+# NGC tritonserver release -> the onnxruntime its ONNX Runtime backend is built with (server's build.py, ort_version).
+CONTAINER_ONNXRUNTIME = {"25.02": "1.20.1"}
+# Padded rows, the first past ModernBERT's local window (128) where the model is that long: the wrong rows were those
+# after a batch's first.
+LONGEST = 200
+
+_RUN = """
+import sys, numpy as np, onnxruntime as ort
+for model, feeds, out in zip(*[iter(sys.argv[1:])] * 3):
+    inputs = dict(np.load(feeds))
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    np.save(out, session.run(None, inputs)[0])
+print(ort.__version__)
+"""
+
+
+def _container_release() -> str:
+    match = re.search(r"^ARG TRITON_VERSION=(\S+)", (ROOT / "docker" / "triton.Dockerfile").read_text(), re.M)
+    assert match, "docker/triton.Dockerfile names no TRITON_VERSION"
+    return match[1]
+
+
+def _padded(session: ort.InferenceSession, max_length: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    longest = min(LONGEST, max_length)
+    lengths = (longest, longest // 2, 3)
+    ids = np.zeros((len(lengths), longest), np.int64)
+    mask = np.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, :n] = rng.integers(5, 60, n)
+        mask[row, :n] = 1
+    arrays = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+    return {i.name: arrays[i.name] for i in session.get_inputs()}
+
+
+def test_exports_give_the_containers_onnxruntime_the_same_outputs(exported, tmp_path):
+    release = _container_release()
+    assert release in CONTAINER_ONNXRUNTIME, f"add the onnxruntime of NGC tritonserver {release}'s ONNX Runtime backend"
+    version = CONTAINER_ONNXRUNTIME[release]
+    repo = exported["repository"]
+    args, expected = [], {}
+    for s in read_specs(repo):
+        model = repo / spec.encoder_model(s.name) / "1" / "model.onnx"
+        session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+        feeds = _padded(session, s.max_length)
+        np.savez(tmp_path / f"{s.name}.npz", **feeds)
+        expected[s.name] = session.run(None, feeds)[0]
+        args += [str(model), str(tmp_path / f"{s.name}.npz"), str(tmp_path / f"{s.name}.out.npy")]
+    uv = os.environ.get("UV") or shutil.which("uv")  # `uv run` names itself in UV
+    assert uv, "uv is not on PATH: the README's test command runs the tests with it"
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    cmd = [uv, "run", "--no-project", "--python", python, "--with", f"onnxruntime=={version}", "--with", "numpy<2.3"]
+    done = subprocess.run([*cmd, "python", "-c", _RUN, *args], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip().endswith(version), done.stderr[-2000:]
+    for name, want in expected.items():
+        got = np.load(tmp_path / f"{name}.out.npy")
+        assert np.abs(got - want).max() < 1e-4, (name, np.abs(got - want).max(axis=-1))
