@@ -187,7 +187,9 @@ def resolve(requested: str, folder: Path, precision: str, gpu: bool, cpu: Cpu | 
 
 
 def first_run_feeds(input_names: Sequence[str]) -> dict[str, np.ndarray]:
-    """A one-row input of 8 tokens for a session's first run, which sets it up: run at load, not in a request's time."""
+    """A one-row input of 8 tokens for a session's first run, which sets it up: run at load, not in a request's time.
+    Never 1 token: OpenVINO 2026.4.1, first run so, computes attention without a mask (ruri v3's global layers) wrong
+    at every later length from about 17 tokens (tests/test_engines.py)."""
     return {name: np.full((1, 8), 0 if name == spec.TOKEN_TYPE_IDS else 1, dtype=np.int64) for name in input_names}
 
 
