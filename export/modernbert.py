@@ -7,10 +7,11 @@ that graph took 44.9 s and 6.1 GB on a 2-core Xeon, and OpenVINO 30.6 s and 10.5
 (docs/benchmarks.md). The model's masks go in so that what is computed is unchanged (export's parity check holds it
 to sentence-transformers): in the global layers padding rides in one more component of each head's queries and keys, so
 that their attention takes no mask and onnxruntime runs its flash attention on the CPU; the local layers take a key
-padding mask and their 128-token window as a bias of (1, 1, sequence, sequence). No bias of a batch's shape: onnxruntime
-1.20.1, the ONNX Runtime backend's in the NGC tritonserver 25.02 container, computed every row after a batch's first
-wrong with one of (batch, 1, sequence, sequence) (embeddings of cosine 0.31-0.90 against 1.32's), and 1.19 refuses it.
-Now 1.20.1 and 1.32 agree; 1.19 refuses the window, an error rather than a wrong answer (docs/benchmarks.md).
+padding mask and their window (64 tokens either side) as a bias of (1, 1, sequence, sequence). No bias of a batch's
+shape: onnxruntime 1.20.1, the ONNX Runtime backend's in the NGC tritonserver 25.02 container, computed every row after
+a batch's first wrong with one of (batch, 1, sequence, sequence) (embeddings of cosine 0.31-0.90 against 1.32's), and
+1.19 refuses it. Now 1.20.1 and 1.32 agree; 1.19 refuses the window, an error rather than a wrong answer
+(docs/benchmarks.md; tests/test_container_onnxruntime.py).
 """
 
 from __future__ import annotations
