@@ -1,5 +1,5 @@
-"""What tests share besides fixtures: served names, ports, waiting, a uvicorn thread and a real
-tritonserver. Every process started here is killed on exit."""
+"""What tests share besides fixtures: served names, ports, waiting, padded encoder inputs, a uvicorn thread and a
+real tritonserver. Every process started here is killed on exit."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ import subprocess
 import threading
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
+
+import numpy as np
 
 from shim.triton_server import processes
 
@@ -19,6 +22,19 @@ EMBED_V3 = "test/ruri-v3-tiny"
 RERANK_V3 = "test/ruri-v3-reranker-tiny"
 # Served name -> the tiny_dirs key of the model it serves.
 SERVED = {EMBED: "embed", RERANK: "rerank", EMBED_V3: "embed_v3", RERANK_V3: "rerank_v3"}
+
+
+def padded_batch(lengths: Sequence[int], names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Encoder inputs ``names`` of one row a length, random token ids (seeded) padded to the longest: the rows after a
+    batch's first are the padded ones."""
+    rng = np.random.default_rng(0)
+    ids = np.zeros((len(lengths), max(lengths)), np.int64)
+    mask = np.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, :n] = rng.integers(5, 60, n)
+        mask[row, :n] = 1
+    arrays = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+    return {name: arrays[name] for name in names}
 
 
 def free_port() -> int:

@@ -21,6 +21,8 @@ import onnxruntime as ort
 from fos_runtime import spec
 from shim.repository import read_specs
 
+from helpers import padded_batch
+
 ROOT = Path(__file__).resolve().parent.parent
 # NGC tritonserver release -> the onnxruntime its ONNX Runtime backend is built with (server's build.py, ort_version).
 CONTAINER_ONNXRUNTIME = {"25.02": "1.20.1"}
@@ -44,19 +46,6 @@ def _container_release() -> str:
     return match[1]
 
 
-def _padded(session: ort.InferenceSession, max_length: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    longest = min(LONGEST, max_length)
-    lengths = (longest, longest // 2, 3)
-    ids = np.zeros((len(lengths), longest), np.int64)
-    mask = np.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        ids[row, :n] = rng.integers(5, 60, n)
-        mask[row, :n] = 1
-    arrays = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
-    return {i.name: arrays[i.name] for i in session.get_inputs()}
-
-
 def test_exports_give_the_containers_onnxruntime_the_same_outputs(exported, tmp_path):
     release = _container_release()
     assert release in CONTAINER_ONNXRUNTIME, f"add the onnxruntime of NGC tritonserver {release}'s ONNX Runtime backend"
@@ -66,7 +55,8 @@ def test_exports_give_the_containers_onnxruntime_the_same_outputs(exported, tmp_
     for s in read_specs(repo):
         model = repo / spec.encoder_model(s.name) / "1" / "model.onnx"
         session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-        feeds = _padded(session, s.max_length)
+        longest = min(LONGEST, s.max_length)
+        feeds = padded_batch((longest, longest // 2, 3), [i.name for i in session.get_inputs()])
         np.savez(tmp_path / f"{s.name}.npz", **feeds)
         expected[s.name] = session.run(None, feeds)[0]
         args += [str(model), str(tmp_path / f"{s.name}.npz"), str(tmp_path / f"{s.name}.out.npy")]
