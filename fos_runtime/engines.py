@@ -255,10 +255,14 @@ class OpenVINOSession:
 
     def run(self, request, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
         """``request`` (one of ``requests``, used by one caller at a time) run on ``feeds``."""
-        out = request.infer({name: feeds[name] for name in self.input_names})
+        out = np.asarray(request.infer({name: feeds[name] for name in self.input_names})[0], dtype=np.float32)
         # Between runs only: OpenVINO frees what no running request holds. Not with streams, where another request may
         # be running now (two rounds at once); releasing under running requests is not safe: with an AsyncInferQueue's
         # requests alive (the code before), OpenVINO 2026.4 corrupted the heap at the next round ("malloc(): invalid size").
         if self.streams == 1 and is_large(feeds[self.input_names[0]].shape):
             self.compiled.release_memory()
-        return np.asarray(out[0], dtype=np.float32)  # infer copies outputs out of the request's reused buffer
+            # After a release OpenVINO 2026.4.1 fails the next run of the same shape on ruri v3's graph ("Memory has not
+            # been allocated" in its fused RoPE), a client's retry of a long input; a run of another shape in between
+            # sets it right. The first-run input's milliseconds, after a run of seconds, keep the memory given back.
+            request.infer(first_run_feeds(self.input_names))
+        return out  # infer copied it out of the request's reused buffer
