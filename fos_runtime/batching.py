@@ -346,24 +346,24 @@ def _run(
     # may stop. Several steps' worth of runs per stream keeps the streams busy when nobody leaves.
     step = 1 if encoder.streams == 1 else 4 * encoder.streams
     outs: list[np.ndarray] = []
-    computed = 0
-    elapsed = 0.0
+    # Counted step by step: the runs of a round that fails or is left later took the encoder's time all the same.
+    stats = stats if stats is not None else Stats()
     for k in range(0, len(batches), step):
         if k and wanted is not None and not wanted():
             raise Abandoned(f"stopped after {k} of {len(batches)} runs: every request of the round has left")
-        feeds = [feeds_of(batch) for batch in batches[k : k + step]]
+        taken = batches[k : k + step]
+        feeds = [feeds_of(batch) for batch in taken]
         started = time.perf_counter()
-        outs.extend(encoder.run_many(feeds))
-        elapsed += time.perf_counter() - started
-        computed += sum(f[spec.INPUT_IDS].size for f in feeds)
+        try:
+            outs.extend(encoder.run_many(feeds))
+        finally:
+            stats.seconds += time.perf_counter() - started
+        stats.runs += len(taken)
+        stats.rows += sum(len(batch) for batch in taken)
+        stats.real_tokens += sum(lengths[i] for batch in taken for i in batch)
+        stats.computed_tokens += sum(f[spec.INPUT_IDS].size for f in feeds)
     result = np.empty((len(lengths), outs[0].shape[1]), dtype=np.float32)
     for batch, out in zip(batches, outs, strict=True):
         result[batch] = out[: len(batch)]
-    if stats is not None:
-        stats.runs += len(batches)
-        stats.rows += len(lengths)
-        stats.real_tokens += sum(lengths)
-        stats.computed_tokens += computed
-        stats.seconds += elapsed
     bounds = np.cumsum([0, *sizes])
     return [result[a:b] for a, b in itertools.pairwise(bounds)]

@@ -169,21 +169,51 @@ class _Model:
             return np.zeros((0, width), dtype=np.float32)
         return await self.rounds.submit(encoded, rows=len(encoded.input_ids), cost=sum(encoded.lengths))
 
-    async def _run(self, encodeds: Sequence[Encoded], wanted: Callable[[], bool]) -> list[np.ndarray]:
+    async def _run(self, encodeds: Sequence[Encoded], wanted: Callable[[], bool]) -> Sequence[np.ndarray | BaseException]:
         loop = asyncio.get_running_loop()
         stats = Stats()
-        async with self.turns.turn(self):
-            if not self._computing:
-                self._busy_since = time.perf_counter()
-            self._computing += 1
+        try:
+            async with self.turns.turn(self):
+                if not self._computing:
+                    self._busy_since = time.perf_counter()
+                self._computing += 1
+                try:
+                    try:
+                        return await loop.run_in_executor(self.executor, self._run_sync, list(encodeds), wanted, stats)
+                    except batching.Abandoned:
+                        raise
+                    except Exception as exc:
+                        if len(encodeds) == 1:
+                            raise
+                        # One request's inputs can fail a run that others share (an engine's error on one shape, memory
+                        # for one long input): each request again alone, so that only the one at fault fails.
+                        log.warning(
+                            "%s: a round of %d requests failed (%s); running each alone",
+                            self.spec.served_name,
+                            len(encodeds),
+                            exc,
+                        )
+                        return await self._each_alone(encodeds, wanted, stats)
+                finally:
+                    self._computing -= 1
+                    # The encoder's time is while any of its rounds computes: two at once would count their overlap twice.
+                    stats.seconds = time.perf_counter() - self._busy_since if not self._computing else 0.0
+        finally:
+            self.stats.add(stats)  # here, on the event loop: two rounds' threads never add at once; failed runs count too
+
+    async def _each_alone(
+        self, encodeds: Sequence[Encoded], wanted: Callable[[], bool], stats: Stats
+    ) -> list[np.ndarray | BaseException]:
+        loop = asyncio.get_running_loop()
+        results: list[np.ndarray | BaseException] = []
+        for encoded in encodeds:
             try:
-                out = await loop.run_in_executor(self.executor, self._run_sync, list(encodeds), wanted, stats)
-            finally:
-                self._computing -= 1
-                # The encoder's time is while any of its rounds computes: two at once would count their overlap twice.
-                stats.seconds = time.perf_counter() - self._busy_since if not self._computing else 0.0
-        self.stats.add(stats)  # here, on the event loop: two rounds' threads never add at once
-        return out
+                results.extend(await loop.run_in_executor(self.executor, self._run_sync, [encoded], wanted, stats))
+            except batching.Abandoned:
+                raise
+            except Exception as exc:
+                results.append(exc)
+        return results
 
     def _run_sync(self, encodeds: list[Encoded], wanted: Callable[[], bool], stats: Stats) -> list[np.ndarray]:
         # Every model takes its turn: a round whose clients all left stops at its next run, so that the requests behind
