@@ -95,6 +95,14 @@ def test_mecab_never_sees_more_than_the_context_can_use(tmp_path, monkeypatch):
     seen.clear()
     pairs = tok.encode(["猫"], [word], detect_truncation=True)
     assert max(seen) <= limit and pairs.truncated == [True]
+    # What MeCab skips (spaces, blank lines) counts toward no cut: the words after it are kept, and nothing was cut.
+    for gap in (" ", "\n", "\u3000"):
+        padded = "東京" + gap * (limit * 2) + "大阪"
+        assert tok.encode([padded], detect_truncation=True).input_ids[0] == tok.hf([padded])["input_ids"][0]
+        assert tok.encode(["猫"], [padded], detect_truncation=True).truncated == [False]
+    assert tokenization.mecab_cut("ab  cd  ef", 3) == "ab  c"
+    assert tokenization.mecab_cut("ab  cd", 4) == "ab  cd"
+    assert tokenization.mecab_cut("a\r" * 4, 3) == "a\ra"  # a carriage return is no space to MeCab
 
 
 def test_tokenizer_reads_past_control_characters(tmp_path):
