@@ -2,7 +2,8 @@
 # NGC tritonserver plus what the exported tokenizer models import. Keep transformers at the
 # version in uv.lock: the tokenizer must split text exactly as it did when the parity check ran.
 # openvino and onnxruntime, at uv.lock's versions too, are for the Python-backend encoder of the CPU deployment
-# (compose.cpu.yaml): OpenVINO bf16 on CPUs with AMX or AVX512-BF16, onnxruntime elsewhere.
+# (compose.cpu.yaml): OpenVINO bf16 on CPUs with AMX or AVX512-BF16, OpenVINO f32 on other AVX-512 CPUs, onnxruntime
+# elsewhere.
 ARG TRITON_VERSION=25.02
 FROM nvcr.io/nvidia/tritonserver:${TRITON_VERSION}-py3
 RUN python3 -m pip install --no-cache-dir --break-system-packages \

@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import ctypes
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -160,6 +161,21 @@ PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 
 
+_BACKEND = re.compile(r'^backend:\s*"([^"]+)"', re.M)
+
+
+def foreign_backends(repository: Path) -> dict[str, str]:
+    """The models in ``repository`` whose backend this build lacks (it has the Python backend only), by name: what
+    ``fos serve --model`` and a default ``fos export`` write for the container's ONNX Runtime backend. tritonserver
+    would stop at them with "unable to find backend library"."""
+    found: dict[str, str] = {}
+    for config in sorted(Path(repository).glob("*/config.pbtxt")):
+        m = _BACKEND.search(config.read_text(encoding="utf-8"))
+        if m and m.group(1) != "python":
+            found[config.parent.name] = m.group(1)
+    return found
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repository", type=Path, default=Path("model_repository"))
     p.add_argument("--http-port", type=int, default=8000)
@@ -168,6 +184,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    foreign = foreign_backends(args.repository)
+    if foreign:
+        listed = ", ".join(f"{name} ({backend})" for name, backend in foreign.items())
+        print(
+            f"fos triton: {args.repository} holds models for backends this tritonserver lacks (it has the Python "
+            f"backend only): {listed}. Export them with --encoder-backend python into a repository of their own "
+            "(fos export ... --encoder-backend python --repository triton_repository; fos triton --repository "
+            "triton_repository), or serve this one with the NGC container (compose.yaml).",
+            file=sys.stderr,
+        )
+        return 2
     prctl = ctypes.CDLL(None, use_errno=True).prctl  # Linux, as the wheel's tritonserver
     # Stubs orphaned by a dead tritonserver become our children, to be reaped rather than left to
     # an init that may not reap (a container's).
