@@ -121,7 +121,8 @@ def create_app(backend: Backend, limits: Limits | None = None, api_keys: list[st
     async def rerank_v2(body: RerankV2Request, request: Request):
         return JSON(RerankV2Response.of(await until_disconnected(request, service(request).rerank(body))))
 
-    @app.get("/v1/models", response_model=ModelList)
+    # HEAD too, on what monitors probe (curl -I, uptime checks): a 405 there reads as the service down.
+    @app.api_route("/v1/models", methods=["GET", "HEAD"], response_model=ModelList)
     async def models(request: Request):
         return JSON(service(request).models())
 
@@ -134,7 +135,7 @@ def create_app(backend: Backend, limits: Limits | None = None, api_keys: list[st
     async def prometheus():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/health", responses={503: {"model": ErrorResponse}})
+    @app.api_route("/health", methods=["GET", "HEAD"], responses={503: {"model": ErrorResponse}})
     async def health():
         if await backend.ready():
             return {"status": "ok"}

@@ -219,9 +219,13 @@ class LastResortMiddleware:
             await error_response(Internal("internal error"))(scope, receive, send)
 
 
+def _fields(loc: tuple) -> list[str]:
+    return [str(p) for p in loc if p != "body"]
+
+
 def _validation_param(loc: tuple) -> str | None:
     """The top-level field at fault: 'documents', not 'documents.0.RerankDocument.text'."""
-    fields = [str(p) for p in loc if p != "body"]
+    fields = _fields(loc)
     return fields[0] if fields else None
 
 
@@ -253,7 +257,9 @@ def install(app: FastAPI) -> None:
         if loc == ("body",) and first.get("type") == "missing":
             return error_response(InvalidRequest("the request body is empty: send a JSON object", code="invalid_json"))
         param = _validation_param(loc)
-        message = (
+        # An empty list fails every member of the union: the list members' failure says what is wrong.
+        empty = any(e.get("type") == "too_short" and len(_fields(tuple(e.get("loc", ())))) <= 2 for e in errors)
+        message = (f"{param} must not be an empty list" if param and empty else None) or (
             _PATH_FIELD_MESSAGES.get((request.url.path, param or ""))
             or _FIELD_MESSAGES.get(param or "")
             or (f"{param}: {first.get('msg')}" if param else str(first.get("msg")))
@@ -264,6 +270,12 @@ def install(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException):
         if isinstance(exc.__cause__, ClientDisconnect):  # FastAPI's 400 for a body the client never finished
             return error_response(ClientDisconnected("the client closed the connection during the upload"))
+        if exc.status_code == 400 and exc.__cause__ is not None:  # FastAPI's 400 for a body json.loads refused
+            return error_response(
+                InvalidRequest(
+                    f"the request body is not valid JSON in UTF-8 ({type(exc.__cause__).__name__})", code="invalid_json"
+                )
+            )
         return error_response(RoutingError(exc.status_code, str(exc.detail), getattr(exc, "headers", None)))
 
     @app.exception_handler(Exception)

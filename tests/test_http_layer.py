@@ -328,6 +328,22 @@ def test_validation_messages_say_what_this_endpoint_takes():
         assert r.status_code == 400 and r.json()["error"]["message"] == "documents must be a list of strings (Cohere's v2 rerank)"
         r = http.post("/v1/rerank", json={**objects, "documents": [{"txt": "a"}]})
         assert "objects with a 'text' string" in r.json()["error"]["message"]
+        # An empty list is named as one, not as a value of the wrong kind; an empty list of token ids is no empty input.
+        for path, body, param in (
+            ("/v1/embeddings", {**BODY, "input": []}, "input"),
+            ("/v1/rerank", {**objects, "documents": []}, "documents"),
+        ):
+            error = http.post(path, json=body).json()["error"]
+            assert (error["message"], error["param"]) == (f"{param} must not be an empty list", param)
+        assert "empty" not in http.post("/v1/embeddings", json={**BODY, "input": [[]]}).json()["error"]["message"]
+        # Bytes that are no UTF-8, or JSON too deep for json.loads: FastAPI's own 400, in the envelope with a code.
+        for content in ('{"model": "fake/embed", "input": "a\xff"}'.encode("latin-1"), b"[" * 100_000):
+            r = http.post("/v1/embeddings", content=content, headers={"content-type": "application/json"})
+            assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json", r.text
+        # What monitors probe with HEAD answers as GET does, without a body.
+        for path in ("/health", "/v1/models"):
+            r = http.head(path)
+            assert r.status_code == 200 and r.content == b"", path
 
 
 def test_unknown_fields_are_ignored():
