@@ -106,9 +106,10 @@ def _rotary_tables(hf_config: Any, theta: float) -> tuple[torch.Tensor, torch.Te
 
 @contextlib.contextmanager
 def traced_with_fused_attention(hf_config: Any):
-    """While tracing: every ModernBERT layer's attention as RotaryEmbedding and MultiHeadAttention, its masks built once
-    by the model (the keys that are not padding, and the local layers' window), and the split of its fused projections
-    by fixed sizes (``chunk`` traces into shape arithmetic). The classes are put back as they were afterwards."""
+    """While tracing: every ModernBERT layer's attention as RotaryEmbedding and MultiHeadAttention, its masks and rotary
+    positions built once by the model (the keys that are not padding, and the local layers' window), and the split of
+    its fused projections by fixed sizes (``chunk`` traces into shape arithmetic). The classes are put back as they were
+    afterwards."""
     from transformers.models.modernbert import modeling_modernbert as mb
 
     tables = {kind: _rotary_tables(hf_config, p["rope_theta"]) for kind, p in hf_config.rope_parameters.items()}
@@ -130,21 +131,25 @@ def traced_with_fused_attention(hf_config: Any):
         padding = (1 - attention_mask.float()) * (-1e4 * (self.config.hidden_size // heads) ** 0.5)
         components = (torch.ones(b, s, heads, 1), padding[:, :, None, None].expand(b, s, heads, 1))
         # Given a mapping by layer type, the model hands each layer its entry as it is, and builds no masks of its own.
-        masks = {"full_attention": components, "sliding_attention": (attention_mask.to(torch.int32), window)}
+        # The rotary positions ride along, so that they are built once rather than in every layer.
+        rows = positions[None].expand(b, s)
+        masks = {
+            "full_attention": (rows, *components),
+            "sliding_attention": (rows, attention_mask.to(torch.int32), window),
+        }
         return model_forward(self, input_ids=input_ids, attention_mask=masks, **kwargs)
 
     def attention(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
-        b, s, _ = hidden_states.shape
         q, k, v = self.Wqkv(hidden_states).split(self.config.hidden_size, dim=-1)
         kind = self.config.layer_types[self.layer_idx]
         cos, sin = tables[kind]
-        positions = torch.arange(s).unsqueeze(0).expand(b, s)
+        positions, *masks = attention_mask
         q, k = (_Rotary.apply(t, positions, cos, sin, heads) for t in (q, k))
         scale = (self.config.hidden_size // heads) ** -0.5
         if kind == "sliding_attention":
-            keys, window = attention_mask
+            keys, window = masks
         else:
-            q, k = (_with_padding(t, c) for t, c in zip((q, k), attention_mask, strict=True))
+            q, k = (_with_padding(t, c) for t, c in zip((q, k), masks, strict=True))
             keys = window = None
         return self.Wo(_Attention.apply(q, k, v, keys, window, heads, scale)), None
 

@@ -102,6 +102,8 @@ def test_attention_is_fused(exported):
             assert ops.count("MultiHeadAttention") == layers and ops.count("RotaryEmbedding") == 2 * layers
             # Fixed-size splits, not the shape arithmetic that chunk() traces into.
             assert "Slice" not in ops and "IsNaN" not in ops, sorted(set(ops))
+            # The rotary positions are built once for every layer (each layer's own was some twenty small operators).
+            assert ops.count("Range") == 1, ops.count("Range")
             assert f"fused: MultiHeadAttention x{layers}, RotaryEmbedding x{2 * layers}" in exported["printed"][key]
             _assert_masks_without_a_batch_sized_bias(model)
 
