@@ -57,6 +57,15 @@ class Encoded:
     def lengths(self) -> list[int]:
         return [len(ids) for ids in self.input_ids]
 
+    def subset(self, indices: Sequence[int]) -> Encoded:
+        """These inputs, in this order."""
+        types, flags = self.token_type_ids, self.truncated
+        return Encoded(
+            input_ids=[self.input_ids[i] for i in indices],
+            token_type_ids=[types[i] for i in indices] if types is not None else None,
+            truncated=[flags[i] for i in indices] if flags is not None else None,
+        )
+
     @property
     def cut(self) -> list[bool]:
         """``truncated`` with one flag per input; False where it was not asked for."""

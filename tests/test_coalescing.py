@@ -10,7 +10,7 @@ import pytest
 from tritonclient.utils import InferenceServerException, deserialize_bytes_tensor
 
 from fos_runtime.spec import ModelSpec
-from shim.backends.coalescing import Coalescer
+from shim.backends.coalescing import Coalescer, in_order, pieces
 from shim.backends.triton import TritonBackend, _Rows
 from shim.errors import BackendFailed, BackendTimeout, BackendUnavailable
 
@@ -82,6 +82,60 @@ async def test_rounds_are_cut_by_budget_and_a_large_request_still_runs():
 
     await _with(rounds, body)
     assert run.rounds == [["z"], ["a", "b"], ["c"], ["big"], ["d", "e"]]
+
+
+def test_a_request_larger_than_a_round_goes_in_pieces_of_like_lengths():
+    assert pieces([5, 1, 9, 2, 3], 100) == [[1, 3, 4, 0, 2]]
+    assert pieces([5, 1, 9, 2, 3], 6) == [[1, 3, 4], [0], [2]]  # 9 alone, past the budget
+    groups = pieces([5, 1, 9, 2, 3], 6)
+    parts = [np.array([[i * 10.0] for i in g]) for g in groups]
+    assert in_order(groups, parts).ravel().tolist() == [0.0, 10.0, 20.0, 30.0, 40.0]
+
+
+async def test_a_small_request_is_answered_between_a_large_ones_pieces():
+    # A request of 256 long inputs held every other (a single query, another model's too) for its whole 6 s (review).
+    run = Recorder(delay=0.05)
+    rounds = Coalescer(run, max_rows=100, max_cost=10, name="t")
+
+    async def body():
+        large = asyncio.create_task(rounds.submit_pieces([(f"p{k}", 1, 10) for k in range(4)]))
+        await asyncio.sleep(0.01)  # p0 runs
+        small = await rounds.submit("q", rows=1, cost=1)
+        assert not large.done()
+        return small, await large
+
+    assert await _with(rounds, body) == ("Q", ["P0", "P1", "P2", "P3"])
+    assert run.rounds[:2] == [["p0"], ["q"]]
+
+
+async def test_a_failed_piece_fails_its_request_and_the_rest_is_not_run():
+    run = Recorder(delay=0.02, fail={"p1"})
+    rounds = Coalescer(run, max_rows=100, max_cost=10, concurrency=2)
+
+    async def body():
+        with pytest.raises(ValueError):
+            await rounds.submit_pieces([(f"p{k}", 1, 10) for k in range(6)])
+        await asyncio.sleep(0.1)
+
+    await _with(rounds, body)
+    assert run.rounds[:2] == [["p0"], ["p1"]] and len(run.rounds) <= 3  # two in flight at most, then it stops
+
+
+async def test_pieces_of_a_request_that_left_are_not_run():
+    run = Recorder(delay=0.05)
+    rounds = Coalescer(run, max_rows=100, max_cost=10)
+
+    async def body():
+        large = asyncio.create_task(rounds.submit_pieces([(f"p{k}", 1, 10) for k in range(4)]))
+        await asyncio.sleep(0.01)
+        large.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await large
+        assert run.finished == [["p0"]]  # it waited for the piece running to end, as submit does
+        await asyncio.sleep(0.2)
+
+    await _with(rounds, body)
+    assert run.rounds == [["p0"]]
 
 
 async def test_one_failure_fails_only_its_request():
@@ -225,7 +279,8 @@ class FakeClient:
         if self.bad_text is not None and self.bad_text in texts:
             raise InferenceServerException(msg="tokenizer: bad input", status="StatusCode.INTERNAL")
         return _Result({
-            "EMBEDDING": np.ones((rows, 2), np.float32),
+            # Each text's length in the first column: a row answered out of its place shows.
+            "EMBEDDING": np.array([[len(t), 1] for t in texts] if len(texts) == rows else np.ones((rows, 2)), np.float32),
             "NUM_TOKENS": np.full((rows, 1), 3, np.int64),
             "TRUNCATED": np.zeros((rows, 1), np.bool_),
         })  # fmt: skip
@@ -348,6 +403,24 @@ async def test_a_failed_call_cancels_its_siblings():
     with pytest.raises(BackendFailed):
         await backend._fan_out([[0], [1], [2]], call, 3)
     assert backend.endpoints[0].client.cancelled == 2
+
+
+async def test_a_triton_request_past_the_round_budget_goes_in_pieces_answered_in_place(monkeypatch):
+    import dataclasses
+
+    from fos_runtime import batching
+    from shim.backends import triton
+
+    monkeypatch.setattr(triton, "plan_for", lambda device: dataclasses.replace(batching.plan_for(device), round_tokens=5))
+    client = FakeClient()
+    backend = _backend(client)
+    texts = ["a" * n for n in (3, 1, 4, 1, 5, 9, 2, 6)]
+    try:
+        out = await backend._submit(SPEC, _Rows(texts, None, False))
+    finally:
+        await backend.close()
+    assert out.values[:, 0].tolist() == [len(t) for t in texts] and out.tokens == [3] * len(texts)
+    assert backend.stats()[SPEC.served_name].rounds == len(pieces([len(t) for t in texts], 5)) == 6
 
 
 async def test_in_a_failed_round_only_the_request_at_fault_fails():

@@ -1,18 +1,21 @@
-"""The embedded backend's rounds when something goes wrong: an engine error on one request's input, and what the
-encoder's counters say of rounds that failed or were left."""
+"""The embedded backend's rounds: an engine error on one request's input, what the encoder's counters say of rounds
+that failed or were left, and a request larger than a round."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
+import time
 
 import numpy as np
 import pytest
 
+from fos_runtime import batching
 from fos_runtime.tokenization import Encoded
 from shim.backends.embedded import EmbeddedBackend
 
-from helpers import EMBED_V3
+from helpers import EMBED, EMBED_V3
 
 POISON = 77  # a token id the engine "fails" on, as one did on a shape after a memory release (OpenVINO 2026.4.1)
 
@@ -79,3 +82,36 @@ async def test_runs_of_a_round_that_failed_or_was_left_are_counted(exported):
         assert counted.encoder_runs == 1 and (counted.encoder_seconds or 0) > 0
     finally:
         await backend.close()
+
+
+async def test_a_request_past_the_round_budget_goes_in_pieces_and_others_get_in_between(exported):
+    # One request of 256 long inputs held every other model's requests for its whole 6 s (review, 2026-11-28).
+    whole = EmbeddedBackend(exported["repository"])
+    cut = EmbeddedBackend(exported["repository"], plan=dataclasses.replace(batching.plan_for("cpu"), round_tokens=64))
+    texts = [f"{i}: " + "東京は日本の首都です。" * (1 + i % 3) for i in range(40)]
+    for backend in (whole, cut):
+        await backend.start()
+    try:
+        expected = (await whole.embed(whole.models[EMBED_V3].spec, texts=texts)).values
+        model, other = cut.models[EMBED_V3], cut.models[EMBED]
+        run_many = model.encoder.run_many
+        order: list[str] = []
+
+        def slow(feeds):
+            time.sleep(0.05)  # a run of a large model
+            return run_many(feeds)
+
+        model.encoder.run_many = slow
+        large = asyncio.create_task(cut.embed(model.spec, texts=texts))
+        while not model.rounds.stats.rounds:
+            await asyncio.sleep(0.01)
+        large.add_done_callback(lambda _: order.append("large"))
+        await cut.embed(other.spec, texts=["猫"])
+        order.append("small")
+        got = (await large).values
+        assert order == ["small", "large"]
+        assert model.rounds.stats.rounds >= 4  # the pieces: each its own round
+        assert np.allclose(got, expected, atol=1e-5)
+    finally:
+        for backend in (whole, cut):
+            await backend.close()

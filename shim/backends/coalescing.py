@@ -9,6 +9,10 @@ Cancellation is exact. A request that leaves before its round starts is dropped 
 its round runs waits for the round to end before it gives up, so whoever counts admitted work (``service.Admission``)
 counts what really runs. ``run`` is told when every request of its round has left (``wanted``), and may stop early.
 One request's failure is its own: ``run`` returns a result or an exception per request.
+
+No round is larger than its budget, even for one request: a request larger than that goes in pieces (``pieces``,
+``submit_pieces``), at most as many in flight as rounds may be, so that requests queued meanwhile, another client's
+single query, go into the rounds between them rather than waiting for the whole of it.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
+
+import numpy as np
 
 P = TypeVar("P")
 R = TypeVar("R")
@@ -46,6 +52,31 @@ class RoundStats:
     @property
     def rows_per_round(self) -> float:
         return self.rows / self.rounds if self.rounds else 0.0
+
+
+def pieces(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """A request's input indices in pieces of at most ``budget`` (an input larger than that alone), sorted by length
+    so that each piece holds inputs of like length, as one round of them all would have grouped them."""
+    out: list[list[int]] = []
+    piece: list[int] = []
+    total = 0
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if piece and total + lengths[i] > budget:
+            out.append(piece)
+            piece, total = [], 0
+        piece.append(i)
+        total += lengths[i]
+    if piece:
+        out.append(piece)
+    return out
+
+
+def in_order(groups: Sequence[Sequence[int]], parts: Sequence[np.ndarray]) -> np.ndarray:
+    """The rows of ``parts`` (part k holding the inputs ``groups[k]``) put back in input order."""
+    joined = np.concatenate(parts)
+    out = np.empty_like(joined)
+    out[np.concatenate([np.asarray(g, dtype=np.int64) for g in groups])] = joined
+    return out
 
 
 # run(payloads, wanted): wanted() turns False once every request of the round has left (its answers go to nobody).
@@ -104,6 +135,31 @@ class Coalescer(Generic[P, R]):
                 with contextlib.suppress(ValueError):  # close() took it already
                     self._queue.remove(job)
             raise
+
+    async def submit_pieces(self, parts: Sequence[tuple[P, int, int]]) -> list[R]:
+        """``submit`` for each (payload, rows, cost) of one request, at most ``concurrency`` in flight, each next one
+        queued once one ends: behind whatever queued meanwhile. The first failure fails the request, and the pieces not
+        yet answered are given up as ``submit`` gives up a request whose client left."""
+        tasks: list[asyncio.Task[R]] = []
+        try:
+            for part in parts:
+                running = [t for t in tasks if not t.done()]
+                if len(running) >= self.concurrency:
+                    await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for t in tasks:
+                    if t.done():
+                        t.result()  # a piece failed: so does the request, now
+                tasks.append(asyncio.create_task(self.submit(*part)))
+            return [await t for t in tasks]
+        finally:
+            left = [t for t in tasks if not t.done()]
+            for t in left:
+                t.cancel()
+            if left:  # each ends once its round has (``submit``): until then its work still counts as admitted
+                await asyncio.wait(left)
+            for t in tasks:
+                if t.done() and not t.cancelled():
+                    t.exception()  # retrieved: the request has failed with the first
 
     def _take_round(self) -> list[_Job]:
         jobs: list[_Job] = []

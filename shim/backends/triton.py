@@ -35,6 +35,7 @@ from fos_runtime.tokenization import Encoded
 
 from ..errors import APIError, BackendFailed, BackendTimeout, BackendUnavailable
 from ..repository import spec_of
+from . import coalescing
 from .base import BatchingStats, Engine, Output
 from .coalescing import Coalescer
 
@@ -56,6 +57,10 @@ class _Rows:
     pairs: list[str] | None
     detect_truncation: bool
     max_doc_tokens: int | None = None  # rerank: each document cut to this many tokens first (Cohere's max_tokens_per_doc)
+
+    def subset(self, indices: Sequence[int]) -> _Rows:
+        pairs = [self.pairs[i] for i in indices] if self.pairs is not None else None
+        return _Rows([self.texts[i] for i in indices], pairs, self.detect_truncation, self.max_doc_tokens)
 
     @property
     def lengths(self) -> list[int]:
@@ -383,7 +388,17 @@ class TritonBackend:
         return rounds
 
     async def _submit(self, s: ModelSpec, rows: _Rows) -> Output:
-        return await self._rounds_for(s).submit(rows, rows=len(rows.texts), cost=sum(rows.lengths))
+        rounds = self._rounds_for(s)
+        lengths = rows.lengths
+        groups = coalescing.pieces(lengths, rounds.max_cost)
+        if len(groups) == 1:
+            return await rounds.submit(rows, rows=len(lengths), cost=sum(lengths))
+        outs = await rounds.submit_pieces([(rows.subset(g), len(g), sum(lengths[i] for i in g)) for g in groups])
+        return Output(
+            coalescing.in_order(groups, [o.values for o in outs]),
+            coalescing.in_order(groups, [np.asarray(o.tokens) for o in outs]).tolist(),
+            coalescing.in_order(groups, [np.asarray(o.truncated) for o in outs]).tolist(),
+        )
 
     async def embed(
         self, s: ModelSpec, texts: Sequence[str] | None = None, encoded: Encoded | None = None, detect_truncation: bool = False
