@@ -128,9 +128,12 @@ class ModelSpec:
 
     def with_prompt(self, texts: Sequence[str], name: str | None) -> list[str]:
         """The texts as the model is to read them: the prompt put before each, except before a text that
-        already starts with one of the model's prompts (a client such as Dify may have put it there)."""
+        already starts with it (a client such as Dify may have put it there). The default prompt (``name`` None) also
+        gives way to any other of the model's prompts: Dify's query prefix before a query, with a default document
+        prompt. A prompt asked for by name does not: a document that begins "トピック: " is still a document, as
+        sentence-transformers' ``encode(prompt_name=...)`` reads it."""
         prompt = self.prompt(name)
-        given = tuple(p for p in self.prompts.values() if p)
+        given = (prompt,) if name is not None else tuple(p for p in self.prompts.values() if p)
         return [t if not prompt or t.startswith(given) else prompt + t for t in texts]
 
     def to_json(self) -> str:

@@ -252,8 +252,9 @@ def test_prompts_resolve_as_sentence_transformers_does_and_are_never_doubled():
     assert s.with_prompt(["猫"], "") == ["猫"]
     # Dify's query_prefix "検索クエリ:" joined with a space already gave the text its prompt.
     assert s.with_prompt(["検索クエリ: 猫"], "query") == ["検索クエリ: 猫"]
-    # ... and a text that carries another of the model's prompts is not given a second one.
-    assert s.with_prompt(["検索クエリ: 猫"], "document") == ["検索クエリ: 猫"]
+    # A prompt asked for by name goes before a text that begins with another: it is content (a document that begins
+    # "トピック: " embedded as a topic was cosine 0.938 from encode(prompt_name="document"), review).
+    assert s.with_prompt(["トピック: 会議"], "document") == ["検索文書: トピック: 会議"]
     assert s.with_prompt(["検索クエリ:猫"], "query") == ["検索クエリ: 検索クエリ:猫"]  # not the prompt: prepended
     with_default = _spec(prompts=v3, default_prompt_name="document")
     assert with_default.with_prompt(["猫", "検索クエリ: 犬"], None) == ["検索文書: 猫", "検索クエリ: 犬"]
