@@ -121,8 +121,7 @@ def create_app(backend: Backend, limits: Limits | None = None, api_keys: list[st
     async def rerank_v2(body: RerankV2Request, request: Request):
         return JSON(RerankV2Response.of(await until_disconnected(request, service(request).rerank(body))))
 
-    # HEAD too, on what monitors probe (curl -I, uptime checks): a 405 there reads as the service down.
-    @app.api_route("/v1/models", methods=["GET", "HEAD"], response_model=ModelList)
+    @app.get("/v1/models", response_model=ModelList)
     async def models(request: Request):
         return JSON(service(request).models())
 
@@ -135,11 +134,16 @@ def create_app(backend: Backend, limits: Limits | None = None, api_keys: list[st
     async def prometheus():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.api_route("/health", methods=["GET", "HEAD"], responses={503: {"model": ErrorResponse}})
+    @app.get("/health", responses={503: {"model": ErrorResponse}})
     async def health():
         if await backend.ready():
             return {"status": "ok"}
         return errors.error_response(errors.NotReady("not ready: models are loading or the inference server is down"))
+
+    # HEAD too, on what monitors probe (curl -I, uptime checks): a 405 there reads as the service down. Not in the
+    # schema, where it would be a second operation of the same id.
+    for path, endpoint in (("/health", health), ("/v1/models", models)):
+        app.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False)
 
     _document_errors_not_422(app)
     return app
