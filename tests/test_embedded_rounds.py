@@ -4,6 +4,7 @@ that failed or were left, and a request larger than a round."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import threading
 import time
@@ -17,13 +18,22 @@ from shim.backends.embedded import EmbeddedBackend
 
 from helpers import EMBED, EMBED_V3
 
+
+@contextlib.asynccontextmanager
+async def started(repository, **options):
+    backend = EmbeddedBackend(repository, **options)
+    await backend.start()
+    try:
+        yield backend
+    finally:
+        await backend.close()
+
+
 POISON = 77  # a token id the engine "fails" on, as one did on a shape after a memory release (OpenVINO 2026.4.1)
 
 
 async def test_in_a_failed_round_only_the_request_at_fault_fails(exported):
-    backend = EmbeddedBackend(exported["repository"])
-    await backend.start()
-    try:
+    async with started(exported["repository"]) as backend:
         model = backend.models[EMBED_V3]
         run_many = model.encoder.run_many
         held = threading.Event()
@@ -55,14 +65,10 @@ async def test_in_a_failed_round_only_the_request_at_fault_fails(exported):
         for k in (0, 2):
             alone = await backend.embed(model.spec, encoded=Encoded(input_ids=[rows[k]]))
             assert np.allclose(results[k].values, alone.values, atol=1e-6)
-    finally:
-        await backend.close()
 
 
 async def test_runs_of_a_round_that_failed_or_was_left_are_counted(exported):
-    backend = EmbeddedBackend(exported["repository"])
-    await backend.start()
-    try:
+    async with started(exported["repository"]) as backend:
         model = backend.models[EMBED_V3]
         run_many = model.encoder.run_many
         runs = 0
@@ -80,18 +86,13 @@ async def test_runs_of_a_round_that_failed_or_was_left_are_counted(exported):
             await backend.embed(model.spec, texts=texts)
         counted = backend.stats()[EMBED_V3]
         assert counted.encoder_runs == 1 and (counted.encoder_seconds or 0) > 0
-    finally:
-        await backend.close()
 
 
 async def test_a_request_past_the_round_budget_goes_in_pieces_and_others_get_in_between(exported):
     # One request of 256 long inputs held every other model's requests for its whole 6 s (review, 2026-11-28).
-    whole = EmbeddedBackend(exported["repository"])
-    cut = EmbeddedBackend(exported["repository"], plan=dataclasses.replace(batching.plan_for("cpu"), round_tokens=64))
     texts = [f"{i}: " + "東京は日本の首都です。" * (1 + i % 3) for i in range(40)]
-    for backend in (whole, cut):
-        await backend.start()
-    try:
+    small_rounds = dataclasses.replace(batching.plan_for("cpu"), round_tokens=64)
+    async with started(exported["repository"]) as whole, started(exported["repository"], plan=small_rounds) as cut:
         expected = (await whole.embed(whole.models[EMBED_V3].spec, texts=texts)).values
         model, other = cut.models[EMBED_V3], cut.models[EMBED]
         run_many = model.encoder.run_many
@@ -112,6 +113,3 @@ async def test_a_request_past_the_round_budget_goes_in_pieces_and_others_get_in_
         assert order == ["small", "large"]
         assert model.rounds.stats.rounds >= 4  # the pieces: each its own round
         assert np.allclose(got, expected, atol=1e-5)
-    finally:
-        for backend in (whole, cut):
-            await backend.close()
