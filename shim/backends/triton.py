@@ -391,7 +391,7 @@ class TritonBackend:
         rounds = self._rounds_for(s)
         lengths = rows.lengths
         groups = coalescing.pieces(lengths, rounds.max_cost)
-        if len(groups) == 1:
+        if len(groups) <= 1:  # one piece, or none (no inputs)
             return await rounds.submit(rows, rows=len(lengths), cost=sum(lengths))
         outs = await rounds.submit_pieces([(rows.subset(g), len(g), sum(lengths[i] for i in g)) for g in groups])
         return Output(
