@@ -258,7 +258,9 @@ def install(app: FastAPI) -> None:
             return error_response(InvalidRequest("the request body is empty: send a JSON object", code="invalid_json"))
         param = _validation_param(loc)
         # An empty list fails every member of the union: the list members' failure says what is wrong.
-        empty = any(e.get("type") == "too_short" and len(_fields(tuple(e.get("loc", ())))) <= 2 for e in errors)
+        empty = any(
+            e.get("type") == "too_short" and len(f := _fields(tuple(e.get("loc", ())))) <= 2 and f[:1] == [param] for e in errors
+        )
         message = (f"{param} must not be an empty list" if param and empty else None) or (
             _PATH_FIELD_MESSAGES.get((request.url.path, param or ""))
             or _FIELD_MESSAGES.get(param or "")
@@ -270,7 +272,8 @@ def install(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException):
         if isinstance(exc.__cause__, ClientDisconnect):  # FastAPI's 400 for a body the client never finished
             return error_response(ClientDisconnected("the client closed the connection during the upload"))
-        if exc.status_code == 400 and exc.__cause__ is not None:  # FastAPI's 400 for a body json.loads refused
+        # FastAPI's 400 for a body json.loads refused: no UTF-8 (a ValueError), too deep (RecursionError).
+        if exc.status_code == 400 and isinstance(exc.__cause__, (ValueError, RecursionError)):
             return error_response(
                 InvalidRequest(
                     f"the request body is not valid JSON in UTF-8 ({type(exc.__cause__).__name__})", code="invalid_json"

@@ -336,6 +336,9 @@ def test_validation_messages_say_what_this_endpoint_takes():
             error = http.post(path, json=body).json()["error"]
             assert (error["message"], error["param"]) == (f"{param} must not be an empty list", param)
         assert "empty" not in http.post("/v1/embeddings", json={**BODY, "input": [[]]}).json()["error"]["message"]
+        # ... and only for the field that is empty (another field's error named "model" once).
+        error = http.post("/v1/embeddings", json={"model": 5, "input": []}).json()["error"]
+        assert error["param"] == "model" and "empty" not in error["message"]
         # Bytes that are no UTF-8, or JSON too deep for json.loads: FastAPI's own 400, in the envelope with a code.
         for content in ('{"model": "fake/embed", "input": "a\xff"}'.encode("latin-1"), b"[" * 100_000):
             r = http.post("/v1/embeddings", content=content, headers={"content-type": "application/json"})
