@@ -50,7 +50,11 @@ class _BackendCollector:
     def collect(self):
         model = ["model"]
         rounds = CounterMetricFamily("fos_rounds", "Rounds of coalesced requests run", labels=model)
-        requests = CounterMetricFamily("fos_round_requests", "Requests answered by those rounds (a request larger than a round counts once a piece)", labels=model)
+        requests = CounterMetricFamily(
+            "fos_round_requests",
+            "Requests answered by those rounds (a request larger than a round counts once a piece)",
+            labels=model,
+        )
         rows = CounterMetricFamily("fos_round_rows", "Inputs carried by those rounds", labels=model)
         depth = GaugeMetricFamily("fos_queue_depth", "Requests waiting for a round", labels=model)
         runs = CounterMetricFamily("fos_encoder_runs", "Padded batches run by the in-process encoder", labels=model)
