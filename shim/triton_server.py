@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import ctypes
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -26,6 +25,8 @@ import time
 import uuid
 from pathlib import Path
 from typing import NamedTuple
+
+from .repository import parse
 
 SYSTEM_BIN_DIRS = ("/usr/bin", "/usr/local/bin")
 
@@ -161,18 +162,15 @@ PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 
 
-_BACKEND = re.compile(r'^backend:\s*"([^"]+)"', re.M)
-
-
 def foreign_backends(repository: Path) -> dict[str, str]:
     """The models in ``repository`` whose backend this build lacks (it has the Python backend only), by name: what
     ``fos serve --model`` and a default ``fos export`` write for the container's ONNX Runtime backend. tritonserver
     would stop at them with "unable to find backend library"."""
     found: dict[str, str] = {}
-    for config in sorted(Path(repository).glob("*/config.pbtxt")):
-        m = _BACKEND.search(config.read_text(encoding="utf-8"))
-        if m and m.group(1) != "python":
-            found[config.parent.name] = m.group(1)
+    for path in sorted(Path(repository).glob("*/config.pbtxt")):
+        backend = parse(path.read_text(encoding="utf-8")).backend
+        if backend and backend != "python":
+            found[path.parent.name] = backend
     return found
 
 
