@@ -136,6 +136,21 @@ class Coalescer(Generic[P, R]):
                     self._queue.remove(job)
             raise
 
+    async def submit_request(
+        self,
+        payload: P,
+        lengths: Sequence[int],
+        subset: Callable[[list[int]], P],
+        join: Callable[[list[list[int]], list[R]], R],
+    ) -> R:
+        """``submit`` for a request of inputs of these ``lengths``, whole if it fits a round, else in ``pieces``:
+        ``subset(indices)`` is a piece's payload, and ``join(groups, results)`` the request's result from its pieces'."""
+        groups = pieces(lengths, self.max_cost)
+        if len(groups) <= 1:  # one piece, or none (no inputs)
+            return await self.submit(payload, rows=len(lengths), cost=sum(lengths))
+        parts = [(subset(g), len(g), sum(lengths[i] for i in g)) for g in groups]
+        return join(groups, await self.submit_pieces(parts))
+
     async def submit_pieces(self, parts: Sequence[tuple[P, int, int]]) -> list[R]:
         """``submit`` for each (payload, rows, cost) of one request, at most ``concurrency`` in flight, each next one
         queued once one ends: behind whatever queued meanwhile. The first failure fails the request, and the pieces not

@@ -168,12 +168,7 @@ class _Model:
         if not encoded.input_ids:
             width = self.spec.dimension if self.spec.task == "embed" else 1
             return np.zeros((0, width), dtype=np.float32)
-        lengths = encoded.lengths
-        groups = coalescing.pieces(lengths, self.rounds.max_cost)
-        if len(groups) == 1:
-            return await self.rounds.submit(encoded, rows=len(lengths), cost=sum(lengths))
-        parts = [(encoded.subset(g), len(g), sum(lengths[i] for i in g)) for g in groups]
-        return coalescing.in_order(groups, await self.rounds.submit_pieces(parts))
+        return await self.rounds.submit_request(encoded, encoded.lengths, encoded.subset, coalescing.in_order)
 
     async def _run(self, encodeds: Sequence[Encoded], wanted: Callable[[], bool]) -> Sequence[np.ndarray | BaseException]:
         loop = asyncio.get_running_loop()

@@ -388,17 +388,7 @@ class TritonBackend:
         return rounds
 
     async def _submit(self, s: ModelSpec, rows: _Rows) -> Output:
-        rounds = self._rounds_for(s)
-        lengths = rows.lengths
-        groups = coalescing.pieces(lengths, rounds.max_cost)
-        if len(groups) <= 1:  # one piece, or none (no inputs)
-            return await rounds.submit(rows, rows=len(lengths), cost=sum(lengths))
-        outs = await rounds.submit_pieces([(rows.subset(g), len(g), sum(lengths[i] for i in g)) for g in groups])
-        return Output(
-            coalescing.in_order(groups, [o.values for o in outs]),
-            coalescing.in_order(groups, [np.asarray(o.tokens) for o in outs]).tolist(),
-            coalescing.in_order(groups, [np.asarray(o.truncated) for o in outs]).tolist(),
-        )
+        return await self._rounds_for(s).submit_request(rows, rows.lengths, rows.subset, _joined)
 
     async def embed(
         self, s: ModelSpec, texts: Sequence[str] | None = None, encoded: Encoded | None = None, detect_truncation: bool = False
@@ -430,6 +420,14 @@ class TritonBackend:
 
 
 _COUNTS = (specs.NUM_TOKENS, specs.TRUNCATED)
+
+
+def _joined(groups: list[list[int]], outs: list[Output]) -> Output:
+    return Output(
+        coalescing.in_order(groups, [o.values for o in outs]),
+        coalescing.in_order(groups, [np.asarray(o.tokens) for o in outs]).tolist(),
+        coalescing.in_order(groups, [np.asarray(o.truncated) for o in outs]).tolist(),
+    )
 
 
 def _output(values: np.ndarray, tokens: np.ndarray, truncated: np.ndarray) -> Output:
