@@ -168,7 +168,9 @@ def foreign_backends(repository: Path) -> dict[str, str]:
     would stop at them with "unable to find backend library"."""
     found: dict[str, str] = {}
     for path in sorted(Path(repository).glob("*/config.pbtxt")):
-        backend = parse(path.read_text(encoding="utf-8")).backend
+        config = parse(path.read_text(encoding="utf-8"))
+        # A hand-written config may name its backend by platform alone (onnxruntime_onnx, tensorrt_plan).
+        backend = config.backend or ("" if config.platform == "ensemble" else config.platform)
         if backend and backend != "python":
             found[path.parent.name] = backend
     return found

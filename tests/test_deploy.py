@@ -264,3 +264,9 @@ def test_fos_triton_names_the_models_its_tritonserver_cannot_load(exported, tmp_
     assert main(["triton", "--repository", str(repo)]) == 2
     err = capsys.readouterr().err
     assert f"{spec.encoder_model(s.name)} (onnxruntime)" in err and "--encoder-backend python" in err
+    assert s.name not in err.replace(spec.encoder_model(s.name), "")  # the ensemble is not one of them
+    # Named by platform only, as a hand-written config may be.
+    path.write_text(path.read_text().replace('backend: "onnxruntime"', 'platform: "onnxruntime_onnx"'))
+    assert 'platform: "onnxruntime_onnx"' in path.read_text()
+    assert main(["triton", "--repository", str(repo)]) == 2
+    assert f"{spec.encoder_model(s.name)} (onnxruntime_onnx)" in capsys.readouterr().err
