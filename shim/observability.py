@@ -34,6 +34,9 @@ class Metrics:
         )
         self.inputs = Counter("fos_inputs", "Inputs embedded or reranked", ["model"], registry=r)
         self.tokens = Counter("fos_tokens", "Tokens processed (after truncation)", ["model"], registry=r)
+        self.truncated = Counter(
+            "fos_truncated_inputs", "Inputs cut to the model's context (truncation on: the default)", ["model"], registry=r
+        )
         self.in_flight = Gauge("fos_inputs_in_flight", "Inputs admitted and not yet answered", registry=r)
         self.rejected = Counter("fos_overload_rejections", "Requests refused with 429", registry=r)
 

@@ -14,7 +14,7 @@ from fos_runtime.spec import ModelSpec
 from fos_runtime.text import blank, clean
 from fos_runtime.tokenization import truncate_ids
 
-from .backends.base import Backend
+from .backends.base import Backend, Output
 from .errors import BackendUnavailable, InvalidRequest, ModelNotFound, NonFiniteOutput, Overloaded
 from .observability import Metrics
 from .protocol import (
@@ -99,10 +99,11 @@ class Service:
         for warning in self.limits.never_admitted():
             log.warning(warning)
 
-    def _count(self, s: ModelSpec, counts: list[int]) -> None:
+    def _count(self, s: ModelSpec, out: Output) -> None:
         if self.metrics:
-            self.metrics.inputs.labels(s.served_name).inc(len(counts))
-            self.metrics.tokens.labels(s.served_name).inc(int(sum(counts)))
+            self.metrics.inputs.labels(s.served_name).inc(len(out.tokens))
+            self.metrics.tokens.labels(s.served_name).inc(int(sum(out.tokens)))
+            self.metrics.truncated.labels(s.served_name).inc(sum(out.truncated))
 
     async def _has_models(self) -> bool:
         """Whether the backend serves models; with none known yet it is asked again (ready() rediscovers Triton's)."""
@@ -151,7 +152,8 @@ class Service:
             texts = [self._text(t, f"input[{i}]", "input") for i, t in enumerate(raw)]
             texts = s.with_prompt(texts, self._prompt_name(s, req))
             with self.admission.admit(len(texts)):
-                out = await self.backend.embed(s, texts=texts, detect_truncation=not truncate)
+                # Detected even where allowed, for fos_truncated_inputs: it re-tokenizes only inputs that fill the context.
+                out = await self.backend.embed(s, texts=texts, detect_truncation=True)
         else:
             seqs = [raw] if isinstance(raw[0], int) else raw
             self._check_ids(s, seqs)
@@ -164,7 +166,7 @@ class Service:
                 out = await self.backend.embed(s, encoded=encoded)
         self._check_truncation(s, out.truncated, truncate, "input", "input[{}]")
         self._check_finite(s, out.values, "input[{}]")
-        self._count(s, out.tokens)
+        self._count(s, out)
         vectors = out.values
 
         if s.normalize and not s.model_normalizes:
@@ -264,10 +266,10 @@ class Service:
         with self.admission.admit(len(docs)):
             # A cap past the context cuts nothing; past int64 it would not reach the tokenizer.
             cap = min(req.max_tokens_per_doc, s.max_length) if req.max_tokens_per_doc is not None else None
-            out = await self.backend.rerank(s, query, cleaned, detect_truncation=not truncate, max_doc_tokens=cap)
+            out = await self.backend.rerank(s, query, cleaned, detect_truncation=True, max_doc_tokens=cap)
         self._check_truncation(s, out.truncated, truncate, "documents", "'query' with documents[{}]")
         self._check_finite(s, out.values, "'query' with documents[{}]")
-        self._count(s, out.tokens)
+        self._count(s, out)
         scores = [float(x) for x in out.values]
         order = sorted(range(len(docs)), key=lambda i: (-scores[i], i))
         if req.top_n is not None:

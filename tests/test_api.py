@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 
 import httpx
 import numpy as np
@@ -85,10 +86,22 @@ def test_dify_one_input_per_request_empty_authorization(server, references):
         assert body["usage"]["prompt_tokens"] == hf_token_counts(references["embed"], [text])[0]
 
 
+def _truncated_count(server, model: str) -> float:
+    metrics = httpx.get(server.url + "/metrics").text
+    found = re.search(rf'^fos_truncated_inputs_total{{model="{re.escape(model)}"}} (\S+)$', metrics, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
 def test_long_input_is_truncated_to_max_length(server):
+    before = _truncated_count(server, EMBED), _truncated_count(server, RERANK)
     r = httpx.post(server.url + "/v1/embeddings", json={"model": EMBED, "input": TEXTS[2] * 10})
     assert r.status_code == 200
     assert r.json()["usage"]["prompt_tokens"] == tiny_models.MAX_SEQ_LENGTH
+    assert httpx.post(server.url + "/v1/embeddings", json={"model": EMBED, "input": [5] * 200}).status_code == 200
+    r = httpx.post(server.url + "/v1/rerank", json={"model": RERANK, "query": TEXTS[0], "documents": [TEXTS[2] * 10, DOCS[0]]})
+    assert r.status_code == 200
+    # Cut, as Dify needs, and counted: the operator sees how often the context was too short.
+    assert (_truncated_count(server, EMBED), _truncated_count(server, RERANK)) == (before[0] + 2, before[1] + 1)
 
 
 def test_truncate_false_rejects_what_it_would_cut(server, references):
