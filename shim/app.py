@@ -96,10 +96,10 @@ def create_app(backend: Backend, limits: Limits | None = None, api_keys: list[st
 
     app = FastAPI(title="fake-openai-server", version=__version__, lifespan=lifespan)
     errors.install(app)
-    if api_keys:
-        app.add_middleware(APIKeyMiddleware, keys=api_keys)
     app.add_middleware(errors.BodyLimitMiddleware, max_bytes=limits.max_body_bytes)
     app.add_middleware(AdmissionGate, admission=admission)
+    if api_keys:  # outside the gate: a request without a key is a 401 however full the server is, never a 429
+        app.add_middleware(APIKeyMiddleware, keys=api_keys)
     app.add_middleware(errors.LastResortMiddleware)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)  # outermost: sees every answer, 401s too
 

@@ -110,12 +110,16 @@ class Service:
         return bool(self.backend.specs()) or await self.backend.ready()
 
     @staticmethod
+    def _unavailable() -> BackendUnavailable:
+        return BackendUnavailable("no model is ready: the models are loading or the inference server is unreachable")
+
+    @staticmethod
     def _not_found(name: str, served: Iterable[str]) -> ModelNotFound:
         return ModelNotFound(f"The model `{name}` does not exist. Served: {', '.join(sorted(served)) or 'none'}", param="model")
 
     async def resolve(self, name: str | None, task: str) -> ModelSpec:
         if not await self._has_models():
-            raise BackendUnavailable("no model is ready: the models are loading or the inference server is unreachable")
+            raise self._unavailable()
         served = {s.served_name: s for s in self.backend.specs()}
         if name is None:
             of_task = [s for s in served.values() if s.task == task]
@@ -279,7 +283,8 @@ class Service:
     async def model(self, name: str) -> ModelCard:
         if not name:  # /v1/models/: a 404 of this operation, not the list of another (its answer is one card)
             raise ModelNotFound("name a model: /v1/models/{id}; GET /v1/models lists them", param="model")
-        await self._has_models()
+        if not await self._has_models():  # a model not known yet may be loading: a 503, as for inference
+            raise self._unavailable()
         cards = self.models().data
         card = next((c for c in cards if c.id == name), None)
         if card is None:

@@ -48,6 +48,8 @@ def test_not_ready_backend_answers_503_not_404():
         r = http.post("/v1/embeddings", json=BODY)
         assert r.status_code == 503 and r.json()["error"]["code"] == "backend_unavailable"
         assert http.get("/health").status_code == 503
+        r = http.get("/v1/models/fake/embed")  # not "does not exist": it may be loading
+        assert r.status_code == 503 and r.json()["error"]["code"] == "backend_unavailable"
 
 
 def test_overload_is_a_429_with_retry_after_and_recovers():
@@ -72,6 +74,28 @@ def test_overload_is_a_429_with_retry_after_and_recovers():
             metrics = (await http.get("/metrics")).text
             assert "fos_overload_rejections_total 4.0" in metrics
             assert "fos_inputs_in_flight 0.0" in metrics
+
+    asyncio.run(scenario())
+
+
+def test_a_request_without_a_key_is_a_401_even_when_the_server_is_full():
+    import asyncio
+
+    import httpx
+
+    from shim.service import Limits
+
+    async def scenario():
+        app = create_app(FakeBackend(delay=0.3), limits=Limits(max_inputs_in_flight=1), api_keys=["k1"])
+        transport = httpx.ASGITransport(app=app)
+        async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            key = {"Authorization": "Bearer k1"}
+            busy = asyncio.create_task(http.post("/v1/embeddings", json=BODY, headers=key))
+            await asyncio.sleep(0.1)  # it holds the server's one input
+            assert (await http.post("/v1/embeddings", json=BODY)).status_code == 401
+            assert (await http.post("/v1/embeddings", json=BODY, headers=key)).status_code == 429
+            assert (await busy).status_code == 200
+            assert "fos_overload_rejections_total 1.0" in (await http.get("/metrics")).text
 
     asyncio.run(scenario())
 
