@@ -300,7 +300,7 @@ def _backend(*clients: FakeClient, serves: list[set[str]] | None = None) -> Trit
     backend.endpoints = []
     for i, client in enumerate(clients):
         e = type("E", (), {})()
-        e.url, e.client, e.healthy, e.down_since = f"fake:{i}", client, True, 0.0
+        e.url, e.client, e.healthy, e.down_since, e.told, e.unreadable = f"fake:{i}", client, True, 0.0, set(), set()
         e.ready, e.found = (set(serves[i]) if serves else _Everything()), {}
         e.index = set(e.ready)
         backend.endpoints.append(e)
@@ -369,6 +369,45 @@ async def test_an_ensemble_unloaded_beside_its_steps_is_learnt_again():
         await backend._ensemble(SPEC, _Rows(["猫"], None, False))
     await backend._probe(backend.endpoints[0])
     assert backend.specs() == [] and not backend.endpoints[0].healthy
+
+
+async def test_a_model_whose_spec_cannot_be_read_is_skipped_and_named_once(caplog):
+    # One such model (hand-edited, or exported by a version that wrote other fields) took the whole endpoint down,
+    # every model with it, and said so only at DEBUG: /health 503 for ever, with nothing in the log.
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    from fos_runtime.spec import SPEC_PARAMETER
+
+    class Probed(FakeClient):
+        starting = True
+
+        async def is_server_ready(self, client_timeout):
+            if self.starting:
+                raise ConnectionRefusedError("starting")
+            return True
+
+        async def get_model_repository_index(self, as_json, client_timeout):
+            return {"models": [{"name": n, "state": "READY"} for n in ("good", "broken")]}
+
+        async def get_model_config(self, name, client_timeout):
+            c = mc.ModelConfig(name=name, platform="ensemble")
+            text = SPEC.to_json() if name == "good" else '{"served_name": "x", "task": "embed"}'
+            c.parameters[SPEC_PARAMETER].string_value = text
+            return type("R", (), {"config": c})()
+
+    backend = _backend(Probed(), serves=[set()])
+    backend.endpoints[0].healthy = False
+    with caplog.at_level("WARNING", logger="fos.triton"):
+        for _ in range(3):
+            assert not await backend._probe(backend.endpoints[0])
+        Probed.starting = False
+        for _ in range(3):  # probes repeat
+            assert await backend._probe(backend.endpoints[0])
+            backend.endpoints[0].index = set()  # as if the index changed: learnt again
+    assert backend.specs() == [SPEC]
+    told = [r.getMessage() for r in caplog.records if "broken" in r.getMessage()]
+    assert len(told) == 1 and "fos_spec cannot be read" in told[0]
+    assert len([r for r in caplog.records if "not ready: starting" in r.getMessage()]) == 1  # was DEBUG only
 
 
 def test_a_name_is_asked_only_of_endpoints_holding_the_same_export():

@@ -150,6 +150,8 @@ class _Endpoint:
         self.index: set[str] = set()  # the Triton models it said were ready at its last probe
         self.ready: set[str] = set()  # those it is asked for: the index, less any that answered NOT_FOUND since
         self.found: dict[str, ModelSpec] = {}  # its exported models, by served name, learnt from those
+        self.told: set[str] = set()  # why it was not ready, each logged once until it is ready again
+        self.unreadable: set[str] = set()  # its models whose spec could not be read, each logged once
 
 
 class TritonBackend:
@@ -203,16 +205,26 @@ class TritonBackend:
                 e.found = await self._discover(e, ready)
                 e.index, e.ready = ready, set(ready)
                 self._learn()
+            if not e.found:
+                _tell(e, f"Triton at {e.url} serves no model exported by fos export (ready: {sorted(ready) or 'none'})", "none")
             return self._mark(e, bool(e.found))
         except Exception as exc:
-            log.debug("Triton at %s not ready: %s", e.url, exc)
+            # Once per kind of failure (a starting Triton refuses every probe alike), not once per probe.
+            kind = exc.status() if isinstance(exc, InferenceServerException) else type(exc).__name__
+            _tell(e, f"Triton at {e.url} not ready: {exc}", kind)
             return self._mark(e, False)
 
     async def _discover(self, e: _Endpoint, ready: set[str]) -> dict[str, ModelSpec]:
         found: dict[str, ModelSpec] = {}
         for name in sorted(ready):
             response = await e.client.get_model_config(name, client_timeout=self.timeout_s)
-            s = spec_of(response.config)
+            try:
+                s = spec_of(response.config)
+            except (ValueError, KeyError, TypeError) as exc:  # one unreadable model must not hide the others
+                if f"{name}: {exc!r}" not in e.unreadable:
+                    e.unreadable.add(f"{name}: {exc!r}")
+                    log.warning("Triton at %s: %s's fos_spec cannot be read (%r); export it again", e.url, name, exc)
+                continue
             if s is not None:
                 found[s.served_name] = s
         return found
@@ -229,6 +241,8 @@ class TritonBackend:
         self._specs = found
 
     def _mark(self, e: _Endpoint, healthy: bool) -> bool:
+        if healthy:
+            e.told.clear()
         if healthy != e.healthy:
             if healthy:
                 log.info("Triton at %s is ready (down %.1fs)", e.url, time.monotonic() - e.down_since)
@@ -420,6 +434,13 @@ class TritonBackend:
 
 
 _COUNTS = (specs.NUM_TOKENS, specs.TRUNCATED)
+
+
+def _tell(e: _Endpoint, message: str, key: str) -> None:
+    """Why an endpoint is not ready, once for each ``key`` until it is ready again: probes repeat every few seconds."""
+    if key not in e.told:
+        e.told.add(key)
+        log.warning("%s", message)
 
 
 def _joined(groups: list[list[int]], outs: list[Output]) -> Output:
