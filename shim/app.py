@@ -87,9 +87,9 @@ def create_app(backend: Backend, limits: Limits | None = None, api_keys: list[st
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        await backend.start()
-        app.state.service = Service(backend, limits, metrics, admission)
-        try:
+        try:  # a start that fails part-way (the second model's file bad) closes what it had started
+            await backend.start()
+            app.state.service = Service(backend, limits, metrics, admission)
             yield
         finally:
             await backend.close()

@@ -113,3 +113,24 @@ async def test_a_request_past_the_round_budget_goes_in_pieces_and_others_get_in_
         assert order == ["small", "large"]
         assert model.rounds.stats.rounds >= 4  # the pieces: each its own round
         assert np.allclose(got, expected, atol=1e-5)
+
+
+async def test_one_models_tokenization_does_not_hold_anothers(exported):
+    # The models shared two tokenizer threads: two chunks of one model held both (one waiting for that tokenizer's
+    # lock) while another model's one query waited behind them.
+    async with started(exported["repository"]) as backend:
+        busy, other = backend.models[EMBED], backend.models[EMBED_V3]
+        encode = busy.tokenizer.encode
+
+        def slow(*args):
+            time.sleep(0.4)
+            return encode(*args)
+
+        busy.tokenizer.encode = slow
+        start = time.perf_counter()
+        held = [asyncio.create_task(busy.tokenize(["猫"], None, False)) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        await other.tokenize(["犬"], None, False)
+        waited = time.perf_counter() - start
+        await asyncio.gather(*held)
+    assert waited < 0.3, waited

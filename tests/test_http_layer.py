@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from fastapi.testclient import TestClient
 
 from shim.app import create_app
@@ -98,6 +99,28 @@ def test_a_request_without_a_key_is_a_401_even_when_the_server_is_full():
             assert "fos_overload_rejections_total 1.0" in (await http.get("/metrics")).text
 
     asyncio.run(scenario())
+
+
+def test_a_start_that_fails_part_way_is_closed():
+    import asyncio
+
+    closed = []
+
+    class HalfStarted(FakeBackend):
+        async def start(self):
+            raise RuntimeError("the second model's file is bad")  # the first one's threads and tasks running
+
+        async def close(self):
+            closed.append(True)
+
+    async def scenario():
+        app = create_app(HalfStarted())
+        with pytest.raises(RuntimeError):
+            async with app.router.lifespan_context(app):
+                pass
+
+    asyncio.run(scenario())
+    assert closed == [True]
 
 
 def test_request_larger_than_the_admission_capacity_is_a_400_naming_it(caplog):

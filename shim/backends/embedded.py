@@ -121,7 +121,6 @@ class _Model:
         repository: Path,
         executor,
         turns: Turns,
-        tokenize_pool,
         plan: BatchPlan | None,
         threads: int | None,
         engine: str,
@@ -129,7 +128,10 @@ class _Model:
         streams: int | None = None,
     ):
         self.spec = s
-        self.tokenize_pool = tokenize_pool
+        # A thread of its own: the tokenizer takes one call at a time (fugashi is not thread-safe), and a shared pool
+        # let one model's queued chunks hold every thread, one of them waiting for its lock, while another model's
+        # tokenizer sat free (review).
+        self.tokenize_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fos-tokenize")
         self.tokenizer = Tokenizer(specs.tokenizer_files(repository, s.name), s.max_length)
         model = specs.encoder_file(repository, s.name)
         self.encoder = Encoder(model, threads=threads, device=device, engine=engine, precision=s.precision, streams=streams)
@@ -247,8 +249,6 @@ class EmbeddedBackend:
         # Rounds computing: one model's at a time (``Turns``), two where its encoder takes two (one with streams).
         self.turns = Turns()
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="fos-infer")
-        # Each model's tokenizer takes one call at a time (fugashi is not thread-safe): a thread per model.
-        self.tokenize_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="fos-tokenize")
         self._ready = False
 
     async def start(self) -> None:
@@ -266,7 +266,6 @@ class EmbeddedBackend:
                 self.repository,
                 self.executor,
                 self.turns,
-                self.tokenize_pool,
                 self.plan,
                 self.threads,
                 self.engine or s.engine,
@@ -280,8 +279,8 @@ class EmbeddedBackend:
     async def close(self) -> None:
         for model in self.models.values():
             await model.rounds.close()
+            model.tokenize_pool.shutdown(wait=False, cancel_futures=True)
         self.executor.shutdown(wait=False, cancel_futures=True)
-        self.tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
     async def ready(self) -> bool:
         return self._ready and bool(self.models)
