@@ -293,8 +293,9 @@ def run(
     wanted: Callable[[], bool] | None = None,
 ) -> list[np.ndarray]:
     """One output array per element of ``encodeds``, rows in their order. ``max_length``, the model's
-    context, bounds the shape buckets of a plan that uses them. ``wanted`` is asked before each run but the first:
-    once it says False, ``Abandoned`` is raised instead of running the rest."""
+    context, bounds the shape buckets of a plan that uses them. ``wanted`` is asked before each step of runs but the
+    first (a run; with streams, 4 × streams runs): once it says False, ``Abandoned`` is raised instead of running the
+    rest."""
     merged = merge(encodeds)
     limit = plan.bucket_limit(max_length)
 

@@ -63,7 +63,7 @@ class Encoder:
     ``engine``: one of ``engines.CHOICES``, resolved against the export's parity record (``engines.resolve``), or a
     ``engines.Choice`` run as it is (export's parity check, before there is a record). ``precision``: what the ONNX
     file holds. ``self.engine`` is what runs, ``self.reason`` why it was picked. ``streams``: None is
-    ``auto_streams``."""
+    ``auto_streams`` on onnxruntime, one on OpenVINO."""
 
     def __init__(
         self,

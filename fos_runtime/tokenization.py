@@ -89,7 +89,8 @@ class Tokenizer:
 
         self.hf = AutoTokenizer.from_pretrained(str(path))
         # MeCab's tagger (fugashi) is not thread-safe: two threads in it at once corrupt its state and
-        # return None. Tokenization holds the GIL anyway, so one at a time costs nothing.
+        # return None. The embedded backend calls each tokenizer from one thread of its own, so the lock is
+        # free there; it guards any other caller.
         self._lock = threading.Lock()
         self.max_length = max_length
         self.returns_token_types = spec.TOKEN_TYPE_IDS in self.hf.model_input_names

@@ -1,7 +1,7 @@
 """The ``fos`` command: ``export``, ``serve``, ``triton`` and ``bench``.
 
-Each command's module is imported only when that command runs, so serving needs neither torch
-(export) nor the benchmark tools (``bench``, left out of the serving image).
+A command whose package is not installed is left out (``bench``, not in the serving image); export imports
+torch only when it runs, so serving needs neither.
 """
 
 from __future__ import annotations

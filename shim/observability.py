@@ -62,7 +62,7 @@ class _BackendCollector:
         depth = GaugeMetricFamily("fos_queue_depth", "Requests waiting for a round", labels=model)
         runs = CounterMetricFamily("fos_encoder_runs", "Padded batches run by the in-process encoder", labels=model)
         eff = GaugeMetricFamily("fos_padding_efficiency", "Real tokens / computed tokens (in-process encoder)", labels=model)
-        busy = CounterMetricFamily("fos_encoder_seconds", "Time inside the in-process encoder's runs", labels=model)
+        busy = CounterMetricFamily("fos_encoder_seconds", "Time the in-process encoder computed", labels=model)
         engine = GaugeMetricFamily(
             "fos_engine_info",
             "The engine running the in-process encoder: its compute precision, the exported file's precision, each "

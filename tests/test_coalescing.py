@@ -440,7 +440,7 @@ async def test_a_failed_call_cancels_its_siblings():
         return await backend._infer(SPEC, "m", [], ["EMBEDDING"], 5.0)
 
     with pytest.raises(BackendFailed):
-        await backend._fan_out([[0], [1], [2]], call, 3)
+        await backend._fan_out([[0], [1], [2]], call)
     assert backend.endpoints[0].client.cancelled == 2
 
 

@@ -49,7 +49,7 @@ class BatchingStats:
     queued: int  # requests waiting for a round now
     encoder_runs: int | None = None  # padded batches the encoder ran (known where it runs in process)
     padding_efficiency: float | None = None  # real tokens / computed tokens, likewise
-    encoder_seconds: float | None = None  # time inside the encoder's runs, likewise
+    encoder_seconds: float | None = None  # time the encoder computed (rounds at once counted once), likewise
 
     @classmethod
     def of(cls, rounds: RoundStats, queued: int, encoder: Stats | None = None) -> BatchingStats:

@@ -89,7 +89,7 @@ class Coalescer(Generic[P, R]):
     A round holds at least one request and adds more while it stays within ``max_cost`` (tokens, or characters where
     tokens are not known yet) and ``max_rows``; at most ``concurrency`` rounds are in flight."""
 
-    def __init__(self, run: RunRound, *, max_rows: int, max_cost: int, concurrency: int = 1, name: str = ""):
+    def __init__(self, run: RunRound[P, R], *, max_rows: int, max_cost: int, concurrency: int = 1, name: str = ""):
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self._run = run

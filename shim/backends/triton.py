@@ -307,7 +307,7 @@ class TritonBackend:
         raise BackendUnavailable(last)
 
     async def _fan_out(
-        self, groups: list[list[int]], call: Callable[[list[int]], Coroutine[Any, Any, list[np.ndarray]]], n: int
+        self, groups: list[list[int]], call: Callable[[list[int]], Coroutine[Any, Any, list[np.ndarray]]]
     ) -> list[np.ndarray]:
         """One call per group, concurrently; each output's rows put back in input order. A failed call
         cancels its siblings: their answers could not be used."""
@@ -317,13 +317,11 @@ class TritonBackend:
         except BaseExceptionGroup as group:
             raise _first_error(group) from None
         parts = [t.result() for t in tasks]
-        merged = []
-        for k, first in enumerate(parts[0]):
-            out = np.empty((n, first.reshape(len(groups[0]), -1).shape[1]), dtype=first.dtype)
-            for g, part in zip(groups, parts, strict=True):
-                out[g] = part[k].reshape(len(g), -1)
-            merged.append(out)
-        return merged
+        outputs = len(parts[0]) if parts else 0
+        return [
+            coalescing.in_order(groups, [part[k].reshape(len(g), -1) for g, part in zip(groups, parts, strict=True)])
+            for k in range(outputs)
+        ]
 
     def _deadline(self, calls: int) -> float:
         # The calls of a round queue behind each other in Triton: the last one waits for all of them.
@@ -342,7 +340,7 @@ class TritonBackend:
             options = [*_detect(len(g), rows.detect_truncation), *_doc_tokens(len(g), rows.max_doc_tokens)]
             return self._infer(s, s.name, [*inputs, *options], outputs, deadline)
 
-        values, tokens, truncated = await self._fan_out(groups, call, len(rows.texts))
+        values, tokens, truncated = await self._fan_out(groups, call)
         return _output(values if s.task == "embed" else values.reshape(-1), tokens, truncated)
 
     async def _run_round(self, s: ModelSpec, jobs: Sequence[_Rows]) -> list[Output | BaseException]:
@@ -412,12 +410,11 @@ class TritonBackend:
 
             def by_ids(g: list[int]) -> Coroutine[Any, Any, list[np.ndarray]]:
                 feeds = pad(ids, s.pad_token_id, s.encoder_inputs, order=g)
-                return self._infer(
-                    s, specs.encoder_model(s.name), [_ints(n, a) for n, a in feeds.items()], [specs.EMBEDDING], self.timeout_s
-                )
+                inputs = [_ints(n, a) for n, a in feeds.items()]
+                return self._infer(s, specs.encoder_model(s.name), inputs, [specs.EMBEDDING], self._deadline(len(groups)))
 
             groups = _calls(s, ids.lengths)
-            (vectors,) = await self._fan_out(groups, by_ids, len(ids.input_ids))
+            (vectors,) = await self._fan_out(groups, by_ids)
             return Output.of(vectors, ids)
         return await self._submit(s, _Rows(list(texts or []), None, detect_truncation))
 
