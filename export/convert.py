@@ -39,10 +39,6 @@ class Graph(torch.nn.Module):
         return out.float()
 
 
-def output_name(task: str) -> str:
-    return spec.EMBEDDING if task == "embed" else spec.SCORE
-
-
 @contextlib.contextmanager
 def _eager_attention(model: torch.nn.Module):
     """Trace attention as plain MatMul/Softmax, the pattern onnxruntime's fusion recognises.
@@ -75,7 +71,7 @@ def to_onnx(source: Source, path: Path, precision: str = "fp32", device: str = "
     sample = Encoded(input_ids=[[2, 10, 11, 12, 3], [2, 10, 3]], token_type_ids=[[0, 0, 0, 1, 1], [0, 1, 1]])
     arrays = pad(sample, pad_token_id=source.tokenizer.pad_token_id or 0, inputs=source.encoder_inputs)
     args = tuple(torch.from_numpy(arrays[name]) for name in source.encoder_inputs)
-    out = output_name(source.task)
+    out = spec.output_tensor(source.task)
     axes = {name: {0: "batch", 1: "sequence"} for name in source.encoder_inputs}
     axes[out] = {0: "batch"}
     fused_attention = modernbert.applies(source.hf_config, precision, device)

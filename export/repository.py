@@ -30,7 +30,7 @@ def _tensor(group, name: str, data_type: int, dims: list[int]) -> None:
 
 
 def _output_dims(s: spec.ModelSpec) -> tuple[str, list[int]]:
-    return (spec.EMBEDDING, [s.dimension]) if s.task == "embed" else (spec.SCORE, [1])
+    return spec.output_tensor(s.task), [s.dimension] if s.task == "embed" else [1]
 
 
 def _text_inputs(s: spec.ModelSpec) -> list[str]:
@@ -41,10 +41,12 @@ def _optional_inputs(s: spec.ModelSpec) -> list[str]:
     return [spec.DETECT_TRUNCATION, spec.MAX_DOC_TOKENS] if s.task == "rerank" else [spec.DETECT_TRUNCATION]
 
 
+_OPTIONAL_TYPES = {spec.DETECT_TRUNCATION: mc.TYPE_BOOL, spec.MAX_DOC_TOKENS: mc.TYPE_INT64}
+
+
 def _add_optional_inputs(c: mc.ModelConfig, s: spec.ModelSpec) -> None:
-    c.input.add(name=spec.DETECT_TRUNCATION, data_type=mc.TYPE_BOOL, dims=[1], optional=True)
-    if s.task == "rerank":
-        c.input.add(name=spec.MAX_DOC_TOKENS, data_type=mc.TYPE_INT64, dims=[1], optional=True)
+    for name in _optional_inputs(s):
+        c.input.add(name=name, data_type=_OPTIONAL_TYPES[name], dims=[1], optional=True)
 
 
 def tokenizer_config(s: spec.ModelSpec, instances: int | None = None) -> mc.ModelConfig:

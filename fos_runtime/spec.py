@@ -23,6 +23,12 @@ MAX_DOC_TOKENS = "MAX_DOC_TOKENS"  # optional rerank input: cut each document to
 EMBEDDING = "EMBEDDING"
 SCORE = "SCORE"
 
+
+def output_tensor(task: str) -> str:
+    """The graph's and the ensemble's output: embed's vectors or rerank's scores."""
+    return EMBEDDING if task == "embed" else SCORE
+
+
 # Encoder tensors. Their names are also the ONNX graph's input names and the HF tokenizer's keys.
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"

@@ -32,7 +32,7 @@ class TritonPythonModel:
         folder = Path(args["model_repository"]) / args["model_version"] / "tokenizer"
         self.tokenizer = tokenization.Tokenizer(folder, self.spec.max_length)
         # Lengths rounded up to buckets for a GPU encoder (padding.py), whose engine pays for each new shape.
-        self.length_limit = self.spec.max_length if batching.plan_for(self.spec.device).shape_buckets else None
+        self.length_limit = batching.plan_for(self.spec.device).bucket_limit(self.spec.max_length)
 
     def execute(self, requests):
         responses = []

@@ -331,7 +331,7 @@ class TritonBackend:
         """All of ``rows`` through the ensemble, in calls of at most max_batch_size rows."""
         groups = _calls(s, rows.lengths)
         deadline = self._deadline(len(groups))
-        outputs = [specs.EMBEDDING if s.task == "embed" else specs.SCORE, *_COUNTS]
+        outputs = [specs.output_tensor(s.task), *_COUNTS]
 
         def call(g: list[int]) -> Coroutine[Any, Any, list[np.ndarray]]:
             inputs = [_strings(specs.TEXT, [rows.texts[i] for i in g])]
