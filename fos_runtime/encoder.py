@@ -158,6 +158,11 @@ class Encoder:
         # streams and take those that its last runs leave idle (rerank on 4 AMX streams: one run of 5-6 kept one busy).
         self.rounds_at_once = 2 if self._streams is not None else 1
 
+    def close(self) -> None:
+        """Its stream threads end (once idle: call it when no run is left)."""
+        if self._streams is not None:
+            self._streams.shutdown()
+
     def run(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
         runner = None
         try:

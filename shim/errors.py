@@ -281,6 +281,8 @@ def install(app: FastAPI) -> None:
             )
         return error_response(RoutingError(exc.status_code, str(exc.detail), getattr(exc, "headers", None)))
 
+    # Only what escapes the outermost middleware (RequestContextMiddleware) comes here, to Starlette's
+    # ServerErrorMiddleware: a route's errors end in LastResortMiddleware. Its answer too is in the envelope.
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception):
         log.exception("unhandled error")

@@ -134,3 +134,39 @@ async def test_one_models_tokenization_does_not_hold_anothers(exported):
         waited = time.perf_counter() - start
         await asyncio.gather(*held)
     assert waited < 0.3, waited
+
+
+async def test_no_run_outlives_the_backend(exported):
+    # close() left a round computing on its thread, and the encoder's stream threads for good.
+    engine_runs: list[int] = []
+    before = set(threading.enumerate())  # a session's servers hold threads of these names too
+    backend = EmbeddedBackend(exported["repository"], streams=2)
+    await backend.start()
+    model = backend.models[EMBED]
+    run_many = model.encoder.run_many
+
+    active = [0]
+
+    def slow(feeds):
+        active[0] += 1
+        engine_runs.append(len(feeds))
+        time.sleep(0.2)
+        try:
+            return run_many(feeds)
+        finally:
+            active[0] -= 1
+
+    model.encoder.run_many = slow
+    task = asyncio.create_task(backend.embed(model.spec, texts=[f"{i}: 東京は日本の首都です。" for i in range(2000)]))
+    while not engine_runs:
+        await asyncio.sleep(0.01)
+    await backend.close()
+    assert active == [0]  # the run in progress ended before close() returned
+    ran = len(engine_runs)
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    time.sleep(0.3)
+    assert len(engine_runs) == ran <= 2
+    ours = set(threading.enumerate()) - before
+    alive = [t.name for t in ours if t.name.startswith(("fos-infer", "fos-stream", "fos-tokenize"))]
+    assert alive == []

@@ -279,8 +279,11 @@ class EmbeddedBackend:
     async def close(self) -> None:
         for model in self.models.values():
             await model.rounds.close()
+        # A round's thread stops at its next run (its requests ended with close()): no run outlives the backend.
+        await asyncio.to_thread(self.executor.shutdown, wait=True, cancel_futures=True)
+        for model in self.models.values():
             model.tokenize_pool.shutdown(wait=False, cancel_futures=True)
-        self.executor.shutdown(wait=False, cancel_futures=True)
+            model.encoder.close()
 
     async def ready(self) -> bool:
         return self._ready and bool(self.models)
