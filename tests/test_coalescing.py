@@ -301,6 +301,7 @@ def _backend(*clients: FakeClient, serves: list[set[str]] | None = None) -> Trit
     for i, client in enumerate(clients):
         e = type("E", (), {})()
         e.url, e.client, e.healthy, e.down_since, e.told, e.unreadable = f"fake:{i}", client, True, 0.0, set(), set()
+        e.probing = asyncio.Lock()
         e.ready, e.found = (set(serves[i]) if serves else _Everything()), {}
         e.index = set(e.ready)
         backend.endpoints.append(e)
@@ -408,6 +409,31 @@ async def test_a_model_whose_spec_cannot_be_read_is_skipped_and_named_once(caplo
     told = [r.getMessage() for r in caplog.records if "broken" in r.getMessage()]
     assert len(told) == 1 and "fos_spec cannot be read" in told[0]
     assert len([r for r in caplog.records if "not ready: starting" in r.getMessage()]) == 1  # was DEBUG only
+
+
+async def test_an_older_probe_never_lands_after_a_newer_one():
+    # ready() probes beside the probe loop: a slow probe's older index written last would stand until the next one.
+    class Probed(FakeClient):
+        answers: ClassVar[list] = [({"old"}, 0.2), ({"new"}, 0.0)]
+
+        async def is_server_ready(self, client_timeout):
+            return True
+
+        async def get_model_repository_index(self, as_json, client_timeout):
+            names, delay = self.answers.pop(0)
+            await asyncio.sleep(delay)
+            return {"models": [{"name": n, "state": "READY"} for n in names]}
+
+    backend = _backend(Probed(), serves=[set()])
+
+    async def discover(e, ready):
+        return {}
+
+    backend._discover = discover
+    first = asyncio.create_task(backend._probe(backend.endpoints[0]))
+    await asyncio.sleep(0.05)
+    await asyncio.gather(first, backend._probe(backend.endpoints[0]))
+    assert backend.endpoints[0].index == {"new"}
 
 
 def test_a_name_is_asked_only_of_endpoints_holding_the_same_export():

@@ -152,6 +152,8 @@ class _Endpoint:
         self.found: dict[str, ModelSpec] = {}  # its exported models, by served name, learnt from those
         self.told: set[str] = set()  # why it was not ready, each logged once until it is ready again
         self.unreadable: set[str] = set()  # its models whose spec could not be read, each logged once
+        # One probe at a time: ready() probes too, and an older probe's answer must not land after a newer one's.
+        self.probing = asyncio.Lock()
 
 
 class TritonBackend:
@@ -189,6 +191,10 @@ class TritonBackend:
         await asyncio.gather(*(e.client.close() for e in self.endpoints), return_exceptions=True)
 
     async def _probe(self, e: _Endpoint) -> bool:
+        async with e.probing:
+            return await self._probe_now(e)
+
+    async def _probe_now(self, e: _Endpoint) -> bool:
         """Is the endpoint up and serving exported models, and which? Learns them again whenever the endpoint comes
         back (a restarted Triton may serve other models, or the same ones exported again) or its ready models change
         (models loaded or unloaded while it runs). Endpoints may serve different models: each is asked only for its
