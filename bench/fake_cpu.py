@@ -63,6 +63,10 @@ class SleepingCpu:
             return [self.run(f) for f in feeds]
         return list(self._pool.map(self.run, feeds))
 
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+
 
 async def measure(backend: EmbeddedBackend, workload: str, corpus: corpora.Corpus, seconds: float) -> dict:
     """Closed-loop clients of ``workload`` for ``seconds``: tokens/s and how the rounds were cut."""
