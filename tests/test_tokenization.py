@@ -324,6 +324,32 @@ def test_documents_cut_to_max_pair_tokens(tmp_path):
                 assert capped.truncated[i] == (not fits), (folder, max_length, i)
 
 
+def test_a_long_document_cut_short_beside_a_long_query_takes_little_memory(tmp_path):
+    # A cut keeps the rest in overflowing parts of the cap's size, and the pair paired each with a copy of the query:
+    # 40,000 tokens cut to 7 beside an 8,192-token query took 24 GB (a fuzzing review). Measured in a process of its own,
+    # whose peak is this call's.
+    import subprocess
+    import sys
+
+    folder = _both_kinds_of_tokenizer(tmp_path)[1]
+    script = f"""
+import resource, sys
+from fos_runtime.tokenization import Tokenizer
+tok = Tokenizer({str(folder)!r}, max_length=4096)
+query, doc = "ー" * 9000, "東京は日本の首都です。" * 300
+tok.encode(["猫"], ["犬"])
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+capped = tok.encode([query], [doc], max_pair_tokens=1)
+kept = tok.hf(doc, add_special_tokens=False)["input_ids"][:1]
+assert capped.input_ids[0][-1 - len(kept) : -1] == kept and len(capped.input_ids[0]) == 4096
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    grown_mb = int(done.stdout.split()[-1])
+    assert grown_mb < 200, grown_mb
+
+
 def test_capped_pairs_ignore_padding_a_tokenizer_json_sets(tmp_path):
     # Padding set in tokenizer.json applied to each part and again to the pair: pad ids inside the pair.
     from fos_runtime.tokenization import Tokenizer
