@@ -324,7 +324,7 @@ def test_documents_cut_to_max_pair_tokens(tmp_path):
                 assert capped.truncated[i] == (not fits), (folder, max_length, i)
 
 
-def test_a_long_document_cut_short_beside_a_long_query_takes_little_memory(tmp_path):
+def test_long_pairs_take_little_memory(tmp_path):
     # A cut keeps the rest in overflowing parts of the cap's size, and the pair paired each with a copy of the query:
     # 40,000 tokens cut to 7 beside an 8,192-token query took 24 GB (a fuzzing review). Measured in a process of its own,
     # whose peak is this call's.
@@ -342,6 +342,9 @@ base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 capped = tok.encode([query], [doc], max_pair_tokens=1)
 kept = tok.hf(doc, add_special_tokens=False)["input_ids"][:1]
 assert capped.input_ids[0][-1 - len(kept) : -1] == kept and len(capped.input_ids[0]) == 4096
+# No cap: the tokenizer's own pair truncation paired every overflowing part of one text with each of the other's.
+short = Tokenizer({str(folder)!r}, max_length=256)
+assert short.encode([query], [query * 2]).lengths == [256]
 print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
