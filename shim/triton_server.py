@@ -160,6 +160,7 @@ class Triton:
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
+REPEATED_SIGNAL_S = 1.0  # a second stop signal within this is the first one again (uv run passes Ctrl-C on)
 
 
 def foreign_backends(repository: Path) -> dict[str, str]:
@@ -208,15 +209,16 @@ def run(args: argparse.Namespace) -> int:
         server = Triton(
             args.repository, Path(tmp), args.http_port, args.grpc_port, args.metrics_port, preexec_fn=stop_with_parent
         )
-        asked: list[int] = []
+        first: list[float] = []
 
         def stop(signum: int, _frame) -> None:
             # tritonserver has a process group of its own: a terminal's Ctrl-C reaches only us. The first
-            # signal lets it unload its models (--exit-timeout-secs); a second one kills it.
-            asked.append(signum)
-            if len(asked) == 1:
+            # signal lets it unload its models (--exit-timeout-secs); a second one kills it, unless it comes
+            # within a second: under `uv run`, one Ctrl-C reaches us twice (from the terminal, and from uv).
+            if not first:
+                first.append(time.monotonic())
                 server.proc.terminate()
-            else:
+            elif time.monotonic() - first[0] > REPEATED_SIGNAL_S:
                 server.proc.kill()
 
         for sig in (signal.SIGTERM, signal.SIGINT):

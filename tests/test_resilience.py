@@ -168,6 +168,29 @@ def test_fos_triton_takes_its_stubs_down_when_tritonserver_dies_hard(exported, t
     print(f"\nfos triton exited {code}; its {len(stubs)} stubs with it")
 
 
+def test_one_ctrl_c_under_uv_run_still_unloads_the_models(exported, tmp_path):
+    # `uv run fos triton` passes a terminal's Ctrl-C on, so fos triton got it twice at once: the second killed
+    # tritonserver (137) instead of letting it unload its models (a review).
+    import signal
+
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    cmd = [sys.executable, "-m", "shim.cli", "triton", "--repository", str(exported["repository"])]
+    ports = ["--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
+    log = open(tmp_path / "fos-triton.log", "wb")
+    proc = subprocess.Popen([*cmd, *ports], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(f"http://127.0.0.1:{http}/v2/health/ready", 180, proc)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+        log.close()
+    assert code == 0, (tmp_path / "fos-triton.log").read_text()[-2000:]
+
+
 def test_ten_times_capacity_memory_stays_flat(exported, tmp_path):
     port = free_port()
     proc = subprocess.Popen(
