@@ -341,7 +341,7 @@ async def test_each_endpoint_is_asked_only_for_its_own_models():
     for _ in range(3):
         await backend._ensemble(SPEC, _Rows(["猫"], None, False))
     assert [e.client.calls for e in backend.endpoints] == [0, 3]
-    with pytest.raises(BackendUnavailable, match="no ready Triton endpoint serves nowhere"):
+    with pytest.raises(BackendUnavailable, match=r"no ready Triton endpoint serves t/embed \(its Triton model nowhere\)"):
         await backend._infer(SPEC, "nowhere", [], ["EMBEDDING"], 1.0)
 
 

@@ -286,7 +286,7 @@ class TritonBackend:
         return healthy[k:] + healthy[:k]
 
     async def _infer(self, s: ModelSpec, model: str, inputs: list, outputs: Sequence[str], timeout_s: float) -> list[np.ndarray]:
-        last = f"no ready Triton endpoint serves {model}"
+        last = f"no ready Triton endpoint serves {s.served_name} (its Triton model {model})"
         for e in self._order(s, model):
             try:
                 result = await e.client.infer(
