@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException, deserialize_bytes_tensor
 
+from fos_runtime.batching import plan_for
 from fos_runtime.spec import ModelSpec
 from shim.backends.coalescing import Coalescer, in_order, pieces
 from shim.backends.triton import TritonBackend, _Rows
@@ -519,6 +520,22 @@ def test_gpu_calls_hold_a_row_buckets_worth_each():
     gpu = _calls(dataclasses.replace(SPEC, device="gpu"), lengths)
     assert sorted(len(c) for c in gpu) == [1, 4, 8, 32]
     assert sorted(i for c in gpu for i in c) == list(range(45))
+
+
+def test_a_call_padded_to_a_long_row_holds_fewer_rows():
+    # Padded to its longest row, one long document among 255 short ones made a call of 256 x 8,192 tokens.
+    import dataclasses
+
+    from shim.backends.triton import _calls
+
+    for device in ("cpu", "gpu"):
+        s = dataclasses.replace(SPEC, device=device, max_length=8192)
+        lengths = [100] * 255 + [20_000]
+        calls = _calls(s, lengths)
+        budget = plan_for(device).max_tokens
+        assert all(len(c) * min(max(lengths[i] for i in c), s.max_length) <= max(budget, s.max_length) for c in calls)
+        assert sorted(i for c in calls for i in c) == list(range(256))
+        assert [255] in calls  # alone
 
 
 def test_a_ragged_gpu_encoder_gets_a_round_in_as_few_calls_as_its_batch_size_allows():

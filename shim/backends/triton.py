@@ -79,8 +79,21 @@ def _calls(s: ModelSpec, lengths: list[int]) -> list[list[int]]:
     one Triton request less through the ensemble, the tokenizer and the encoder."""
     plan = plan_for(s.device)
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    calls = [order[k : k + plan.max_rows] for k in range(0, len(order), plan.max_rows)]
-    if not plan.shape_buckets or s.ragged:
+    if s.ragged:
+        return [order[k : k + plan.max_rows] for k in range(0, len(order), plan.max_rows)]
+    # A call is padded to its longest row: at most max_tokens of that, so that one long document among many short
+    # ones does not make a call of 256 rows x 8,192 tokens (ruri v3's context) for a GPU's memory. Lengths are
+    # characters here, more than the tokens of Japanese text, so the bound errs on the safe side.
+    calls: list[list[int]] = []
+    call: list[int] = []
+    for i in order:  # ascending: the row added is the call's widest
+        if call and (len(call) == plan.max_rows or (len(call) + 1) * min(lengths[i], s.max_length) > plan.max_tokens):
+            calls.append(call)
+            call = []
+        call.append(i)
+    if call:
+        calls.append(call)
+    if not plan.shape_buckets:
         return calls
     cut: list[list[int]] = []
     for call in calls:
