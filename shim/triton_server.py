@@ -22,13 +22,16 @@ import sys
 import sysconfig
 import tempfile
 import time
+import urllib.request
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
 from .repository import parse
 
 SYSTEM_BIN_DIRS = ("/usr/bin", "/usr/local/bin")
+STUB_WATCH_S = 1.0  # how often fos triton looks for a stub that died
 
 
 def _dist() -> Path:
@@ -127,6 +130,7 @@ class Triton:
 
     def __init__(self, repository: Path, workdir: Path, http_port: int, grpc_port: int, metrics_port: int, **popen):
         backends = prepare_backends(workdir)
+        self.http_port = http_port
         self.shm_prefix = f"fos_triton_{uuid.uuid4().hex[:12]}_"
         self.proc = subprocess.Popen(
             command(repository, backends, http_port, grpc_port, metrics_port, self.shm_prefix),
@@ -137,6 +141,34 @@ class Triton:
             process_group=0,
             **popen,
         )
+
+    def watch_stubs(self, stopping: Callable[[], bool], every_s: float = STUB_WATCH_S) -> int | None:
+        """Wait for tritonserver to end. A Python stub that dies once it is ready (the OOM killer picks the process
+        that holds a model) is not started again since Triton 24.06, and its model fails every request while Triton's
+        readiness says ready: then tritonserver is stopped too, and that stub's pid is returned. (While models load,
+        stubs come and go: the Python backend asks one for a model's config, then starts its instances.)"""
+        seen: set[int] | None = None  # the stubs of a ready tritonserver
+        while self.proc.poll() is None:
+            if seen is None and self._ready():
+                seen = set()
+            if seen is not None:
+                stubs = {pid for pid in group_members(self.proc.pid) if pid != self.proc.pid}
+                gone = seen - stubs
+                if gone and not stopping() and self.proc.poll() is None:
+                    self.proc.terminate()
+                    with contextlib.suppress(subprocess.TimeoutExpired):  # a dead stub can hold its exit (stop() kills)
+                        self.proc.wait(timeout=30)
+                    return min(gone)
+                seen |= stubs
+            time.sleep(every_s)
+        return None
+
+    def _ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/v2/health/ready", timeout=1) as r:
+                return bool(r.status == 200)
+        except OSError:  # refused while it starts, or a 503 (HTTPError) while models load
+            return False
 
     def stop(self) -> int:
         """Kill tritonserver if it still runs, then every process left in its group, and remove their
@@ -223,8 +255,16 @@ def run(args: argparse.Namespace) -> int:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, stop)
-        server.proc.wait()
+        dead = server.watch_stubs(stopping=lambda: bool(first))
         code = server.stop()
+    if dead is not None:
+        print(
+            f"fos triton: a Python backend stub (pid {dead}) died, and tritonserver does not start it again: its "
+            "model failed every request while Triton said it was ready. tritonserver was stopped, so that whatever "
+            "runs fos triton starts it again whole (compose's restart policy, systemd's Restart=)",
+            file=sys.stderr,
+        )
+        return code if code > 0 else 1
     if code < 0:
         print(
             f"fos triton: tritonserver was killed by {signal.Signals(-code).name}; its Python stubs are stopped", file=sys.stderr

@@ -191,6 +191,39 @@ def test_one_ctrl_c_under_uv_run_still_unloads_the_models(exported, tmp_path):
     assert code == 0, (tmp_path / "fos-triton.log").read_text()[-2000:]
 
 
+def test_a_stub_that_dies_stops_fos_triton(exported, tmp_path):
+    # Triton (since 24.06) does not start a dead Python stub again: its model failed every request (502) while Triton
+    # and the shim's /health said ready. fos triton stops, so that what runs it starts it again whole.
+    import os
+    import signal
+
+    from helpers import alive, children
+
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    cmd = [sys.executable, "-m", "shim.cli", "triton", "--repository", str(exported["repository"])]
+    ports = ["--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
+    log = open(tmp_path / "fos-triton.log", "wb")
+    proc = subprocess.Popen([*cmd, *ports], stdout=log, stderr=subprocess.STDOUT)
+    stubs: list[int] = []
+    try:
+        wait_for(f"http://127.0.0.1:{http}/v2/health/ready", 180, proc)
+        time.sleep(2)  # fos triton sees it ready too
+        (tritonserver,) = children(proc.pid)
+        stubs = children(tritonserver)
+        os.kill(stubs[0], signal.SIGKILL)
+        code = proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+        for pid in stubs:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        log.close()
+    text = (tmp_path / "fos-triton.log").read_text()
+    assert code != 0 and f"stub (pid {stubs[0]}) died" in text, text[-2000:]
+    assert not [pid for pid in stubs if alive(pid)]
+
+
 def test_ten_times_capacity_memory_stays_flat(exported, tmp_path):
     port = free_port()
     proc = subprocess.Popen(
