@@ -3,6 +3,7 @@ and integrity (one answer per input, in order) over random batches through both 
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import threading
@@ -115,6 +116,34 @@ def test_triton_killed_and_restarted_under_load(exported, tmp_path):
     print(f"\ncodes seen: {sorted(seen)}; recovered {after[0] - ready:.2f}s after Triton was ready again")
 
 
+@contextlib.contextmanager
+def fos_triton(repository: Path, tmp_path: Path):
+    """`fos triton` on free ports, ready; yields (process, grpc port, its log) and kills it and its stubs after."""
+    import os
+    import signal
+
+    from helpers import alive, children
+
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    cmd = [sys.executable, "-m", "shim.cli", "triton", "--repository", str(repository)]
+    ports = ["--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
+    log = tmp_path / "fos-triton.log"
+    stubs: list[int] = []
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([*cmd, *ports], stdout=out, stderr=subprocess.STDOUT)
+        try:
+            wait_for(f"http://127.0.0.1:{http}/v2/health/ready", 180, proc)
+            (tritonserver,) = children(proc.pid)
+            stubs = children(tritonserver)
+            yield proc, grpc, log
+        finally:
+            proc.kill()
+            proc.wait()
+            for pid in stubs:  # so that a failure here leaks nothing either
+                if alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+
+
 def test_fos_triton_takes_its_stubs_down_when_tritonserver_dies_hard(exported, tmp_path):
     # As the OOM killer would: SIGKILL tritonserver under load. Its busy Python stubs, each holding
     # a model in memory, outlived it for minutes; `fos triton` must end them and exit non-zero.
@@ -125,15 +154,8 @@ def test_fos_triton_takes_its_stubs_down_when_tritonserver_dies_hard(exported, t
 
     from helpers import alive, children
 
-    http, grpc, metrics = free_port(), free_port(), free_port()
-    log = open(tmp_path / "fos-triton.log", "wb")
-    cmd = [sys.executable, "-m", "shim.cli", "triton", "--repository", str(exported["repository"])]
-    ports = ["--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
-    proc = subprocess.Popen([*cmd, *ports], stdout=log, stderr=subprocess.STDOUT)
-    stubs: list[int] = []
     stop = threading.Event()
-    try:
-        wait_for(f"http://127.0.0.1:{http}/v2/health/ready", 180, proc)
+    with fos_triton(exported["repository"], tmp_path) as (proc, grpc, _):
         (tritonserver,) = children(proc.pid)
         stubs = children(tritonserver)
         # A tokenizer and an encoder model for each served model.
@@ -148,21 +170,15 @@ def test_fos_triton_takes_its_stubs_down_when_tritonserver_dies_hard(exported, t
             workers = [threading.Thread(target=load) for _ in range(4)]
             for w in workers:
                 w.start()
-            time.sleep(2)
-            os.kill(tritonserver, signal.SIGKILL)
-            code = proc.wait(timeout=15)
-            left = [pid for pid in stubs if alive(pid)]
-            stop.set()
-            for w in workers:
-                w.join(timeout=30)
-    finally:
-        stop.set()
-        proc.kill()
-        proc.wait()
-        for pid in stubs:  # what the fix is for, so that a failure here leaks nothing either
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        log.close()
+            try:
+                time.sleep(2)
+                os.kill(tritonserver, signal.SIGKILL)
+                code = proc.wait(timeout=15)
+                left = [pid for pid in stubs if alive(pid)]
+            finally:
+                stop.set()
+                for w in workers:
+                    w.join(timeout=30)
     assert code != 0
     assert not left, f"stubs outlived tritonserver: {left}"
     print(f"\nfos triton exited {code}; its {len(stubs)} stubs with it")
@@ -173,22 +189,12 @@ def test_one_ctrl_c_under_uv_run_still_unloads_the_models(exported, tmp_path):
     # tritonserver (137) instead of letting it unload its models (a review).
     import signal
 
-    http, grpc, metrics = free_port(), free_port(), free_port()
-    cmd = [sys.executable, "-m", "shim.cli", "triton", "--repository", str(exported["repository"])]
-    ports = ["--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
-    log = open(tmp_path / "fos-triton.log", "wb")
-    proc = subprocess.Popen([*cmd, *ports], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_for(f"http://127.0.0.1:{http}/v2/health/ready", 180, proc)
+    with fos_triton(exported["repository"], tmp_path) as (proc, _, log):
         proc.send_signal(signal.SIGINT)
         time.sleep(0.1)
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=60)
-    finally:
-        proc.kill()
-        proc.wait()
-        log.close()
-    assert code == 0, (tmp_path / "fos-triton.log").read_text()[-2000:]
+    assert code == 0, log.read_text()[-2000:]
 
 
 def test_a_stub_that_dies_stops_fos_triton(exported, tmp_path):
@@ -199,27 +205,13 @@ def test_a_stub_that_dies_stops_fos_triton(exported, tmp_path):
 
     from helpers import alive, children
 
-    http, grpc, metrics = free_port(), free_port(), free_port()
-    cmd = [sys.executable, "-m", "shim.cli", "triton", "--repository", str(exported["repository"])]
-    ports = ["--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
-    log = open(tmp_path / "fos-triton.log", "wb")
-    proc = subprocess.Popen([*cmd, *ports], stdout=log, stderr=subprocess.STDOUT)
-    stubs: list[int] = []
-    try:
-        wait_for(f"http://127.0.0.1:{http}/v2/health/ready", 180, proc)
+    with fos_triton(exported["repository"], tmp_path) as (proc, _, log):
         time.sleep(2)  # fos triton sees it ready too
         (tritonserver,) = children(proc.pid)
         stubs = children(tritonserver)
         os.kill(stubs[0], signal.SIGKILL)
         code = proc.wait(timeout=60)
-    finally:
-        proc.kill()
-        proc.wait()
-        for pid in stubs:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        log.close()
-    text = (tmp_path / "fos-triton.log").read_text()
+    text = log.read_text()
     assert code != 0 and f"stub (pid {stubs[0]}) died" in text, text[-2000:]
     assert not [pid for pid in stubs if alive(pid)]
 
