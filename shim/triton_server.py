@@ -216,6 +216,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, default=8002)
 
 
+WORKDIR_PREFIX = "fos-triton-"  # then the pid of the fos triton that made it
+
+
+def _remove_left_workdirs() -> None:
+    """The work folders of fos tritons that were killed hard (SIGKILL leaves no time to remove them)."""
+    for folder in Path(tempfile.gettempdir()).glob(WORKDIR_PREFIX + "*-*"):
+        pid = folder.name[len(WORKDIR_PREFIX) :].split("-", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:  # another user's, alive
+            pass
+
+
 def run(args: argparse.Namespace) -> int:
     foreign = foreign_backends(args.repository)
     if foreign:
@@ -232,7 +249,8 @@ def run(args: argparse.Namespace) -> int:
     # Stubs orphaned by a dead tritonserver become our children, to be reaped rather than left to
     # an init that may not reap (a container's).
     prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    with tempfile.TemporaryDirectory(prefix="fos-triton-") as tmp:
+    _remove_left_workdirs()
+    with tempfile.TemporaryDirectory(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-") as tmp:
         # In tritonserver before it runs: should `fos triton` itself be killed, tritonserver gets a
         # SIGTERM and stops cleanly, its stubs with it.
         def stop_with_parent() -> None:

@@ -188,8 +188,15 @@ def test_one_ctrl_c_under_uv_run_still_unloads_the_models(exported, tmp_path):
     # `uv run fos triton` passes a terminal's Ctrl-C on, so fos triton got it twice at once: the second killed
     # tritonserver (137) instead of letting it unload its models (a review).
     import signal
+    import tempfile
 
+    # And the work folder a fos triton killed hard left behind is removed (its pid is gone).
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    left = Path(tempfile.gettempdir()) / f"fos-triton-{gone.pid}-test"
+    left.mkdir(exist_ok=True)
     with fos_triton(exported["repository"], tmp_path) as (proc, _, log):
+        assert not left.exists()
         proc.send_signal(signal.SIGINT)
         time.sleep(0.1)
         proc.send_signal(signal.SIGINT)
