@@ -48,8 +48,10 @@ TOLERANCE: dict[tuple[str, str], tuple[str, float | None]] = {
     ("fp32", "rerank"): ("max_abs_diff", 1e-5),
     ("fp16", "embed"): ("min_cosine", 0.999),
     ("fp16", "rerank"): ("max_abs_diff", 5e-3),
-    ("int8", "embed"): ("min_cosine", None),
-    ("int8", "rerank"): ("max_abs_diff", None),
+    # onnxruntime's int8 moves its outputs by about 1e-3 (ruri-large's shape, random weights: min cosine 0.9985, rerank
+    # 2e-5): a coarse floor, which no int8 passes that pools or scores wrong (a wrong pooling: cosine 0.37, review).
+    ("int8", "embed"): ("min_cosine", 0.95),
+    ("int8", "rerank"): ("max_abs_diff", 0.1),
     # OpenVINO's int8 is enforced, unlike onnxruntime's: its activation ranges come from calibration text, which may be
     # unlike the model's (ruri-large's shape, random weights: min cosine 0.9990). These sentences are among that text,
     # so this check cannot see clipping of text unlike them.
