@@ -33,12 +33,17 @@ class Source:
     default_prompt_name: str | None = None
 
 
-def _check_max_length(model_id: str, max_length: int | None, hf_config) -> None:
+def _check_max_length(model_id: str, max_length: int | None, hf_config, own: int | None = None) -> None:
     """A context past the model's position embeddings would pass export and fail in the engine at the first long
-    input (an index out of range)."""
+    input (an index out of range). ``own``: the model's max_seq_length, where --max-length is not given."""
     positions = getattr(hf_config, "max_position_embeddings", None)
     if max_length is not None and (max_length < 2 or (positions is not None and max_length > positions)):
         raise ValueError(f"--max-length {max_length}: {model_id} takes 2 to {positions} tokens an input")
+    if max_length is None and own is not None and positions is not None and own > positions:
+        raise ValueError(
+            f"{model_id} sets max_seq_length {own}, past its {positions} position embeddings: "
+            f"export it with --max-length {positions} or less"
+        )
 
 
 def _fix_token_types(tokenizer, hf_config) -> None:
@@ -135,7 +140,7 @@ def _load_embed(model_id: str, max_length: int | None, trust_remote_code: bool, 
     tokenizer = model.tokenizer
     first: Any = model[0]
     hf_config = first.model.config
-    _check_max_length(model_id, max_length, hf_config)
+    _check_max_length(model_id, max_length, hf_config, model.max_seq_length)
     _fix_token_types(tokenizer, hf_config)
     # sentence-transformers 6 renamed the method; keep working with the older name too.
     get_dimension = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
@@ -194,7 +199,7 @@ def _load_rerank(model_id: str, max_length: int | None, trust_remote_code: bool,
         model.max_seq_length = max_length
     tokenizer = model.tokenizer
     hf_config: Any = model[0].model.config
-    _check_max_length(model_id, max_length, hf_config)
+    _check_max_length(model_id, max_length, hf_config, model.max_seq_length)
     _fix_token_types(tokenizer, hf_config)
 
     def reference(pairs: Sequence[tuple[str, str]], prompt: str = "") -> np.ndarray:

@@ -365,6 +365,19 @@ def test_a_context_past_the_models_positions_is_refused(tiny_dirs, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_a_models_own_context_past_its_positions_is_refused(tiny_dirs, tmp_path):
+    # Its max_seq_length past the positions: a 40-line traceback out of the parity check (review).
+    import json
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dirs["embed"], model)
+    config = json.loads((model / "sentence_bert_config.json").read_text())
+    (model / "sentence_bert_config.json").write_text(json.dumps({**config, "max_seq_length": 100_000}))
+    with pytest.raises(ValueError, match=r"sets max_seq_length 100000, past its .* --max-length"):
+        run_export(ExportOptions(model=str(model), task="embed", repository=tmp_path / "repo"), log=lambda _: None)
+
+
 def test_reexport_replaces_in_place(tiny_dirs, tmp_path):
     repo = tmp_path / "repo"
     for _ in range(2):
