@@ -52,7 +52,7 @@ TOLERANCE: dict[tuple[str, str], tuple[str, float | None]] = {
     # 2e-5): a coarse floor, which no int8 passes that pools or scores wrong (a wrong pooling: cosine 0.37, review).
     ("int8", "embed"): ("min_cosine", 0.95),
     ("int8", "rerank"): ("max_abs_diff", 0.1),
-    # OpenVINO's int8 is enforced, unlike onnxruntime's: its activation ranges come from calibration text, which may be
+    # OpenVINO's int8 is held closer than onnxruntime's: its activation ranges come from calibration text, which may be
     # unlike the model's (ruri-large's shape, random weights: min cosine 0.9990). These sentences are among that text,
     # so this check cannot see clipping of text unlike them.
     ("openvino-int8", "embed"): ("min_cosine", 0.99),
