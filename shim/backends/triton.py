@@ -225,12 +225,14 @@ class TritonBackend:
                 e.index, e.ready = ready, set(ready)
                 self._learn()
             if not e.found:
-                _tell(e, f"Triton at {e.url} serves no model exported by fos export (ready: {sorted(ready) or 'none'})", "none")
+                _once(
+                    e.told, "none", f"Triton at {e.url} serves no model exported by fos export (ready: {sorted(ready) or 'none'})"
+                )
             return self._mark(e, bool(e.found))
         except Exception as exc:
             # Once per kind of failure (a starting Triton refuses every probe alike), not once per probe.
             kind = exc.status() if isinstance(exc, InferenceServerException) else type(exc).__name__
-            _tell(e, f"Triton at {e.url} not ready: {exc}", kind)
+            _once(e.told, kind, f"Triton at {e.url} not ready: {exc}")
             return self._mark(e, False)
 
     async def _discover(self, e: _Endpoint, ready: set[str]) -> dict[str, ModelSpec]:
@@ -240,9 +242,11 @@ class TritonBackend:
             try:
                 s = spec_of(response.config)
             except (ValueError, KeyError, TypeError) as exc:  # one unreadable model must not hide the others
-                if f"{name}: {exc!r}" not in e.unreadable:
-                    e.unreadable.add(f"{name}: {exc!r}")
-                    log.warning("Triton at %s: %s's fos_spec cannot be read (%r); export it again", e.url, name, exc)
+                _once(
+                    e.unreadable,
+                    f"{name}: {exc!r}",
+                    f"Triton at {e.url}: {name}'s fos_spec cannot be read ({exc!r}); export it again",
+                )
                 continue
             if s is not None:
                 found[s.served_name] = s
@@ -452,10 +456,10 @@ class TritonBackend:
 _COUNTS = (specs.NUM_TOKENS, specs.TRUNCATED)
 
 
-def _tell(e: _Endpoint, message: str, key: str) -> None:
-    """Why an endpoint is not ready, once for each ``key`` until it is ready again: probes repeat every few seconds."""
-    if key not in e.told:
-        e.told.add(key)
+def _once(told: set[str], key: str, message: str) -> None:
+    """A warning once for each ``key`` in ``told`` (an endpoint's, cleared as it suits): probes repeat every second."""
+    if key not in told:
+        told.add(key)
         log.warning("%s", message)
 
 
