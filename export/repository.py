@@ -235,24 +235,38 @@ def write(
 
 def publish(staging: Path, repository: Path, name: str) -> Path:
     """Move a checked model set from ``staging`` into ``repository``, replacing an earlier export of the same name.
-    The old folders are set aside first and put back if any move fails, so the repository never holds half of one
-    export and half of another. Across filesystems (a repository that is a mount point) the folders are copied."""
+
+    The ensemble, which is what makes a model served (its ``fos_spec``), goes first and comes back last: a process
+    killed between two moves (SIGKILL, the OOM killer, ``docker stop`` past its grace) leaves a model that is not
+    served, never a served one whose tokenizer and encoder come from two exports. Across filesystems (a repository
+    that is a mount point) each move is a copy that a kill can cut short, so this order matters most there. The old
+    folders are set aside first and put back if a move fails with an exception."""
+    order = (name, spec.tokenizer_model(name), spec.encoder_model(name))
     moved: list[Path] = []
     aside: list[tuple[Path, Path]] = []
+
+    def set_aside(d: str) -> None:
+        target = repository / d
+        if target.exists():
+            old = repository.parent / f".{repository.name}.{d}.replaced"
+            shutil.rmtree(old, ignore_errors=True)
+            shutil.move(str(target), str(old))
+            aside.append((old, target))
+
+    def move_in(d: str) -> None:
+        shutil.move(str(staging / d), str(repository / d))
+        moved.append(repository / d)
+
     try:
-        for d in (spec.tokenizer_model(name), spec.encoder_model(name), name):
-            target = repository / d
-            if target.exists():
-                old = repository.parent / f".{repository.name}.{d}.replaced"
-                shutil.rmtree(old, ignore_errors=True)
-                shutil.move(str(target), str(old))
-                aside.append((old, target))
-            shutil.move(str(staging / d), str(target))
-            moved.append(target)
+        set_aside(name)
+        for d in order[1:]:
+            set_aside(d)
+            move_in(d)
+        move_in(name)
     except BaseException:
         for target in moved:
             shutil.rmtree(target, ignore_errors=True)
-        for old, target in aside:
+        for old, target in reversed(aside):  # the ensemble back last, over the parts it names
             shutil.rmtree(target, ignore_errors=True)
             shutil.move(str(old), str(target))
         raise

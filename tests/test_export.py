@@ -399,6 +399,65 @@ def test_reexport_replaces_in_place(tiny_dirs, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging or set-aside folder left
 
 
+def _model_set(folder: Path, name: str, which: str) -> None:
+    for d in (name, spec.tokenizer_model(name), spec.encoder_model(name)):
+        (folder / d / "1").mkdir(parents=True)
+        (folder / d / "which").write_text(which)
+    (folder / name / "config.pbtxt").write_text(which)
+
+
+def _served_sets(repo: Path, name: str) -> list[str]:
+    """The export each model folder comes from, where the ensemble is there to serve them."""
+    if not (repo / name / "config.pbtxt").exists():
+        return []
+    folders = (repo / d for d in (name, spec.tokenizer_model(name), spec.encoder_model(name)))
+    return [(f / "which").read_text() if f.exists() else "absent" for f in folders]
+
+
+def test_publish_never_leaves_a_served_mix_of_two_exports(tmp_path, monkeypatch):
+    # A kill between two moves runs no clean-up: what is in the repository then is what gets served. The ensemble
+    # used to stay until the tokenizer and encoder were replaced (a helper's kill served cosine 0.884 embeddings).
+    from export import repository as publishing
+
+    real_move = publishing.shutil.move
+    states: list[list[str]] = []
+
+    def move(src, dst):
+        real_move(src, dst)
+        states.append(_served_sets(repo, "m"))
+
+    repo, staging = tmp_path / "repo", tmp_path / "staging"
+    _model_set(repo, "m", "old")
+    _model_set(staging, "m", "new")
+    monkeypatch.setattr(publishing.shutil, "move", move)
+    publishing.publish(staging, repo, "m")
+    assert all(len(set(state)) <= 1 for state in states), states
+    assert states[-1] == ["new"] * 3
+
+
+@pytest.mark.parametrize("failing", range(6))
+def test_a_failed_publish_puts_the_old_export_back(tmp_path, monkeypatch, failing):
+    from export import repository as publishing
+
+    real_move = publishing.shutil.move
+    calls = []
+
+    def move(src, dst):
+        calls.append(src)
+        if len(calls) == failing + 1:
+            raise OSError("disk full")
+        real_move(src, dst)
+
+    repo, staging = tmp_path / "repo", tmp_path / "staging"
+    _model_set(repo, "m", "old")
+    _model_set(staging, "m", "new")
+    monkeypatch.setattr(publishing.shutil, "move", move)
+    with pytest.raises(OSError, match="disk full"):
+        publishing.publish(staging, repo, "m")
+    assert _served_sets(repo, "m") == ["old"] * 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo", "staging"]
+
+
 def test_serve_exports_what_the_repository_lacks(tiny_dirs, tmp_path, capsys):
     from shim.serve import ensure_exported
 
