@@ -227,8 +227,7 @@ def _load_rerank(model_id: str, max_length: int | None, trust_remote_code: bool,
     )
 
 
-def detect_task(model_id: str, local_files_only: bool = False) -> spec.Task:
-    """``rerank`` for sequence-classification models (cross-encoders), else ``embed``."""
+def _architectures(model_id: str, local_files_only: bool) -> list[str]:
     import json
 
     local = Path(model_id)
@@ -238,5 +237,25 @@ def detect_task(model_id: str, local_files_only: bool = False) -> spec.Task:
         from huggingface_hub import hf_hub_download
 
         config_file = Path(hf_hub_download(model_id, "config.json", local_files_only=local_files_only))
-    architectures = json.loads(config_file.read_text(encoding="utf-8")).get("architectures") or []
-    return "rerank" if any(a.endswith("ForSequenceClassification") for a in architectures) else "embed"
+    return json.loads(config_file.read_text(encoding="utf-8")).get("architectures") or []
+
+
+def _classifies(architectures: list[str]) -> bool:
+    return any(a.endswith("ForSequenceClassification") for a in architectures)
+
+
+def detect_task(model_id: str, local_files_only: bool = False) -> spec.Task:
+    """``rerank`` for sequence-classification models (cross-encoders), else ``embed``."""
+    return "rerank" if _classifies(_architectures(model_id, local_files_only)) else "embed"
+
+
+def check_task(model_id: str, task: str, local_files_only: bool = False) -> None:
+    """Refuse a task unlike the model's: sentence-transformers loads an embedder as a cross-encoder with a new, random
+    head (and a cross-encoder as an embedder without its head), and parity passes, since it compares against the same
+    wrong model. A config that names no architecture is taken at its word."""
+    architectures = _architectures(model_id, local_files_only)
+    if not architectures or _classifies(architectures) == (task == "rerank"):
+        return
+    other = "embed" if task == "rerank" else "rerank"
+    kind = "a cross-encoder (sequence classification)" if other == "rerank" else "not a cross-encoder"
+    raise ValueError(f"{model_id} is {kind} ({', '.join(architectures)}): export it with --task {other}")

@@ -90,6 +90,7 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> spec.Mode
     calibration_texts = calibration.read(opts.calibration) if opts.calibration is not None else []
     total = 5
     local_only = load.locate(opts.model) if opts.local_files_only is None else opts.local_files_only
+    load.check_task(opts.model, opts.task, local_only)
     where = " from the local cache (the hub is not used)" if local_only else ""
     t = _step(log, 1, total, f"loading {opts.model} ({opts.task}) with sentence-transformers{where}")
     source = load.load(opts.model, opts.task, opts.max_length, opts.trust_remote_code, local_only)

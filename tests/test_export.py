@@ -357,6 +357,15 @@ def test_bad_served_name_fails_before_loading(tmp_path):
         run_export(ExportOptions(model="/nonexistent", task="embed", name="a b", repository=tmp_path), log=lambda _: None)
 
 
+@pytest.mark.parametrize(("key", "task", "told"), [("embed", "rerank", "--task embed"), ("rerank_v3", "embed", "--task rerank")])
+def test_a_task_unlike_the_models_is_refused(tiny_dirs, tmp_path, key, task, told):
+    # An embedder exported as a reranker got a random head, passed parity (against the same random head) and was
+    # served (review).
+    with pytest.raises(ValueError, match=told):
+        run_export(ExportOptions(model=str(tiny_dirs[key]), task=task, repository=tmp_path), log=lambda _: None)
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_context_past_the_models_positions_is_refused(tiny_dirs, tmp_path):
     # It exported, and the engine failed at the first input that long (index out of range).
     with pytest.raises(ValueError, match="--max-length 100000"):
