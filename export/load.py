@@ -33,17 +33,53 @@ class Source:
     default_prompt_name: str | None = None
 
 
-def _check_max_length(model_id: str, max_length: int | None, hf_config, own: int | None = None) -> None:
+def _positions(hf_model) -> int | None:
+    """How many tokens the model's position embeddings take. RoBERTa-style models (XLM-R, so multilingual-e5, and
+    MPNet) number positions from just past the padding token's id, so they take that many fewer than their config's
+    max_position_embeddings; such models give their position embeddings that ``padding_idx``."""
+    positions = getattr(hf_model.config, "max_position_embeddings", None)
+    base = getattr(hf_model, "base_model", hf_model)  # a cross-encoder's head wraps it
+    table = getattr(getattr(base, "embeddings", None), "position_embeddings", None)
+    padding = getattr(table, "padding_idx", None)
+    if positions is not None and padding is not None:
+        positions -= padding + 1
+    return positions
+
+
+def _check_max_length(model_id: str, max_length: int | None, hf_model, own: int | None = None) -> None:
     """A context past the model's position embeddings would pass export and fail in the engine at the first long
     input (an index out of range). ``own``: the model's max_seq_length, where --max-length is not given."""
-    positions = getattr(hf_config, "max_position_embeddings", None)
+    positions = _positions(hf_model)
     if max_length is not None and (max_length < 2 or (positions is not None and max_length > positions)):
         raise ValueError(f"--max-length {max_length}: {model_id} takes 2 to {positions} tokens an input")
     if max_length is None and own is not None and positions is not None and own > positions:
         raise ValueError(
-            f"{model_id} sets max_seq_length {own}, past its {positions} position embeddings: "
+            f"{model_id} sets max_seq_length {own}, past its {positions} positions: "
             f"export it with --max-length {positions} or less"
         )
+
+
+def _loaded(make: Callable[[], Any], model_id: str) -> Any:
+    """sentence-transformers' model, or a one-line error where it cannot load it (a setting it does not support, a
+    module it lacks); the hub's and the filesystem's errors (OSError) stay as they are."""
+    try:
+        return make()
+    except OSError:
+        raise
+    except Exception as exc:
+        raise ValueError(f"sentence-transformers cannot load {model_id}: {type(exc).__name__}: {exc}") from exc
+
+
+def _transformer(model, model_id: str):
+    """The Hugging Face model inside the first module, the one the graph is traced from."""
+    first = model[0]
+    inner = getattr(first, "model", None)
+    if getattr(inner, "config", None) is None:
+        raise ValueError(
+            f"{model_id} begins with {type(first).__name__}, not a Hugging Face transformer; fos export takes "
+            "sentence-transformers models whose first module is a Transformer"
+        )
+    return inner
 
 
 def _fix_token_types(tokenizer, hf_config) -> None:
@@ -133,14 +169,15 @@ def _load_embed(model_id: str, max_length: int | None, trust_remote_code: bool, 
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.base.modules.normalize import Normalize
 
-    model = SentenceTransformer(model_id, device="cpu", trust_remote_code=trust_remote_code, local_files_only=local_files_only)
+    options: dict[str, Any] = {"device": "cpu", "trust_remote_code": trust_remote_code, "local_files_only": local_files_only}
+    model = _loaded(lambda: SentenceTransformer(model_id, **options), model_id)
     model.eval()
     if max_length is not None:
         model.max_seq_length = max_length
     tokenizer = model.tokenizer
-    first: Any = model[0]
-    hf_config = first.model.config
-    _check_max_length(model_id, max_length, hf_config, model.max_seq_length)
+    hf_model = _transformer(model, model_id)
+    hf_config = hf_model.config
+    _check_max_length(model_id, max_length, hf_model, model.max_seq_length)
     _fix_token_types(tokenizer, hf_config)
     # sentence-transformers 6 renamed the method; keep working with the older name too.
     get_dimension = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
@@ -191,15 +228,17 @@ def _check_pooling_keeps_prompts(model, model_id: str) -> None:
 def _load_rerank(model_id: str, max_length: int | None, trust_remote_code: bool, local_files_only: bool) -> Source:
     from sentence_transformers import CrossEncoder
 
-    model = CrossEncoder(model_id, device="cpu", trust_remote_code=trust_remote_code, local_files_only=local_files_only)
+    options: dict[str, Any] = {"device": "cpu", "trust_remote_code": trust_remote_code, "local_files_only": local_files_only}
+    model = _loaded(lambda: CrossEncoder(model_id, **options), model_id)
     model.eval()
     if model.num_labels != 1:
         raise ValueError(f"{model_id} has {model.num_labels} labels; only one-logit rerankers can be served")
     if max_length is not None:
         model.max_seq_length = max_length
     tokenizer = model.tokenizer
-    hf_config: Any = model[0].model.config
-    _check_max_length(model_id, max_length, hf_config, model.max_seq_length)
+    hf_model = _transformer(model, model_id)
+    hf_config = hf_model.config
+    _check_max_length(model_id, max_length, hf_model, model.max_seq_length)
     _fix_token_types(tokenizer, hf_config)
 
     def reference(pairs: Sequence[tuple[str, str]], prompt: str = "") -> np.ndarray:
@@ -235,8 +274,14 @@ def _architectures(model_id: str, local_files_only: bool) -> list[str]:
         config_file = local / "config.json"
     else:
         from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
 
-        config_file = Path(hf_hub_download(model_id, "config.json", local_files_only=local_files_only))
+        try:
+            config_file = Path(hf_hub_download(model_id, "config.json", local_files_only=local_files_only))
+        except EntryNotFoundError:  # not a transformer (a StaticEmbedding model): loading says what it is
+            return []
+    if not config_file.is_file():
+        return []
     return json.loads(config_file.read_text(encoding="utf-8")).get("architectures") or []
 
 

@@ -387,6 +387,66 @@ def test_a_models_own_context_past_its_positions_is_refused(tiny_dirs, tmp_path)
         run_export(ExportOptions(model=str(model), task="embed", repository=tmp_path / "repo"), log=lambda _: None)
 
 
+def _xlm_roberta(folder: Path, tokenizer_from: Path, positions: int, rerank: bool) -> int:
+    """A tiny XLM-R (multilingual-e5's architecture) saved in ``folder``; returns its padding id."""
+    from transformers import AutoTokenizer, XLMRobertaConfig, XLMRobertaForSequenceClassification, XLMRobertaModel
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_from))
+    config = XLMRobertaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=positions,
+        pad_token_id=tokenizer.pad_token_id,
+        type_vocab_size=1,
+        num_labels=1,
+    )
+    model = XLMRobertaForSequenceClassification(config) if rerank else XLMRobertaModel(config)
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return int(tokenizer.pad_token_id)
+
+
+@pytest.mark.parametrize("task", ["embed", "rerank"])
+def test_roberta_style_positions_start_past_the_padding_id(tiny_dirs, tmp_path, task):
+    # XLM-R numbers its positions from padding id + 1: --max-length 40 passed and the parity check ended in a traceback
+    # (index out of range in the position embeddings; review).
+    pad = _xlm_roberta(tmp_path / "m", tiny_dirs["embed_v3"], positions=40, rerank=task == "rerank")
+    usable = 40 - pad - 1
+    with pytest.raises(ValueError, match=f"takes 2 to {usable} tokens"):
+        options = ExportOptions(model=str(tmp_path / "m"), task=task, repository=tmp_path / "repo", max_length=40)
+        run_export(options, log=lambda _: None)
+    if task == "embed":  # the last position that fits is taken, and serves as sentence-transformers does
+        options = ExportOptions(model=str(tmp_path / "m"), task=task, repository=tmp_path / "repo", max_length=usable)
+        assert run_export(options, log=lambda _: None).max_length == usable
+
+
+def test_a_model_sentence_transformers_cannot_export_is_refused_in_one_line(tiny_dirs, tmp_path, capsys):
+    # Both ended in a traceback (review): a first module with no transformer inside, and a setting that
+    # sentence-transformers itself fails on with ruri v1's tokenizer.
+    import json
+    import shutil
+
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import StaticEmbedding
+    from tokenizers import Tokenizer as FastTokenizer
+
+    fast = FastTokenizer.from_file(str(tiny_dirs["embed_v3"] / "tokenizer.json"))
+    SentenceTransformer(modules=[StaticEmbedding(fast, embedding_dim=8)], device="cpu").save(str(tmp_path / "static"))
+    lower = tmp_path / "lower"
+    shutil.copytree(tiny_dirs["embed"], lower)
+    config = json.loads((lower / "sentence_bert_config.json").read_text())
+    (lower / "sentence_bert_config.json").write_text(json.dumps({**config, "do_lower_case": True}))
+    for model, told in [("static", "begins with StaticEmbedding"), ("lower", "sentence-transformers cannot load")]:
+        args = ["export", "--model", str(tmp_path / model), "--task", "embed", "--repository", str(tmp_path / "repo")]
+        assert main(args) == 1
+        err = capsys.readouterr().err
+        (line,) = [line for line in err.splitlines() if line.startswith("error:")]  # transformers' progress bars too
+        assert told in line and "Traceback" not in err, err
+
+
 def test_reexport_replaces_in_place(tiny_dirs, tmp_path):
     repo = tmp_path / "repo"
     for _ in range(2):
