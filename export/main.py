@@ -7,15 +7,15 @@ import dataclasses
 import importlib.util
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
-from fos_runtime import batching, engines, spec
+from fos_runtime import batching, engines, spec, workdirs
 
 DEFAULT_REPOSITORY = Path("model_repository")
+WORKDIR_PREFIX = "fos-export-"  # then the pid of the export that made it (fos_runtime.workdirs)
 
 
 @dataclasses.dataclass
@@ -118,7 +118,7 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> spec.Mode
         **prompts_of(source, opts),
     )
 
-    with tempfile.TemporaryDirectory(prefix="fos-export-") as tmp:
+    with workdirs.fresh(WORKDIR_PREFIX) as tmp:
         work = Path(tmp)
         t = _step(log, 2, total, "converting to ONNX (pooling and activation inside the graph)")
         traced = convert.to_onnx(source, work / "raw.onnx", opts.precision, opts.device)

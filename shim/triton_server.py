@@ -20,13 +20,14 @@ import signal
 import subprocess
 import sys
 import sysconfig
-import tempfile
 import time
 import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
+
+from fos_runtime import workdirs
 
 from .repository import parse
 
@@ -216,21 +217,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, default=8002)
 
 
-WORKDIR_PREFIX = "fos-triton-"  # then the pid of the fos triton that made it
-
-
-def _remove_left_workdirs() -> None:
-    """The work folders of fos tritons that were killed hard (SIGKILL leaves no time to remove them)."""
-    for folder in Path(tempfile.gettempdir()).glob(WORKDIR_PREFIX + "*-*"):
-        pid = folder.name[len(WORKDIR_PREFIX) :].split("-", 1)[0]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(folder, ignore_errors=True)
-        except PermissionError:  # another user's, alive
-            pass
+WORKDIR_PREFIX = "fos-triton-"  # then the pid of the fos triton that made it (fos_runtime.workdirs)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -249,8 +236,7 @@ def run(args: argparse.Namespace) -> int:
     # Stubs orphaned by a dead tritonserver become our children, to be reaped rather than left to
     # an init that may not reap (a container's).
     prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    _remove_left_workdirs()
-    with tempfile.TemporaryDirectory(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-") as tmp:
+    with workdirs.fresh(WORKDIR_PREFIX) as tmp:
         # In tritonserver before it runs: should `fos triton` itself be killed, tritonserver gets a
         # SIGTERM and stops cleanly, its stubs with it.
         def stop_with_parent() -> None:

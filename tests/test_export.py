@@ -448,11 +448,22 @@ def test_a_model_sentence_transformers_cannot_export_is_refused_in_one_line(tiny
 
 
 def test_reexport_replaces_in_place(tiny_dirs, tmp_path):
+    import os
+    import subprocess
+    import tempfile
+
+    # A work folder that an export killed hard left behind (its ONNX files: gigabytes for ruri-large) goes.
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    left = Path(tempfile.gettempdir()) / f"fos-export-{gone.pid}-test"
+    left.mkdir(exist_ok=True)
     repo = tmp_path / "repo"
     for _ in range(2):
         run_export(
             ExportOptions(model=str(tiny_dirs["rerank"]), task="rerank", name="again", repository=repo), log=lambda _: None
         )
+    assert not left.exists()
+    assert not list(Path(tempfile.gettempdir()).glob(f"fos-export-{os.getpid()}-*"))
     assert sorted(p.name for p in repo.iterdir()) == ["again", "again__encoder", "again__tokenizer"]
     assert not list(tmp_path.glob(".*staging*"))
     # An export that fails parity leaves the earlier one as it was: it used to replace it first, and be served.
