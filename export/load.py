@@ -30,6 +30,7 @@ class Source:
     # explicitly ("" for none) so that the one the spec resolves is the one compared.
     reference: Callable[..., np.ndarray]
     prompts: dict[str, str] = dataclasses.field(default_factory=dict)  # the model's own, as sentence-transformers has them
+    pools_prompt: bool = True  # its pooling takes the prompt's tokens in, as the served graph does
     default_prompt_name: str | None = None
 
 
@@ -183,8 +184,6 @@ def _load_embed(model_id: str, max_length: int | None, trust_remote_code: bool, 
     get_dimension = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
     dimension = get_dimension() or 0
 
-    _check_pooling_keeps_prompts(model, model_id)
-
     def reference(texts: Sequence[str], prompt: str = "") -> np.ndarray:
         import torch  # here: serving imports this module for its errors, without torch
 
@@ -209,6 +208,7 @@ def _load_embed(model_id: str, max_length: int | None, trust_remote_code: bool, 
         activation=None,
         dimension=int(dimension),
         model_normalizes=any(isinstance(m, Normalize) for m in model),
+        pools_prompt=_pools_prompt(model),
         hf_config=hf_config,
         reference=reference,
         prompts={name: text or "" for name, text in model.prompts.items()},
@@ -216,13 +216,10 @@ def _load_embed(model_id: str, max_length: int | None, trust_remote_code: bool, 
     )
 
 
-def _check_pooling_keeps_prompts(model, model_id: str) -> None:
-    # The served graph pools every token; a model that leaves its prompt out of the mean would be
-    # answered wrongly whenever a prompt is put before the text.
+def _pools_prompt(model) -> bool:
     from sentence_transformers.sentence_transformer.modules import Pooling
 
-    if any(model.prompts.values()) and any(isinstance(m, Pooling) and not m.include_prompt for m in model):
-        raise ValueError(f"{model_id} pools without its prompt tokens (include_prompt=false); such models cannot be served")
+    return all(m.include_prompt for m in model if isinstance(m, Pooling))
 
 
 def _load_rerank(model_id: str, max_length: int | None, trust_remote_code: bool, local_files_only: bool) -> Source:

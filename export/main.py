@@ -220,6 +220,12 @@ def prompts_of(source, opts: ExportOptions) -> dict:
     default = source.default_prompt_name if opts.default_prompt_name is None else opts.default_prompt_name or None
     if default is not None and default not in prompts:
         raise ValueError(f"default prompt {default!r} is not one of the model's prompts ({', '.join(sorted(prompts)) or 'none'})")
+    if any(prompts.values()) and not source.pools_prompt:
+        # The served graph pools every token: the prompt's would be in the mean, and the answers wrong.
+        raise ValueError(
+            f"{opts.model} pools without its prompt tokens (include_prompt=false), so it cannot be served with prompts "
+            f"({', '.join(name for name, text in prompts.items() if text)})"
+        )
     return {"prompts": prompts, "default_prompt_name": default}
 
 

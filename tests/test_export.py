@@ -612,12 +612,12 @@ def test_serve_exports_openvinos_int8_again_from_another_source(tiny_dirs, tmp_p
     assert s.engine == "openvino-int8" and spec.openvino_int8_file(spec.encoder_file(repo, s.name)).exists()
 
 
-def _prompts(own: dict[str, str], model: str, default: str | None = None, **opts):
+def _prompts(own: dict[str, str], model: str, default: str | None = None, pools_prompt: bool = True, **opts):
     from types import SimpleNamespace
 
     from export.main import prompts_of
 
-    source = SimpleNamespace(prompts=own, default_prompt_name=default)
+    source = SimpleNamespace(prompts=own, default_prompt_name=default, pools_prompt=pools_prompt)
     return prompts_of(source, ExportOptions(model=model, task="embed", **opts))
 
 
@@ -636,6 +636,28 @@ def test_prompts_come_from_the_model_then_its_id_then_the_user():
     assert _prompts(own, "x", default_prompt_name="query")["default_prompt_name"] == "query"
     with pytest.raises(ValueError, match="not one of the model's prompts"):
         _prompts(own, "x", default_prompt_name="nonsense")
+
+
+def test_prompts_are_refused_where_pooling_leaves_them_out(tiny_dirs, tmp_path):
+    import shutil
+
+    # The served graph pools the prompt's tokens too. The model's own prompts were checked, but not those that --prompt
+    # adds (review) or that ruri's id brings; and the check had no test.
+    empty = {"query": "", "document": ""}
+    for own, model, opts in [
+        ({**empty, "query": "Q: "}, "x", {}),
+        (empty, "x", {"prompts": {"query": "Q: "}}),
+        (empty, "cl-nagoya/ruri-large", {}),
+    ]:
+        with pytest.raises(ValueError, match=r"include_prompt=false.*\(query"):
+            _prompts(own, model, pools_prompt=False, **opts)
+    assert _prompts(empty, "x", pools_prompt=False)["prompts"] == empty
+    assert export.load.load(str(tiny_dirs["embed"]), "embed").pools_prompt
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dirs["embed"], model)
+    pooling = json.loads((model / "1_Pooling" / "config.json").read_text())
+    (model / "1_Pooling" / "config.json").write_text(json.dumps({**pooling, "include_prompt": False}))
+    assert not export.load.load(str(model), "embed").pools_prompt
 
 
 def test_cli_prompt_flags_reach_the_spec_and_parity(tiny_dirs, tmp_path):
