@@ -538,6 +538,36 @@ def test_a_call_padded_to_a_long_row_holds_fewer_rows():
         assert [255] in calls  # alone
 
 
+class _ShapeClient(FakeClient):
+    """Records the shape of each call's first input."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    async def infer(self, model, inputs, outputs, client_timeout):
+        self.shapes.append(tuple(inputs[0].shape()))
+        rows = int(inputs[0].shape()[0])
+        return _Result({"EMBEDDING": np.ones((rows, 2), np.float32)})
+
+
+async def test_token_ids_reach_a_gpu_encoder_in_its_warmed_shapes():
+    # Text is padded to a length bucket by the tokenizer model; token ids went to the encoder at their own widths,
+    # shapes its warm-up never ran (~47 ms each on ONNX Runtime's CUDA provider).
+    import dataclasses
+
+    from fos_runtime.padding import ROW_BUCKETS, bucket_length
+    from fos_runtime.tokenization import Encoded
+
+    client = _ShapeClient()
+    s = dataclasses.replace(SPEC, device="gpu", max_length=512, vocab_size=100)
+    lengths = [3, 17, 17, 50, 77, 130, 300, 511]
+    out = await _backend(client).embed(s, encoded=Encoded([[5] * n for n in lengths]))
+    assert out.values.shape == (len(lengths), 2)
+    widths = {w for _, w in client.shapes}
+    assert widths == {bucket_length(w, s.max_length) for w in widths} and all(r in ROW_BUCKETS for r, _ in client.shapes)
+
+
 def test_a_ragged_gpu_encoder_gets_a_round_in_as_few_calls_as_its_batch_size_allows():
     # Triton's Python encoder regroups rows itself: row buckets there would only multiply the requests.
     import dataclasses
