@@ -211,11 +211,12 @@ def _openvino_int8(s: spec.ModelSpec, fp32: Path, repository: Path, texts: list[
 
 
 def prompts_of(source, opts: ExportOptions) -> dict:
-    """The model's own prompts (sentence-transformers' config), ruri's by model id where it has none,
+    """The model's own prompts (sentence-transformers' config), ruri's by model id or served name where it has none,
     then the user's; and the default prompt, the user's over the model's."""
     prompts = dict(source.prompts)
     if not any(prompts.values()):
-        prompts.update(spec.known_prompts(opts.model))
+        # By the served name too: offline, ruri is a directory served under its hub id (fos serve --model ID=DIR).
+        prompts.update(spec.known_prompts(opts.model) or spec.known_prompts(opts.name or ""))
     prompts.update(opts.prompts or {})
     default = source.default_prompt_name if opts.default_prompt_name is None else opts.default_prompt_name or None
     if default is not None and default not in prompts:

@@ -626,6 +626,9 @@ def test_prompts_come_from_the_model_then_its_id_then_the_user():
     ruri_v1 = {"query": "クエリ: ", "document": "文章: "}
     assert _prompts(empty, "cl-nagoya/ruri-large") == {"prompts": ruri_v1, "default_prompt_name": None}
     assert _prompts(empty, "someone/bert")["prompts"] == empty
+    # Offline, ruri is a directory served under its id (fos serve --model ID=DIR): it lost its prompts (review).
+    assert _prompts(empty, "/models/large", name="cl-nagoya/ruri-large")["prompts"] == ruri_v1
+    assert _prompts(empty, "/models/x", name="cl-nagoya/ruri-v3-310m")["prompts"] == spec.RURI_V3_PROMPTS
     # A fine-tuned copy or a mirror of ruri v3: its own prompts, whatever its name.
     own = {**empty, "query": "問: ", "document": "答: "}
     assert _prompts(own, "cl-nagoya/ruri-v3-310m")["prompts"] == own
