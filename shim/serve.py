@@ -80,7 +80,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "openvino-fp32|bf16|int8: that one. bf16 is computed from the fp32 export; int8 is OpenVINO's own, in an int8 "
         "export made with --openvino-int8",
     )
-    p.add_argument("--threads", type=int, help="encoder threads, onnxruntime's or OpenVINO's (default: all cores)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="encoder threads, onnxruntime's or OpenVINO's (default: the cores available, up to the CPU quota; 1 on a GPU)",
+    )
     p.add_argument(
         "--engine-streams",
         type=_streams,
