@@ -45,9 +45,10 @@ def test_specs_in_the_repository(exported):
     # Token types reach the cross-encoder (transformers 5 would drop them for BertJapaneseTokenizer).
     assert spec.TOKEN_TYPE_IDS in r.encoder_inputs
     assert e.name == "test--ruri-tiny"
-    # A model without prompts of its own and not known by id: sentence-transformers' empty query and
-    # document prompts, nothing else.
-    assert e.prompts == {"query": "", "document": ""} and e.default_prompt_name is None
+    # A model without prompts of its own, from a directory without "ruri" in its path, served under a name with it:
+    # ruri v1's prompts, by that name (as for ruri-large from a directory, served as cl-nagoya/ruri-large).
+    assert e.prompts == {"query": "クエリ: ", "document": "文章: "} and e.default_prompt_name is None
+    assert "ruri" not in e.source
     # ruri v3: 8192 tokens, no token types, its prompts read from the model (the path has no "ruri").
     e3, r3 = specs[EMBED_V3], specs[RERANK_V3]
     assert (e3.max_length, r3.max_length) == (8192, 8192)
