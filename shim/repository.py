@@ -31,3 +31,10 @@ def read_specs(repository: Path) -> list[spec.ModelSpec]:
         if s is not None:
             found.append(s)
     return found
+
+
+def missing_parts(repository: Path, s: spec.ModelSpec) -> list[str]:
+    """What the ensemble ``s`` names that is not in the repository: its tokenizer's files or its encoder's model (a
+    folder removed by hand, or a copy cut short)."""
+    parts = {"tokenizer": spec.tokenizer_files(repository, s.name), "encoder": spec.encoder_file(repository, s.name)}
+    return [f"its {part} ({path})" for part, path in parts.items() if not path.exists()]

@@ -156,7 +156,11 @@ def ensure_exported(models: list[str], repository: Path, precision: str | None) 
         # NAME=SOURCE names its source: where NAME holds another model's export, serving it would answer with the
         # wrong model under the asked-for name. (A bare id or directory is served as it is, offline exports too.)
         moved = served is not None and stored is not None and not _same_source(stored.source, model)
-        if config.exists() and not moved and (precision is None or stored is None or stored.precision == precision):
+        lacks = repo.missing_parts(repository, stored) if stored is not None else []
+        if lacks:
+            print(f"{model}: {name} in {repository} lacks {' and '.join(lacks)}: exporting it again", flush=True)
+            stored = None  # what is left of it cannot tell how it was exported
+        elif config.exists() and not moved and (precision is None or stored is None or stored.precision == precision):
             # Served as it is: no hub, no torch.
             print(f"{model}: already in {repository}" + (f" ({stored.precision})" if stored else ""), flush=True)
             continue
@@ -180,7 +184,8 @@ def ensure_exported(models: list[str], repository: Path, precision: str | None) 
             options = _same_choices(repository, stored, model, precision or "fp32")
         else:
             task = detect_task(model, local_only)
-            print(f"{model}: not in {repository}; exporting it (task {task}, {precision or 'fp32'})", flush=True)
+            if not lacks:
+                print(f"{model}: not in {repository}; exporting it (task {task}, {precision or 'fp32'})", flush=True)
             options = ExportOptions(model=model, task=task, name=served, repository=repository, precision=precision or "fp32")
         options.local_files_only = local_only
         export(options, log=lambda line: print(line, flush=True))
@@ -246,6 +251,14 @@ def _engines_servable(repository: Path, engine: str | None, device: str) -> bool
         print("error: --device gpu: this onnxruntime has no CUDA provider (install onnxruntime-gpu)", file=sys.stderr, flush=True)
         return False
     for s in repo.read_specs(repository):
+        if lacks := repo.missing_parts(repository, s):
+            print(
+                f"error: {s.served_name} in {repository} lacks {' and '.join(lacks)}: export it again "
+                f"(fos export, or fos serve --model {s.source})",
+                file=sys.stderr,
+                flush=True,
+            )
+            return False
         try:
             choice, why = choose_engine(spec.encoder_file(repository, s.name), engine or s.engine, s.precision, device)
         except engines.NotServable as exc:

@@ -561,6 +561,15 @@ def test_serve_exports_what_the_repository_lacks(tiny_dirs, tmp_path, capsys):
     assert moved.task == "embed" and Path(moved.source).resolve() == tiny_dirs["embed"].resolve()
     ensure_exported([f"cl-nagoya/ruri-reranker-large={tiny_dirs['embed']}/."], repo, None)  # the same folder, spelt otherwise
     assert "already in" in capsys.readouterr().out
+    # A model whose encoder is gone (removed by hand, a copy cut short) is exported again, not loaded into a traceback;
+    # served as it is, it is refused in one line before anything loads.
+    spec.encoder_file(repo, spec.triton_name(tiny_dirs["rerank"].name)).unlink()
+    assert main(["serve", "--repository", str(repo)]) == 1
+    err = capsys.readouterr().err
+    assert f"{tiny_dirs['rerank'].name} in {repo} lacks its encoder" in err and "Traceback" not in err
+    ensure_exported([str(tiny_dirs["rerank"])], repo, "fp32")
+    assert "lacks its encoder" in capsys.readouterr().out
+    assert spec.encoder_file(repo, spec.triton_name(tiny_dirs["rerank"].name)).exists()
 
 
 def test_serve_never_serves_another_precision_than_asked(tiny_dirs, tmp_path, capsys):
