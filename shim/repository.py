@@ -24,10 +24,22 @@ def spec_of(config: mc.ModelConfig) -> spec.ModelSpec | None:
     return spec.ModelSpec.from_json(config.parameters[spec.SPEC_PARAMETER].string_value)
 
 
+class Unreadable(ValueError):
+    """A model's config.pbtxt that cannot be parsed (edited by hand, or a copy cut short)."""
+
+
+def read_spec(config_file: Path) -> spec.ModelSpec | None:
+    """The spec in one model's config.pbtxt; None for a model that is not an exported ensemble."""
+    try:
+        return spec_of(parse(config_file.read_text(encoding="utf-8")))
+    except (text_format.ParseError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise Unreadable(f"{config_file} cannot be read ({exc}); export that model again") from exc
+
+
 def read_specs(repository: Path) -> list[spec.ModelSpec]:
     found = []
     for config_file in sorted(Path(repository).glob("*/config.pbtxt")):
-        s = spec_of(parse(config_file.read_text(encoding="utf-8")))
+        s = read_spec(config_file)
         if s is not None:
             found.append(s)
     return found

@@ -152,11 +152,14 @@ def ensure_exported(models: list[str], repository: Path, precision: str | None) 
             locate(model)  # a directory that is not there says so
             raise
         config = repository / name / "config.pbtxt"
-        stored = repo.spec_of(repo.parse(config.read_text(encoding="utf-8"))) if config.exists() else None
+        try:
+            stored = repo.read_spec(config) if config.exists() else None
+            lacks = repo.missing_parts(repository, stored) if stored is not None else []
+        except repo.Unreadable:
+            stored, lacks = None, [f"a readable {config}"]
         # NAME=SOURCE names its source: where NAME holds another model's export, serving it would answer with the
         # wrong model under the asked-for name. (A bare id or directory is served as it is, offline exports too.)
         moved = served is not None and stored is not None and not _same_source(stored.source, model)
-        lacks = repo.missing_parts(repository, stored) if stored is not None else []
         if lacks:
             print(f"{model}: {name} in {repository} lacks {' and '.join(lacks)}: exporting it again", flush=True)
             stored = None  # what is left of it cannot tell how it was exported
@@ -346,7 +349,11 @@ def run(args: argparse.Namespace) -> int:
         except (ModelUnavailable, ParityError, ValueError, OSError) as exc:
             print(f"error: {exc}", file=sys.stderr, flush=True)
             return 1
-    if not args.triton and not _engines_servable(args.repository, args.engine, args.device):
+    try:
+        if not args.triton and not _engines_servable(args.repository, args.engine, args.device):
+            return 1
+    except repo.Unreadable as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
     options = dict(
         host=args.host, port=args.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=args.graceful_timeout

@@ -570,6 +570,15 @@ def test_serve_exports_what_the_repository_lacks(tiny_dirs, tmp_path, capsys):
     ensure_exported([str(tiny_dirs["rerank"])], repo, "fp32")
     assert "lacks its encoder" in capsys.readouterr().out
     assert spec.encoder_file(repo, spec.triton_name(tiny_dirs["rerank"].name)).exists()
+    # And one whose config cannot be read: a traceback from protobuf before.
+    config = repo / spec.triton_name(tiny_dirs["rerank"].name) / "config.pbtxt"
+    config.write_text(config.read_text()[:200])
+    assert main(["serve", "--repository", str(repo)]) == 1
+    err = capsys.readouterr().err
+    assert f"{config} cannot be read" in err and "Traceback" not in err
+    ensure_exported([str(tiny_dirs["rerank"])], repo, "fp32")
+    assert "lacks a readable" in capsys.readouterr().out
+    assert read_specs(repo)
 
 
 def test_serve_never_serves_another_precision_than_asked(tiny_dirs, tmp_path, capsys):
