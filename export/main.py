@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -45,6 +44,22 @@ class ParityError(RuntimeError):
     pass
 
 
+MAX_NAME = 128  # in Triton's spelling; folders beside the repository add ~30 characters to it, of 255 a name
+
+
+def _check_new_name(served: str) -> None:
+    """Fail before the slow steps on a name Triton cannot hold, on one that shares its Triton name with another ('/'
+    is spelt '--' there: `a/b` and `a--b` would replace each other), and on one too long to export again."""
+    name = spec.triton_name(served)
+    if "--" in served.strip():
+        raise ValueError(
+            f"cannot serve a model named {served!r}: Triton's names spell '/' as '--', so it would be the same model as "
+            f"{served.strip().replace('--', '/')!r}; choose another --name"
+        )
+    if len(name) > MAX_NAME:
+        raise ValueError(f"cannot serve a model named {served!r}: at most {MAX_NAME} characters (--name)")
+
+
 def end_token(tokenizer) -> int | None:
     """The special token the tokenizer closes an input with, if it closes one (not the text's own last token, which
     may be special too: [UNK])."""
@@ -67,7 +82,7 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> spec.Mode
     if opts.engine not in engines.CHOICES:
         raise ValueError(f"engine must be one of {engines.CHOICES}")
     served = opts.name or spec.default_served_name(opts.model)
-    spec.triton_name(served)  # fail before the slow steps on a name Triton cannot hold
+    _check_new_name(served)
     if opts.tensorrt and (opts.encoder_backend, opts.device) != ("onnxruntime", "gpu"):
         raise ValueError("--tensorrt needs --encoder-backend onnxruntime --device gpu")
     if opts.encoder_instances < 1 or (opts.tokenizer_instances is not None and opts.tokenizer_instances < 1):
@@ -141,8 +156,8 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> spec.Mode
 
         t = _step(log, 4, total, f"writing the Triton models into {opts.repository}")
         repo = Path(opts.repository)
-        staging = repository.staging_for(repo, s.name)
-        try:
+        with repository.staging_for(repo, s.name) as folder:
+            staging = Path(folder)
             repository.write(
                 s,
                 staging,
@@ -162,8 +177,6 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> spec.Mode
             # the same name included), never a model that did not pass.
             _check(source, s, staging, opts, served, total, log)
             repository.publish(staging, repo, s.name)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
     return s
 
 

@@ -6,9 +6,13 @@ Configs are built as ModelConfig protobufs and printed by protobuf itself, so na
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import shutil
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +20,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 import fos_runtime
-from fos_runtime import batching, spec
+from fos_runtime import batching, spec, workdirs
 
 ENCODER_BACKENDS = ("onnxruntime", "python")
 PERF_INPUT = "perf_analyzer_input.json"  # beside the ensemble's config.pbtxt
@@ -188,14 +192,14 @@ def _save_tokenizer(tokenizer, folder: Path) -> None:
     config_file.write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
 
 
-def staging_for(repository: Path, name: str) -> Path:
+def staging_for(repository: Path, name: str) -> tempfile.TemporaryDirectory:
     """A fresh folder shaped like a repository, beside ``repository`` and not in it (Triton would take a folder in it
-    for a model), where one model set is written and checked before ``publish`` puts it in place."""
+    for a model), where one model set is written and checked before ``publish`` puts it in place. Its own to this
+    process, so that two exports of one name at once each check and publish what they wrote; those of exports
+    killed hard are removed here."""
+    repository = repository.resolve()  # `--repository .` has no name: its folders would land inside it
     repository.mkdir(parents=True, exist_ok=True)
-    staging = repository.parent / f".{repository.name}.{name}.staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    return staging
+    return workdirs.fresh(f".{repository.name}.{name}.staging-", repository.parent)
 
 
 def write(
@@ -233,6 +237,22 @@ def write(
     (ens_dir / PERF_INPUT).write_text(perf_input(s, sample_texts), encoding="utf-8")
 
 
+def _set_aside(repository: Path, d: str) -> Path:
+    return repository.parent / f".{repository.name}.{d}.replaced"
+
+
+@contextlib.contextmanager
+def _publishing(repository: Path) -> Iterator[None]:
+    """One publish into a repository at a time (between processes: an advisory lock on the folder, let go by the
+    kernel when its holder dies)."""
+    fd = os.open(repository, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def publish(staging: Path, repository: Path, name: str) -> Path:
     """Move a checked model set from ``staging`` into ``repository``, replacing an earlier export of the same name.
 
@@ -241,6 +261,7 @@ def publish(staging: Path, repository: Path, name: str) -> Path:
     served, never a served one whose tokenizer and encoder come from two exports. Across filesystems (a repository
     that is a mount point) each move is a copy that a kill can cut short, so this order matters most there. The old
     folders are set aside first and put back if a move fails with an exception."""
+    repository = repository.resolve()
     order = (name, spec.tokenizer_model(name), spec.encoder_model(name))
     moved: list[Path] = []
     aside: list[tuple[Path, Path]] = []
@@ -248,28 +269,29 @@ def publish(staging: Path, repository: Path, name: str) -> Path:
     def set_aside(d: str) -> None:
         target = repository / d
         if target.exists():
-            old = repository.parent / f".{repository.name}.{d}.replaced"
-            shutil.rmtree(old, ignore_errors=True)
-            shutil.move(str(target), str(old))
-            aside.append((old, target))
+            shutil.move(str(target), str(_set_aside(repository, d)))
+            aside.append((_set_aside(repository, d), target))
 
     def move_in(d: str) -> None:
         shutil.move(str(staging / d), str(repository / d))
         moved.append(repository / d)
 
-    try:
-        set_aside(name)
-        for d in order[1:]:
-            set_aside(d)
-            move_in(d)
-        move_in(name)
-    except BaseException:
-        for target in moved:
-            shutil.rmtree(target, ignore_errors=True)
-        for old, target in reversed(aside):  # the ensemble back last, over the parts it names
-            shutil.rmtree(target, ignore_errors=True)
-            shutil.move(str(old), str(target))
-        raise
-    for old, _ in aside:
-        shutil.rmtree(old, ignore_errors=True)
+    with _publishing(repository):
+        for d in order:  # what a publish killed before left (an old encoder: gigabytes for ruri-large)
+            shutil.rmtree(_set_aside(repository, d), ignore_errors=True)
+        try:
+            set_aside(name)
+            for d in order[1:]:
+                set_aside(d)
+                move_in(d)
+            move_in(name)
+        except BaseException:
+            for target in moved:
+                shutil.rmtree(target, ignore_errors=True)
+            for old, target in reversed(aside):  # the ensemble back last, over the parts it names
+                shutil.rmtree(target, ignore_errors=True)
+                shutil.move(str(old), str(target))
+            raise
+        for old, _ in aside:
+            shutil.rmtree(old, ignore_errors=True)
     return repository / name

@@ -7,6 +7,7 @@ start of the same command removes those whose process is gone.
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import tempfile
@@ -23,15 +24,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_left(prefix: str) -> None:
-    """Remove the folders ``prefix<pid>-*`` of processes that are gone."""
-    for folder in Path(tempfile.gettempdir()).glob(prefix + "*-*"):
-        pid = folder.name[len(prefix) :].split("-", 1)[0]
+def remove_left(prefix: str, folder: Path | None = None) -> None:
+    """Remove the folders ``prefix<pid>-*`` (in ``folder``, default the temporary directory) of processes that are
+    gone."""
+    for left in Path(folder or tempfile.gettempdir()).glob(glob.escape(prefix) + "*-*"):
+        pid = left.name[len(prefix) :].split("-", 1)[0]
         if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
+            shutil.rmtree(left, ignore_errors=True)
 
 
-def fresh(prefix: str) -> tempfile.TemporaryDirectory:
-    """A work folder named for this process, once the folders that killed ones left are gone."""
-    remove_left(prefix)
-    return tempfile.TemporaryDirectory(prefix=f"{prefix}{os.getpid()}-")
+def fresh(prefix: str, folder: Path | None = None) -> tempfile.TemporaryDirectory:
+    """A work folder named for this process (in ``folder``, default the temporary directory), once the folders that
+    killed ones left are gone."""
+    remove_left(prefix, folder)
+    return tempfile.TemporaryDirectory(prefix=f"{prefix}{os.getpid()}-", dir=folder)

@@ -353,9 +353,19 @@ def test_parity_report_logic():
     assert not Report("int8", "rerank", 2, True, float("inf"), 1.0, "max_abs_diff", None).ok
 
 
-def test_bad_served_name_fails_before_loading(tmp_path):
-    with pytest.raises(ValueError, match="cannot serve"):
-        run_export(ExportOptions(model="/nonexistent", task="embed", name="a b", repository=tmp_path), log=lambda _: None)
+@pytest.mark.parametrize(
+    ("name", "told"),
+    [
+        ("a b", "use letters"),
+        # Both are a--b in Triton: the second export replaced the first without a word (review).
+        ("a--b", "same model as 'a/b'"),
+        # Exported once, then every export again failed after the slow steps: a folder name past 255 bytes (review).
+        ("x" * 200, "at most 128"),
+    ],
+)
+def test_bad_served_name_fails_before_loading(tmp_path, name, told):
+    with pytest.raises(ValueError, match=told):
+        run_export(ExportOptions(model="/nonexistent", task="embed", name=name, repository=tmp_path), log=lambda _: None)
 
 
 @pytest.mark.parametrize(("key", "task", "told"), [("embed", "rerank", "--task embed"), ("rerank_v3", "embed", "--task rerank")])
@@ -536,6 +546,54 @@ def test_a_failed_publish_puts_the_old_export_back(tmp_path, monkeypatch, failin
     with pytest.raises(OSError, match="disk full"):
         publishing.publish(staging, repo, "m")
     assert _served_sets(repo, "m") == ["old"] * 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo", "staging"]
+
+
+def test_each_export_stages_apart_and_publishes_alone(tmp_path, monkeypatch):
+    # Two exports of one name at once shared one staging folder: one published what the other had written and not yet
+    # checked, and reported success (review). Staging folders are now each export's own, and publishing is one at a
+    # time.
+    import subprocess
+    import threading
+    import time
+
+    from export import repository as publishing
+
+    repo = tmp_path / "repo"
+    with publishing.staging_for(repo, "m") as a, publishing.staging_for(repo, "m") as b:
+        assert a != b and Path(a).parent == Path(b).parent == tmp_path
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    left = tmp_path / f".repo.m.staging-{gone.pid}-x"  # an export killed hard
+    left.mkdir()
+    with publishing.staging_for(repo, "m"):
+        assert not left.exists()
+
+    _model_set(repo, "m", "old")
+    _model_set(tmp_path / "staging", "m", "new")
+    with publishing._publishing(repo.resolve()):
+        other = threading.Thread(target=publishing.publish, args=(tmp_path / "staging", repo, "m"))
+        other.start()
+        time.sleep(0.5)
+        assert _served_sets(repo, "m") == ["old"] * 3  # it waits
+    other.join(timeout=10)
+    assert _served_sets(repo, "m") == ["new"] * 3
+
+
+def test_the_current_folder_as_repository_keeps_exports_work_outside_it(tmp_path, monkeypatch):
+    # `--repository .`: Path(".").name is "", so the set-aside and staging folders went inside the repository, where a
+    # kill left a folder that fos serve read as a model (review).
+    from export import repository as publishing
+
+    repo = tmp_path / "repo"
+    _model_set(repo, "m", "old")
+    _model_set(tmp_path / "staging", "m", "new")
+    (tmp_path / ".repo.m__encoder.replaced").mkdir()  # left by a publish killed before
+    monkeypatch.chdir(repo)
+    with publishing.staging_for(Path("."), "m") as staged:
+        assert Path(staged).parent == tmp_path
+    publishing.publish(tmp_path / "staging", Path("."), "m")
+    assert sorted(p.name for p in repo.iterdir()) == ["m", "m__encoder", "m__tokenizer"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repo", "staging"]
 
 
