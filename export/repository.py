@@ -87,7 +87,8 @@ def encoder_config(s: spec.ModelSpec, backend: str, tensorrt: bool = False, inst
         c.parameters[spec.SPEC_PARAMETER].string_value = s.to_json()
     kind = mc.ModelInstanceGroup.KIND_GPU if s.device == "gpu" else mc.ModelInstanceGroup.KIND_CPU
     c.instance_group.add(kind=kind, count=instances)
-    c.dynamic_batching.max_queue_delay_microseconds = plan.queue_delay_us
+    if merges_calls(s, backend):
+        c.dynamic_batching.max_queue_delay_microseconds = plan.queue_delay_us
     if backend == "onnxruntime":
         # The Python encoder warms itself up (batching.warm_up); ONNX Runtime's backend runs these at load, so that no
         # request pays a new shape's first run (about 47 ms on a GPU). Ids and token types of zeros (a token), a mask
@@ -111,6 +112,17 @@ def encoder_config(s: spec.ModelSpec, backend: str, tensorrt: bool = False, inst
         trt.parameters["precision_mode"] = "FP16"
         trt.parameters["max_workspace_size_bytes"] = str(2 << 30)
     return c
+
+
+def merges_calls(s: spec.ModelSpec, backend: str) -> bool:
+    """Whether the encoder gets Triton's dynamic batching. The Python encoder cuts its own runs from the rows it gets
+    (at most ``max_tokens`` each). ONNX Runtime's backend runs what the batcher gives it, and the batcher merges calls
+    of equal shape up to ``max_batch_size`` rows, bounding neither their tokens (no Triton setting does, and a custom
+    batching strategy cannot in 25.02) nor their rows to a warmed-up bucket. A 512-token model's merged run is at most
+    twice the shim's bound on one call; ruri v3's would be 256 rows x 8,192 tokens, tens of GB of activations on a GPU.
+    So only encoders whose widest merge stays within twice the bound merge calls; the others run each call alone."""
+    plan = batching.plan_for(s.device)
+    return backend == "python" or plan.max_rows * s.max_length <= 2 * plan.max_tokens
 
 
 def _extremes_first(shapes: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -82,6 +82,28 @@ def test_configs_chain_tokenizer_to_encoder(exported):
         assert {tok.max_batch_size, enc.max_batch_size, ens.max_batch_size} == {batching.plan_for(s.device).max_rows}
 
 
+@pytest.mark.parametrize(
+    ("device", "max_length", "backend", "merges"),
+    [
+        ("gpu", 512, "onnxruntime", True),  # ruri-large: a merged run is at most 256 x 512, twice a call's bound
+        ("gpu", 8192, "onnxruntime", False),  # ruri v3: it could be 256 x 8,192 tokens
+        ("gpu", 8192, "python", True),  # cuts its own runs
+        ("cpu", 8192, "onnxruntime", False),
+        ("cpu", 512, "onnxruntime", True),
+    ],
+)
+def test_only_encoders_whose_merged_runs_stay_bounded_merge_calls(device, max_length, backend, merges):
+    # Triton's dynamic batcher merges equal-shape calls up to max_batch_size rows and bounds no tokens: a review of
+    # Triton 25.02's batcher found a ruri v3 call of 8 x 8,192 tokens could be merged into one run of 256 x 8,192.
+    from export.repository import encoder_config
+
+    s = spec.ModelSpec(
+        served_name="m", task="embed", source="m", max_length=max_length, encoder_inputs=(spec.INPUT_IDS,),
+        pad_token_id=0, vocab_size=10, dimension=2, device=device,
+    )  # fmt: skip
+    assert encoder_config(s, backend).HasField("dynamic_batching") == merges
+
+
 def test_attention_is_fused(exported):
     # onnxruntime's fused Attention is the fast path on CPU and GPU; transformers' default SDPA
     # attention traces into a pattern the fusion misses, so export traces the eager one. ModernBERT, which
