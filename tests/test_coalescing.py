@@ -10,6 +10,7 @@ import pytest
 from tritonclient.utils import InferenceServerException, deserialize_bytes_tensor
 
 from fos_runtime.batching import plan_for
+from fos_runtime.padding import bucket_length
 from fos_runtime.spec import ModelSpec
 from shim.backends.coalescing import Coalescer, in_order, pieces
 from shim.backends.triton import TritonBackend, _Rows
@@ -536,6 +537,21 @@ def test_a_call_padded_to_a_long_row_holds_fewer_rows():
         assert all(len(c) * min(max(lengths[i] for i in c), s.max_length) <= max(budget, s.max_length) for c in calls)
         assert sorted(i for c in calls for i in c) == list(range(256))
         assert [255] in calls  # alone
+
+
+def test_a_gpu_call_is_bounded_by_its_padded_tokens():
+    # The bound counted characters, but the tokenizer model adds special tokens and pads to a length bucket: 160 rows
+    # of 400 characters passed as 64,000, and became 160 x 416 = 66,560 tokens (a Triton config review).
+    import dataclasses
+
+    from shim.backends.triton import _calls
+
+    s = dataclasses.replace(SPEC, device="gpu", max_length=8192)
+    lengths = [400] * 300
+    budget = plan_for("gpu").max_tokens
+    calls = _calls(s, lengths)
+    assert all(len(c) * bucket_length(400 + 2, s.max_length) <= budget for c in calls), [len(c) for c in calls]
+    assert sorted(i for c in calls for i in c) == list(range(300))
 
 
 class _ShapeClient(FakeClient):

@@ -29,7 +29,7 @@ from tritonclient.utils import InferenceServerException
 
 from fos_runtime import spec as specs
 from fos_runtime.batching import plan_for
-from fos_runtime.padding import ROW_BUCKETS, pad
+from fos_runtime.padding import ROW_BUCKETS, bucket_length, pad
 from fos_runtime.spec import ModelSpec
 from fos_runtime.tokenization import Encoded
 
@@ -70,6 +70,9 @@ class _Rows:
         return [len(t) + len(p) for t, p in zip(self.texts, self.pairs, strict=True)]
 
 
+_SPECIAL_TOKENS = 4  # what a tokenizer adds to a text or a pair: [CLS] a [SEP] b [SEP], <s> a </s></s> b </s>
+
+
 def _calls(s: ModelSpec, lengths: list[int]) -> list[list[int]]:
     """Sort by length and cut into calls of the models' max_batch_size; no padding bound here: the
     tokenizer pads each call to its longest row, and the Python encoder regroups rows by real length.
@@ -83,11 +86,18 @@ def _calls(s: ModelSpec, lengths: list[int]) -> list[list[int]]:
         return [order[k : k + plan.max_rows] for k in range(0, len(order), plan.max_rows)]
     # A call is padded to its longest row: at most max_tokens of that, so that one long document among many short
     # ones does not make a call of 256 rows x 8,192 tokens (ruri v3's context) for a GPU's memory. Lengths are
-    # characters here, more than the tokens of Japanese text, so the bound errs on the safe side.
+    # characters here, more than the tokens of Japanese text; the tokenizer model adds the special tokens and rounds
+    # the width up to its bucket. (A tokenizer that falls back to bytes can make a rare character several tokens.)
+    limit = plan.bucket_limit(s.max_length)
+
+    def padded(n: int) -> int:
+        width = min(n + _SPECIAL_TOKENS, s.max_length)
+        return bucket_length(width, limit) if limit is not None else width
+
     calls: list[list[int]] = []
     call: list[int] = []
     for i in order:  # ascending: the row added is the call's widest
-        if call and (len(call) == plan.max_rows or (len(call) + 1) * min(lengths[i], s.max_length) > plan.max_tokens):
+        if call and (len(call) == plan.max_rows or (len(call) + 1) * padded(lengths[i]) > plan.max_tokens):
             calls.append(call)
             call = []
         call.append(i)
