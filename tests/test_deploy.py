@@ -76,7 +76,12 @@ def test_compose_wiring_agrees():
 
     parser = argparse.ArgumentParser()
     serve_arguments(parser)
-    parser.parse_args(args[1:])
+    parsed = parser.parse_args(args[1:])
+    # Docker's SIGKILL (after stop_grace_period, default 10 s) must not cut short tritonserver's unloading or the
+    # shim's graceful shutdown (a Triton config review).
+    exit_timeout = next(int(a.split("=")[1]) for a in triton["command"] if a.startswith("--exit-timeout-secs="))
+    assert int(triton.get("stop_grace_period", "10s").rstrip("s")) > exit_timeout
+    assert int(shim.get("stop_grace_period", "10s").rstrip("s")) > parsed.graceful_timeout
     # The served names the export service writes are the ones the README tells Dify to use.
     readme = (ROOT / "README.md").read_text()
     for model in re.findall(r"--model (\S+)", _resolve(export["command"][0], {})):
