@@ -114,6 +114,16 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> spec.Mode
         + (f", dimension={source.dimension}" if opts.task == "embed" else "")
     )
 
+    if opts.tensorrt and source.max_length > batching.WARM_UP_LONGEST:
+        # TensorRT's provider builds its engines again for every shape past those it has seen (minutes for a
+        # 24-layer model), and warm-up runs shapes only up to WARM_UP_LONGEST tokens: a longer input would stall the
+        # encoder's one instance past any client's timeout while it builds.
+        raise ValueError(
+            f"--tensorrt: {opts.model} takes {source.max_length} tokens, past the {batching.WARM_UP_LONGEST} that warm-up "
+            f"builds TensorRT's engines for; export it with --max-length {batching.WARM_UP_LONGEST} or less, or without "
+            "--tensorrt"
+        )
+
     s = spec.ModelSpec(
         served_name=served,
         task=opts.task,

@@ -244,8 +244,16 @@ def _run_sizes(width: int, max_rows: int, max_tokens: int, bucket_rows_too: bool
     return list(range(1, max(1, min(max_rows, max_tokens // width)) + 1))
 
 
+WARM_UP_LONGEST = 1024  # tokens: past this a shape's first run is rare enough to pay for when it comes
+
+
 def warm_up(
-    encoder: Encoder, plan: BatchPlan, pad_token_id: int, inputs: Sequence[str], max_length: int, longest: int = 1024
+    encoder: Encoder,
+    plan: BatchPlan,
+    pad_token_id: int,
+    inputs: Sequence[str],
+    max_length: int,
+    longest: int = WARM_UP_LONGEST,
 ) -> int:
     """Run every bucketed shape the plan can produce, up to ``longest`` tokens, once: the first run of a shape is
     the slow one. Returns the number of shapes run."""
@@ -256,7 +264,7 @@ def warm_up(
     return len(shapes)
 
 
-def warm_up_shapes(plan: BatchPlan, max_length: int, longest: int = 1024) -> list[tuple[int, int]]:
+def warm_up_shapes(plan: BatchPlan, max_length: int, longest: int = WARM_UP_LONGEST) -> list[tuple[int, int]]:
     """(rows, tokens) of every bucketed run shape the plan can produce up to ``longest`` tokens; none where the plan
     does not bucket shapes. The encoders run them at load, Triton's ONNX Runtime backend from its config's
     ``model_warmup``."""

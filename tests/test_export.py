@@ -399,6 +399,17 @@ def test_a_task_unlike_the_models_is_refused(tiny_dirs, tmp_path, key, task, tol
     assert not list(tmp_path.iterdir())
 
 
+def test_tensorrt_is_refused_past_the_warmed_up_context(tiny_dirs, tmp_path):
+    # Warm-up builds TensorRT's engines for shapes up to 1,024 tokens; a longer input built them again while serving,
+    # minutes during which the one encoder instance answered nothing (a Triton config review). ruri v3 takes 8,192.
+    options = ExportOptions(
+        model=str(tiny_dirs["embed_v3"]), task="embed", repository=tmp_path, device="gpu", precision="fp16", tensorrt=True
+    )
+    with pytest.raises(ValueError, match="--max-length 1024 or less"):
+        run_export(options, log=lambda _: None)
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_context_past_the_models_positions_is_refused(tiny_dirs, tmp_path):
     # It exported, and the engine failed at the first input that long (index out of range).
     with pytest.raises(ValueError, match="--max-length 100000"):
