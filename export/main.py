@@ -81,6 +81,8 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> spec.Mode
         raise ValueError(f"precision must be one of {convert.PRECISIONS}")
     if opts.engine not in engines.CHOICES:
         raise ValueError(f"engine must be one of {engines.CHOICES}")
+    if Path(opts.model).is_file():
+        raise ValueError(f"{opts.model} is a file: pass the folder that holds the model (config.json and its weights)")
     served = opts.name or spec.default_served_name(opts.model)
     _check_new_name(served)
     if opts.tensorrt and (opts.encoder_backend, opts.device) != ("onnxruntime", "gpu"):

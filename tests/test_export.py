@@ -390,6 +390,12 @@ def test_bad_served_name_fails_before_loading(tmp_path, name, told):
         run_export(ExportOptions(model="/nonexistent", task="embed", name=name, repository=tmp_path), log=lambda _: None)
 
 
+def test_a_file_for_a_model_is_told_so(tiny_dirs, tmp_path):
+    # It said "cannot serve a model named '/.../config.json'" (review).
+    with pytest.raises(ValueError, match="is a file: pass the folder"):
+        run_export(ExportOptions(model=str(tiny_dirs["embed"] / "config.json"), task="embed", repository=tmp_path))
+
+
 @pytest.mark.parametrize(("key", "task", "told"), [("embed", "rerank", "--task embed"), ("rerank_v3", "embed", "--task rerank")])
 def test_a_task_unlike_the_models_is_refused(tiny_dirs, tmp_path, key, task, told):
     # An embedder exported as a reranker got a random head, passed parity (against the same random head) and was
