@@ -303,11 +303,54 @@ def _backend(*clients: FakeClient, serves: list[set[str]] | None = None) -> Trit
     for i, client in enumerate(clients):
         e = type("E", (), {})()
         e.url, e.client, e.healthy, e.down_since, e.told, e.unreadable = f"fake:{i}", client, True, 0.0, set(), set()
-        e.probing = asyncio.Lock()
+        e.probing, e.dead = asyncio.Lock(), set()
         e.ready, e.found = (set(serves[i]) if serves else _Everything()), {}
         e.index = set(e.ready)
         backend.endpoints.append(e)
     return backend
+
+
+class _DeadStubClient(FakeClient):
+    """Answers as Triton does once a Python stub of the model died, until ``dead`` is cleared."""
+
+    def __init__(self):
+        super().__init__()
+        self.dead = True
+
+    async def infer(self, model, inputs, outputs=None, client_timeout=None):
+        if self.dead:
+            self.calls += 1
+            message = f"in ensemble '{model}', Stub process '{model}__tokenizer_0_0' is not healthy."
+            raise InferenceServerException(msg=message, status="StatusCode.INTERNAL")
+        return await super().infer(model, inputs, outputs, client_timeout)
+
+
+async def test_a_dead_stub_moves_its_model_to_other_endpoints_until_it_answers_again(caplog):
+    # Triton (since 24.06) does not start a dead Python stub again and still says the model is ready: each request
+    # got a 502 from that endpoint, for ever, with other endpoints serving the model beside it (checked with the pip
+    # tritonserver: "Stub process 'test--embed__tokenizer_0_0' is not healthy." after a SIGKILL of that stub).
+    dead = _DeadStubClient()
+    backend = _backend(dead, FakeClient())
+    backend._next = -1  # the dead endpoint first
+    out = await backend._ensemble(SPEC, _Rows(["猫"], None, False))
+    assert out.values.shape == (1, 2) and dead.calls == 1
+    assert "Triton does not start a dead stub again" in caplog.text
+    await backend._ensemble(SPEC, _Rows(["犬"], None, False))
+    assert dead.calls == 1  # not asked again while its stub is dead
+    # Alone, it is a 503 that names the model and the restart, not a 502.
+    alone = _backend(_DeadStubClient())
+    with pytest.raises(BackendUnavailable, match=r"t/embed: .*Stub process .* is not healthy"):
+        await alone._ensemble(SPEC, _Rows(["猫"], None, False))
+    with pytest.raises(BackendUnavailable, match=r"a Python stub of t/embed died in Triton at fake:0: restart"):
+        await alone._ensemble(SPEC, _Rows(["猫"], None, False))
+    # The probe asks it one short text; once that is answered, it serves the model again.
+    e = backend.endpoints[0]
+    e.found = {SPEC.served_name: SPEC}
+    await backend._ask_dead(e, 1.0)
+    assert e.dead == {SPEC.name}
+    dead.dead = False
+    await backend._ask_dead(e, 1.0)
+    assert not e.dead
 
 
 async def test_a_deadline_is_a_504_and_keeps_the_endpoint():

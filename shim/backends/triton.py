@@ -47,6 +47,9 @@ PROBE_TIMEOUT_S = 5.0
 _UNREACHABLE = ("UNAVAILABLE", "CANCELLED")  # the endpoint, not the request, is at fault
 _NOT_FOUND = "NOT_FOUND"  # the endpoint is there but does not serve this model (unloaded, or never had it)
 _DEADLINE = "DEADLINE_EXCEEDED"
+# The Python backend's answer for a model whose stub process died (the OOM killer picks the one holding a model): Triton
+# (since 24.06) does not start it again, and keeps saying the model is ready.
+_DEAD_STUB = ("Stub process", "is not healthy")
 
 
 @dataclasses.dataclass
@@ -175,6 +178,7 @@ class _Endpoint:
         self.found: dict[str, ModelSpec] = {}  # its exported models, by served name, learnt from those
         self.told: set[str] = set()  # why it was not ready, each logged once until it is ready again
         self.unreadable: set[str] = set()  # its models whose spec could not be read, each logged once
+        self.dead: set[str] = set()  # exported models (Triton names) one of whose Python stubs died there
         # One probe at a time: ready() probes too, and an older probe's answer must not land after a newer one's.
         self.probing = asyncio.Lock()
 
@@ -238,12 +242,26 @@ class TritonBackend:
                 _once(
                     e.told, "none", f"Triton at {e.url} serves no model exported by fos export (ready: {sorted(ready) or 'none'})"
                 )
+            if e.dead:
+                await self._ask_dead(e, timeout)
             return self._mark(e, bool(e.found))
         except Exception as exc:
             # Once per kind of failure (a starting Triton refuses every probe alike), not once per probe.
             kind = exc.status() if isinstance(exc, InferenceServerException) else type(exc).__name__
             _once(e.told, kind, f"Triton at {e.url} not ready: {exc}")
             return self._mark(e, False)
+
+    async def _ask_dead(self, e: _Endpoint, timeout: float) -> None:
+        """Each model whose stub died at ``e`` is asked one short text: it is served there again once it answers
+        (tritonserver restarted between two probes, or its models loaded again)."""
+        for s in [s for s in e.found.values() if s.name in e.dead]:
+            texts = [specs.TEXT, specs.TEXT_PAIR] if s.task == "rerank" else [specs.TEXT]
+            try:
+                await e.client.infer(s.name, [_strings(name, ["a"]) for name in texts], client_timeout=timeout)
+            except InferenceServerException:
+                continue
+            e.dead.discard(s.name)
+            log.warning("Triton at %s serves %s again", e.url, s.served_name)
 
     async def _discover(self, e: _Endpoint, ready: set[str]) -> dict[str, ModelSpec]:
         found: dict[str, ModelSpec] = {}
@@ -307,13 +325,19 @@ class TritonBackend:
     def _order(self, s: ModelSpec, model: str) -> list[_Endpoint]:
         """Healthy endpoints that serve ``model`` (a Triton model of ``s``) as ``s``, rotated so successive calls start
         at different ones. Another export under the same name (a rolling re-export) would answer with another model."""
-        healthy = [e for e in self.endpoints if e.healthy and model in e.ready and e.found.get(s.served_name, s) == s]
+        healthy = [
+            e
+            for e in self.endpoints
+            if e.healthy and model in e.ready and s.name not in e.dead and e.found.get(s.served_name, s) == s
+        ]
         self._next += 1
         k = self._next % len(healthy) if healthy else 0
         return healthy[k:] + healthy[:k]
 
     async def _infer(self, s: ModelSpec, model: str, inputs: list, outputs: Sequence[str], timeout_s: float) -> list[np.ndarray]:
         last = f"no ready Triton endpoint serves {s.served_name} (its Triton model {model})"
+        if dead := [e.url for e in self.endpoints if s.name in e.dead]:
+            last = f"a Python stub of {s.served_name} died in Triton at {', '.join(dead)}: restart tritonserver"
         for e in self._order(s, model):
             try:
                 result = await e.client.infer(
@@ -334,9 +358,21 @@ class TritonBackend:
                     e.ready.discard(model)  # this endpoint only: the probe learns its models again
                 elif any(code in status for code in _UNREACHABLE):
                     self._mark(e, False)  # the probe takes it back when it is ready
+                elif all(part in exc.message() for part in _DEAD_STUB):
+                    # Every request for this model would fail there until tritonserver is restarted: the others'
+                    # endpoints serve it meanwhile, and the probe asks this one again (_ask_dead).
+                    if s.name not in e.dead:
+                        e.dead.add(s.name)
+                        log.error(
+                            "Triton at %s: %s; Triton does not start a dead stub again, so %s fails there until "
+                            "tritonserver is restarted (fos triton exits for its restart policy to do that)",
+                            e.url,
+                            exc.message(),
+                            s.served_name,
+                        )
                 else:
                     raise BackendFailed(f"Triton failed: {exc.message()}") from exc
-                last = f"Triton at {e.url} is unavailable: {exc.message()}"
+                last = f"Triton at {e.url} cannot serve {s.served_name}: {exc.message()}"
         raise BackendUnavailable(last)
 
     async def _fan_out(
