@@ -188,7 +188,7 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> spec.Mode
             # Checked where it was written: an export that fails leaves the repository as it was (an earlier export of
             # the same name included), never a model that did not pass.
             _check(source, s, staging, opts, served, total, log)
-            repository.publish(staging, repo, s.name)
+            repository.publish(staging, repo, s.name, log)
     return s
 
 

@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -254,18 +254,22 @@ def _set_aside(repository: Path, d: str) -> Path:
 
 
 @contextlib.contextmanager
-def _publishing(repository: Path) -> Iterator[None]:
+def _publishing(repository: Path, log: Callable[[str], None] = print) -> Iterator[None]:
     """One publish into a repository at a time (between processes: an advisory lock on the folder, let go by the
     kernel when its holder dies)."""
     fd = os.open(repository, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"      waiting for another export to finish putting its model into {repository} ...")
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)
 
 
-def publish(staging: Path, repository: Path, name: str) -> Path:
+def publish(staging: Path, repository: Path, name: str, log: Callable[[str], None] = print) -> Path:
     """Move a checked model set from ``staging`` into ``repository``, replacing an earlier export of the same name.
 
     The ensemble, which is what makes a model served (its ``fos_spec``), goes first and comes back last: a process
@@ -288,7 +292,7 @@ def publish(staging: Path, repository: Path, name: str) -> Path:
         shutil.move(str(staging / d), str(repository / d))
         moved.append(repository / d)
 
-    with _publishing(repository):
+    with _publishing(repository, log):
         for d in order:  # what a publish killed before left (an old encoder: gigabytes for ruri-large)
             shutil.rmtree(_set_aside(repository, d), ignore_errors=True)
         try:

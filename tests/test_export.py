@@ -610,11 +610,13 @@ def test_each_export_stages_apart_and_publishes_alone(tmp_path, monkeypatch):
 
     _model_set(repo, "m", "old")
     _model_set(tmp_path / "staging", "m", "new")
+    said: list[str] = []
     with publishing._publishing(repo.resolve()):
-        other = threading.Thread(target=publishing.publish, args=(tmp_path / "staging", repo, "m"))
+        other = threading.Thread(target=publishing.publish, args=(tmp_path / "staging", repo, "m", said.append))
         other.start()
         time.sleep(0.5)
-        assert _served_sets(repo, "m") == ["old"] * 3  # it waits
+        assert _served_sets(repo, "m") == ["old"] * 3  # it waits, and says so
+        assert said and "waiting for another export" in said[0]
     other.join(timeout=10)
     assert _served_sets(repo, "m") == ["new"] * 3
 
