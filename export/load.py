@@ -166,20 +166,26 @@ def load(
     raise ValueError(f"unknown task {task!r}; use embed or rerank")
 
 
+def _open(cls, model_id: str, max_length: int | None, trust_remote_code: bool, local_files_only: bool) -> tuple[Any, Any]:
+    """A SentenceTransformer or CrossEncoder (``cls``) loaded as export serves it, at ``max_length`` if given, checked
+    against its position embeddings and asked for token types; and the Hugging Face config of the model inside."""
+    options = {"device": "cpu", "trust_remote_code": trust_remote_code, "local_files_only": local_files_only}
+    model = _loaded(lambda: cls(model_id, **options), model_id)
+    model.eval()
+    if max_length is not None:
+        model.max_seq_length = max_length
+    hf_model = _transformer(model, model_id)
+    _check_max_length(model_id, max_length, hf_model, model.max_seq_length)
+    _fix_token_types(model.tokenizer, hf_model.config)
+    return model, hf_model.config
+
+
 def _load_embed(model_id: str, max_length: int | None, trust_remote_code: bool, local_files_only: bool) -> Source:
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.base.modules.normalize import Normalize
 
-    options: dict[str, Any] = {"device": "cpu", "trust_remote_code": trust_remote_code, "local_files_only": local_files_only}
-    model = _loaded(lambda: SentenceTransformer(model_id, **options), model_id)
-    model.eval()
-    if max_length is not None:
-        model.max_seq_length = max_length
+    model, hf_config = _open(SentenceTransformer, model_id, max_length, trust_remote_code, local_files_only)
     tokenizer = model.tokenizer
-    hf_model = _transformer(model, model_id)
-    hf_config = hf_model.config
-    _check_max_length(model_id, max_length, hf_model, model.max_seq_length)
-    _fix_token_types(tokenizer, hf_config)
     # sentence-transformers 6 renamed the method; keep working with the older name too.
     get_dimension = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
     dimension = get_dimension() or 0
@@ -225,18 +231,10 @@ def _pools_prompt(model) -> bool:
 def _load_rerank(model_id: str, max_length: int | None, trust_remote_code: bool, local_files_only: bool) -> Source:
     from sentence_transformers import CrossEncoder
 
-    options: dict[str, Any] = {"device": "cpu", "trust_remote_code": trust_remote_code, "local_files_only": local_files_only}
-    model = _loaded(lambda: CrossEncoder(model_id, **options), model_id)
-    model.eval()
+    model, hf_config = _open(CrossEncoder, model_id, max_length, trust_remote_code, local_files_only)
     if model.num_labels != 1:
         raise ValueError(f"{model_id} has {model.num_labels} labels; only one-logit rerankers can be served")
-    if max_length is not None:
-        model.max_seq_length = max_length
     tokenizer = model.tokenizer
-    hf_model = _transformer(model, model_id)
-    hf_config = hf_model.config
-    _check_max_length(model_id, max_length, hf_model, model.max_seq_length)
-    _fix_token_types(tokenizer, hf_config)
 
     def reference(pairs: Sequence[tuple[str, str]], prompt: str = "") -> np.ndarray:
         import torch  # here: serving imports this module for its errors, without torch

@@ -283,10 +283,10 @@ def publish(staging: Path, repository: Path, name: str, log: Callable[[str], Non
     aside: list[tuple[Path, Path]] = []
 
     def set_aside(d: str) -> None:
-        target = repository / d
+        target, old = repository / d, _set_aside(repository, d)
         if target.exists():
-            shutil.move(str(target), str(_set_aside(repository, d)))
-            aside.append((_set_aside(repository, d), target))
+            shutil.move(str(target), str(old))
+            aside.append((old, target))
 
     def move_in(d: str) -> None:
         shutil.move(str(staging / d), str(repository / d))
