@@ -60,6 +60,13 @@ def children(pid: int) -> list[int]:
     return [p.pid for p in processes() if p.ppid == pid]
 
 
+def gone_pid() -> int:
+    """The pid of a process that has ended: what a work folder left by a process killed hard is named with."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
 def alive(pid: int) -> bool:
     """Running, not a zombie waiting to be reaped."""
     return any(p.pid == pid for p in processes())

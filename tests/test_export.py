@@ -23,7 +23,7 @@ from shim.cli import main
 from shim.repository import parse, read_specs
 
 import tiny_models
-from helpers import EMBED, EMBED_V3, RERANK, RERANK_V3, SERVED
+from helpers import EMBED, EMBED_V3, RERANK, RERANK_V3, SERVED, gone_pid
 
 
 @pytest.mark.parametrize("key", sorted(SERVED.values()))
@@ -499,13 +499,10 @@ def test_a_model_sentence_transformers_cannot_export_is_refused_in_one_line(tiny
 
 def test_reexport_replaces_in_place(tiny_dirs, tmp_path):
     import os
-    import subprocess
     import tempfile
 
     # A work folder that an export killed hard left behind (its ONNX files: gigabytes for ruri-large) goes.
-    gone = subprocess.Popen(["true"])
-    gone.wait()
-    left = Path(tempfile.gettempdir()) / f"fos-export-{gone.pid}-test"
+    left = Path(tempfile.gettempdir()) / f"fos-export-{gone_pid()}-test"
     left.mkdir(exist_ok=True)
     repo = tmp_path / "repo"
     for _ in range(2):
@@ -592,7 +589,6 @@ def test_each_export_stages_apart_and_publishes_alone(tmp_path, monkeypatch):
     # Two exports of one name at once shared one staging folder: one published what the other had written and not yet
     # checked, and reported success (review). Staging folders are now each export's own, and publishing is one at a
     # time.
-    import subprocess
     import threading
     import time
 
@@ -601,9 +597,7 @@ def test_each_export_stages_apart_and_publishes_alone(tmp_path, monkeypatch):
     repo = tmp_path / "repo"
     with publishing.staging_for(repo, "m") as a, publishing.staging_for(repo, "m") as b:
         assert a != b and Path(a).parent == Path(b).parent == tmp_path
-    gone = subprocess.Popen(["true"])
-    gone.wait()
-    left = tmp_path / f".repo.m.staging-{gone.pid}-x"  # an export killed hard
+    left = tmp_path / f".repo.m.staging-{gone_pid()}-x"  # an export killed hard
     left.mkdir()
     with publishing.staging_for(repo, "m"):
         assert not left.exists()

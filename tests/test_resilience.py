@@ -20,7 +20,7 @@ from shim.app import create_app
 from shim.backends.triton import TritonBackend
 
 import tiny_models
-from helpers import EMBED, ServerThread, free_port, run_tritonserver, wait_for
+from helpers import EMBED, ServerThread, free_port, gone_pid, run_tritonserver, wait_for
 
 POOL = [*tiny_models.corpus()[:12], "猫", "ＡＢＣ１２３", "猫" * 200]
 
@@ -191,9 +191,7 @@ def test_one_ctrl_c_under_uv_run_still_unloads_the_models(exported, tmp_path):
     import tempfile
 
     # And the work folder a fos triton killed hard left behind is removed (its pid is gone).
-    gone = subprocess.Popen(["true"])
-    gone.wait()
-    left = Path(tempfile.gettempdir()) / f"fos-triton-{gone.pid}-test"
+    left = Path(tempfile.gettempdir()) / f"fos-triton-{gone_pid()}-test"
     left.mkdir(exist_ok=True)
     with fos_triton(exported["repository"], tmp_path) as (proc, _, log):
         assert not left.exists()
