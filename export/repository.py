@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -25,6 +26,9 @@ from fos_runtime import batching, spec, workdirs
 ENCODER_BACKENDS = ("onnxruntime", "python")
 PERF_INPUT = "perf_analyzer_input.json"  # beside the ensemble's config.pbtxt
 WARMUP_DIR = "warmup"  # beside an encoder's config.pbtxt: the data its model_warmup reads (Triton's name)
+# Where the container's TensorRT engines are kept between starts: the image makes the folder (ONNX Runtime creates only
+# the last level of a cache path), compose.yaml mounts a volume over it. Without it every start builds them again.
+TENSORRT_CACHE = "/trt-cache"
 
 _RUNTIME_DIR = Path(fos_runtime.__file__).parent
 
@@ -68,7 +72,18 @@ def tokenizer_config(s: spec.ModelSpec, instances: int | None = None) -> mc.Mode
     return c
 
 
-def encoder_config(s: spec.ModelSpec, backend: str, tensorrt: bool = False, instances: int = 1) -> mc.ModelConfig:
+def tensorrt_cache_folder(name: str, onnx_file: Path) -> str:
+    """The engine cache folder of one export: ONNX Runtime names its engines after the graph's structure, not its
+    weights, so an export of other weights under the same name must not find the last one's engines."""
+    digest = hashlib.sha256()
+    with onnx_file.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return f"{TENSORRT_CACHE}/{spec.encoder_model(name)}-{digest.hexdigest()[:16]}"
+
+
+def encoder_config(s: spec.ModelSpec, backend: str, tensorrt_cache: str | None = None, instances: int = 1) -> mc.ModelConfig:
+    """``tensorrt_cache``: run the encoder through TensorRT, its engines kept in that folder (``tensorrt_cache_folder``)."""
     if backend not in ENCODER_BACKENDS:
         raise ValueError(f"encoder backend must be one of {ENCODER_BACKENDS}")
     plan = batching.plan_for(s.device)
@@ -103,14 +118,18 @@ def encoder_config(s: spec.ModelSpec, backend: str, tensorrt: bool = False, inst
                     tensor.input_data_file = f"ones-{width}"
                 else:
                     tensor.zero_data = True
-    if tensorrt:
+    if tensorrt_cache is not None:
         if backend != "onnxruntime" or s.device != "gpu":
             raise ValueError("the TensorRT accelerator needs --encoder-backend onnxruntime --device gpu")
-        # ONNX Runtime's TensorRT execution provider: builds engines at load (slow first start), then
-        # runs faster than CUDA kernels alone; fp16 engines from an fp32 or fp16 graph.
+        # ONNX Runtime's TensorRT execution provider: builds engines at the first load (minutes), then runs faster
+        # than CUDA kernels alone; fp16 engines from an fp32 or fp16 graph. Later loads read the engines, and the
+        # timing cache shortens builds for shapes outside them.
         trt = c.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
         trt.parameters["precision_mode"] = "FP16"
         trt.parameters["max_workspace_size_bytes"] = str(2 << 30)
+        for cache in ("engine", "timing"):
+            trt.parameters[f"trt_{cache}_cache_enable"] = "1"
+            trt.parameters[f"trt_{cache}_cache_path"] = tensorrt_cache
     return c
 
 
@@ -236,7 +255,8 @@ def write(
     _save_tokenizer(tokenizer, spec.tokenizer_files(folder, s.name))
     copy_runtime(tok_dir / "1", "tokenizer_model.py")
 
-    encoder = encoder_config(s, encoder_backend, tensorrt, encoder_instances)
+    cache = tensorrt_cache_folder(s.name, onnx_file) if tensorrt else None
+    encoder = encoder_config(s, encoder_backend, cache, encoder_instances)
     (enc_dir / "config.pbtxt").write_text(render(encoder), encoding="utf-8")
     for name, data in warmup_files(encoder).items():
         (enc_dir / WARMUP_DIR).mkdir(exist_ok=True)

@@ -71,6 +71,14 @@ def test_compose_wiring_agrees():
     assert {p.split(":")[0] for p in shim["ports"]} == {"8080", "8081", "8082"}
     assert {p.split(":")[1] for p in shim["ports"]} == {port}
     assert shim["depends_on"]["triton"]["condition"] == "service_healthy"
+    # TensorRT's engines outlive a restart, in a volume at the path export writes; it holds one TensorRT version's.
+    from export.repository import TENSORRT_CACHE
+
+    assert f"trt-cache:{TENSORRT_CACHE}" in triton["volumes"]
+    version = re.search(r"tritonserver:(\S+)", triton["image"]).group(1)
+    assert compose()["volumes"]["trt-cache"]["name"].endswith(f"-{version}")
+    assert triton["build"]["args"]["TRITON_VERSION"] == version
+    assert f"mkdir -p {TENSORRT_CACHE}" in (ROOT / "docker" / "triton.Dockerfile").read_text()
     # The shim's flags in compose exist.
     import argparse
 
@@ -161,10 +169,13 @@ def test_gpu_encoder_config_for_the_container():
         device="gpu",
         dimension=1024,
     )
-    c = parse(render(encoder_config(s, "onnxruntime", tensorrt=True)))
+    c = parse(render(encoder_config(s, "onnxruntime", tensorrt_cache="/trt-cache/e-1")))
     assert c.backend == "onnxruntime" and c.instance_group[0].kind == c.instance_group[0].KIND_GPU
     trt = c.optimization.execution_accelerators.gpu_execution_accelerator[0]
     assert trt.name == "tensorrt" and trt.parameters["precision_mode"] == "FP16"
+    # Engines built once are kept (a start without them builds for minutes), in the export's own folder.
+    assert trt.parameters["trt_engine_cache_enable"] == trt.parameters["trt_timing_cache_enable"] == "1"
+    assert trt.parameters["trt_engine_cache_path"] == trt.parameters["trt_timing_cache_path"] == "/trt-cache/e-1"
     assert not any(i.allow_ragged_batch for i in c.input)  # the ORT backend batches equal shapes only
     # It warms up every shape the shim's row and length buckets send it, as the Python encoder does itself.
     shapes = [(w.batch_size, w.inputs["input_ids"].dims[0]) for w in c.model_warmup]
@@ -177,7 +188,21 @@ def test_gpu_encoder_config_for_the_container():
     assert not encoder_config(s, "python").model_warmup
     assert not encoder_config(dataclasses.replace(s, device="cpu"), "onnxruntime").model_warmup
     with pytest.raises(ValueError):
-        encoder_config(dataclasses.replace(s, device="cpu"), "python", tensorrt=True)
+        encoder_config(dataclasses.replace(s, device="cpu"), "python", tensorrt_cache="/trt-cache/e-1")
+
+
+def test_tensorrt_engines_are_kept_per_export(tmp_path):
+    from export.repository import TENSORRT_CACHE, tensorrt_cache_folder
+
+    one, other = tmp_path / "one.onnx", tmp_path / "other.onnx"
+    one.write_bytes(b"weights A")
+    other.write_bytes(b"weights B")
+    folder = tensorrt_cache_folder("cl-nagoya--ruri-large", one)
+    # One level under the image's folder: ONNX Runtime creates only the last.
+    assert folder.rpartition("/")[0] == TENSORRT_CACHE and folder.rpartition("/")[2].startswith("cl-nagoya--ruri-large__encoder-")
+    # The same export finds its engines again; other weights under the same name do not find them.
+    assert tensorrt_cache_folder("cl-nagoya--ruri-large", one) == folder
+    assert tensorrt_cache_folder("cl-nagoya--ruri-large", other) != folder
 
 
 def test_tokenizer_instances_follow_the_device_unless_given():
