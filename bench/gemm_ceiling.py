@@ -37,6 +37,8 @@ VARIANTS = {
     "onnxruntime-fp32": (engines.Choice(engines.ONNXRUNTIME, "fp32"), "fp32"),
     "onnxruntime-int8": (engines.Choice(engines.ONNXRUNTIME, "int8"), "int8"),
     "openvino-fp32": (engines.Choice(engines.OPENVINO, "fp32"), "fp32"),
+    # The fp32 graph computed in bf16, as fos serve's auto serves an fp32 export on a CPU with AMX or AVX512-BF16.
+    "openvino-bf16": (engines.Choice(engines.OPENVINO, "bf16"), "fp32"),
 }
 
 
