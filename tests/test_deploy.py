@@ -78,7 +78,7 @@ def test_compose_wiring_agrees():
     version = re.search(r"tritonserver:(\S+)", triton["image"]).group(1)
     assert compose()["volumes"]["trt-cache"]["name"].endswith(f"-{version}")
     assert triton["build"]["args"]["TRITON_VERSION"] == version
-    assert f"mkdir -p {TENSORRT_CACHE}" in (ROOT / "docker" / "triton.Dockerfile").read_text()
+    assert f"mkdir -p {TENSORRT_CACHE} && chmod 1777 {TENSORRT_CACHE}" in (ROOT / "docker" / "triton.Dockerfile").read_text()
     # The shim's flags in compose exist.
     import argparse
 
