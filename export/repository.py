@@ -75,11 +75,9 @@ def tokenizer_config(s: spec.ModelSpec, instances: int | None = None) -> mc.Mode
 def tensorrt_cache_folder(name: str, onnx_file: Path) -> str:
     """The engine cache folder of one export: ONNX Runtime names its engines after the graph's structure, not its
     weights, so an export of other weights under the same name must not find the last one's engines."""
-    digest = hashlib.sha256()
     with onnx_file.open("rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return f"{TENSORRT_CACHE}/{spec.encoder_model(name)}-{digest.hexdigest()[:16]}"
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return f"{TENSORRT_CACHE}/{spec.encoder_model(name)}-{digest[:16]}"
 
 
 def encoder_config(s: spec.ModelSpec, backend: str, tensorrt_cache: str | None = None, instances: int = 1) -> mc.ModelConfig:
