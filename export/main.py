@@ -60,6 +60,13 @@ def _check_new_name(served: str) -> None:
         raise ValueError(f"cannot serve a model named {served!r}: at most {MAX_NAME} characters (--name)")
 
 
+def start_token(tokenizer) -> int | None:
+    """The special token the tokenizer opens an input with ([CLS], <s>), if it opens one."""
+    opened, bare = tokenizer("a")["input_ids"], tokenizer("a", add_special_tokens=False)["input_ids"]
+    added_at_start = bool(bare) and opened[: len(bare)] != bare
+    return int(opened[0]) if added_at_start and opened[0] in tokenizer.all_special_ids else None
+
+
 def end_token(tokenizer) -> int | None:
     """The special token the tokenizer closes an input with, if it closes one (not the text's own last token, which
     may be special too: [UNK])."""
@@ -141,6 +148,7 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> spec.Mode
         dimension=source.dimension,
         normalize=opts.normalize,
         model_normalizes=source.model_normalizes,
+        start_token_id=start_token(source.tokenizer),
         end_token_id=end_token(source.tokenizer),
         **prompts_of(source, opts),
     )

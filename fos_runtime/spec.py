@@ -120,6 +120,9 @@ class ModelSpec:
     # The special token the tokenizer ends every input with ([SEP], </s>); None if none, or exported before this was
     # recorded. A token-id input cut to the context keeps it.
     end_token_id: int | None = None
+    # The special token the tokenizer opens every input with ([CLS], <s>); None as above. A token-id input must start
+    # with it: ids from another tokenizer (LangChain's default sends tiktoken's) would otherwise embed as noise.
+    start_token_id: int | None = None
 
     @property
     def name(self) -> str:

@@ -235,6 +235,14 @@ class Service:
                 raise InvalidRequest(
                     f"input[{i}] has token id {bad}, outside the vocabulary (0..{s.vocab_size - 1})", param="input"
                 )
+            if s.start_token_id is not None and seq[0] != s.start_token_id:
+                raise InvalidRequest(
+                    f"input[{i}] starts with token id {seq[0]}, not {s.start_token_id}, the special token "
+                    f"`{s.served_name}`'s tokenizer opens every input with: token ids must be the model's own, special "
+                    "tokens included, or send the text (LangChain's OpenAIEmbeddings sends tiktoken's ids unless "
+                    "check_embedding_ctx_length=False)",
+                    param="input",
+                )
 
     def _truncate(self, asked: bool | None) -> bool:
         return self.limits.truncate if asked is None else asked

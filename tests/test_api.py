@@ -92,12 +92,13 @@ def _truncated_count(server, model: str) -> float:
     return float(found.group(1)) if found else 0.0
 
 
-def test_long_input_is_truncated_to_max_length(server):
+def test_long_input_is_truncated_to_max_length(server, references):
     before = _truncated_count(server, EMBED), _truncated_count(server, RERANK)
     r = httpx.post(server.url + "/v1/embeddings", json={"model": EMBED, "input": TEXTS[2] * 10})
     assert r.status_code == 200
     assert r.json()["usage"]["prompt_tokens"] == tiny_models.MAX_SEQ_LENGTH
-    assert httpx.post(server.url + "/v1/embeddings", json={"model": EMBED, "input": [5] * 200}).status_code == 200
+    opened = references["embed"].tokenizer("a")["input_ids"][0]  # [CLS]: token ids open as the tokenizer's do
+    assert httpx.post(server.url + "/v1/embeddings", json={"model": EMBED, "input": [opened] + [5] * 199}).status_code == 200
     r = httpx.post(server.url + "/v1/rerank", json={"model": RERANK, "query": TEXTS[0], "documents": [TEXTS[2] * 10, DOCS[0]]})
     assert r.status_code == 200
     # Cut, as Dify needs, and counted: the operator sees how often the context was too short.
@@ -205,6 +206,20 @@ def test_token_id_input_matches_text_input(server, references, exported):
     # v3 closes its inputs too (its 8192 tokens are too long to check the same way here).
     ends = {s.served_name: s.end_token_id for s in read_specs(exported["repository"])}
     assert ends[EMBED_V3] == references["embed_v3"].tokenizer("a")["input_ids"][-1] and ends[EMBED] is not None
+
+
+def test_token_ids_not_opened_as_the_tokenizer_opens_refused(server, references, exported):
+    # LangChain's OpenAIEmbeddings sends tiktoken's ids by default; ids inside the vocabulary would embed as noise.
+    starts = {s.served_name: s.start_token_id for s in read_specs(exported["repository"])}
+    for name, key in ((EMBED, "embed"), (EMBED_V3, "embed_v3")):
+        tokenizer = references[key].tokenizer
+        assert starts[name] == tokenizer("a")["input_ids"][0]
+        bare = tokenizer(TEXTS[0], add_special_tokens=False)["input_ids"]
+        r = httpx.post(server.url + "/v1/embeddings", json={"model": name, "input": [tokenizer(TEXTS[1])["input_ids"], bare]})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == "input" and error["message"].startswith(f"input[1] starts with token id {bare[0]}")
+        assert "check_embedding_ctx_length=False" in error["message"]
 
 
 def test_many_inputs_keep_their_order(server, references):
