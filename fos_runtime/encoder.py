@@ -4,8 +4,11 @@ encoder and export's parity check all use this, so they behave the same."""
 from __future__ import annotations
 
 import concurrent.futures
+import glob
 import logging
+import os
 import queue
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -77,6 +80,7 @@ class Encoder:
     ):
         """``gpu``: which GPU onnxruntime's CUDA provider runs on (a Triton GPU instance's device id)."""
         path = Path(path)
+        asked_streams = streams
         self._openvino: engines.OpenVINOSession | None = None
         if isinstance(engine, engines.Choice):
             self.engine, self.reason = engine, "asked for"
@@ -96,7 +100,7 @@ class Encoder:
         import onnxruntime as ort
 
         providers: list = ["CPUExecutionProvider"]
-        if device in ("auto", "gpu") and "CUDAExecutionProvider" in ort.get_available_providers():
+        if _gpu_likely(device):
             _load_cuda_libraries(ort)
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": gpu}))
         elif device == "gpu":
@@ -129,6 +133,13 @@ class Encoder:
         ]
         self.session = sessions[0]
         self.device = "gpu" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        if device == "auto" and len(providers) > 1 and self.device == "cpu":
+            # The CPU as onnxruntime falls back to it is set up for a GPU: one thread, and the engine picked for one.
+            logging.getLogger("fos.encoder").warning(
+                "onnxruntime's CUDA provider did not start (see its log): the encoder runs on the CPU, set up for it"
+            )
+            self.__init__(path, threads, "cpu", engine, precision, asked_streams)  # type: ignore[misc]
+            return
         if device == "gpu" and self.device != "gpu":  # onnxruntime falls back to the CPU with only a log line
             raise RuntimeError("device=gpu asked for, but onnxruntime could not start its CUDAExecutionProvider (see its log)")
         self.input_names = tuple(i.name for i in self.session.get_inputs())
@@ -194,7 +205,17 @@ def choose_engine(path: Path, engine: str, precision: str, device: str = "auto")
 
 def _gpu_likely(device: str) -> bool:
     """Whether onnxruntime would put this encoder on a GPU: only it runs there, so ``auto`` keeps to it."""
-    return device == "gpu" or (device == "auto" and cuda_available())
+    return cuda_available() and (device == "gpu" or (device == "auto" and gpu_visible()))
+
+
+def gpu_visible() -> bool:
+    """Whether this process may see an NVIDIA GPU, without initialising CUDA (which a later fork could not use):
+    onnxruntime-gpu lists its CUDA provider on any machine, and a container started without GPUs has none of their
+    device files. Where that cannot be told (not Linux), True: the encoder still moves to the CPU if CUDA fails."""
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if hidden is not None and (not hidden.strip() or hidden.strip().startswith("-1")):
+        return False
+    return not sys.platform.startswith("linux") or bool(glob.glob("/dev/nvidia[0-9]*"))
 
 
 def cuda_available() -> bool:

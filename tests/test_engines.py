@@ -374,6 +374,7 @@ def test_device_cpu_keeps_encoders_off_a_gpu_and_gpu_needs_cuda(exported, monkey
     record = {"onnxruntime": {}, "openvino-fp32": {}}
     model = folder_with(exported["repository"].parent / "device", record) / "model.onnx"
     monkeypatch.setattr(encoder, "cuda_available", lambda: True)
+    monkeypatch.setattr(encoder, "gpu_visible", lambda: True)
     monkeypatch.setattr(Cpu, "detect", classmethod(lambda cls: AVX2_CPU))
     with pytest.raises(NotServable, match="--device cpu"):
         encoder.choose_engine(model, "openvino-fp32", "fp32", "auto")
@@ -388,6 +389,37 @@ def test_device_cpu_keeps_encoders_off_a_gpu_and_gpu_needs_cuda(exported, monkey
     assert "no CUDA provider" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--device places"):
         main(["serve", "--triton", "127.0.0.1:1", "--device", "cpu", "--port", "1"])
+
+
+def test_auto_with_onnxruntime_gpu_and_no_gpu_runs_on_the_cpu_set_up_for_it(exported, monkeypatch, caplog):
+    """onnxruntime-gpu lists its CUDA provider on any machine (a GPU image started without GPUs): auto must not
+    set the encoder up for a GPU, one thread and onnxruntime, and then compute on the CPU."""
+    import onnxruntime as ort
+
+    gpu_visible = encoder.gpu_visible
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(Cpu, "detect", classmethod(lambda cls: AVX2_CPU))
+    s = next(s for s in read_specs(exported["repository"]) if s.served_name == EMBED)
+    model = spec.encoder_file(exported["repository"], s.name)
+    for visible in (False, True):  # no GPU's device files; or a GPU whose CUDA does not start (this onnxruntime's)
+        monkeypatch.setattr(encoder, "gpu_visible", lambda visible=visible: visible)
+        with caplog.at_level("WARNING", logger="fos.encoder"):
+            e = Encoder(model, device="auto", engine="auto", precision=s.precision)
+        assert (e.device, e.run_threads, e.reason) == ("cpu", available_cores(), "no bf16 units here")
+        assert ("CUDA provider did not start" in caplog.text) == visible
+        caplog.clear()
+    with monkeypatch.context() as m:
+        m.setattr(encoder.glob, "glob", lambda pattern: ["/dev/nvidia0"])
+        m.setattr(encoder.sys, "platform", "linux")
+        m.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+        assert gpu_visible()
+        for hidden in ("", " ", "-1", "-1,0"):
+            m.setenv("CUDA_VISIBLE_DEVICES", hidden)
+            assert not gpu_visible()
+        m.setenv("CUDA_VISIBLE_DEVICES", "1")
+        assert gpu_visible()
+        m.setattr(encoder.glob, "glob", lambda pattern: [])
+        assert not gpu_visible()
 
 
 def test_export_refuses_an_engine_that_could_not_serve_what_it_wrote(tiny_dirs, tmp_path, monkeypatch):
