@@ -239,7 +239,12 @@ def main() -> None:
         "SERVER-WORKLOAD-engine.json with the end-to-end share",
     )
     p.add_argument("--engine-seconds", type=float, default=30, help="how long --engine-alone runs each")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu"), help="the embedded servers' fos serve --device")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        choices=("auto", "cpu"),
+        help="the embedded servers' fos serve --device; cpu, as the naive server computes on the CPU",
+    )
     args = p.parse_args()
     if args.engine_alone and any("," in _levels(w, args) for w in args.workloads.split(",")):
         # The server's round sizes are read over a whole fos bench run: one level, or they mix.
