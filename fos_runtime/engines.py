@@ -115,7 +115,13 @@ def read_record(folder: Path) -> dict[str, dict]:
     path = Path(folder) / RECORD
     if not path.exists():
         return {}
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise NotServable(f"{path} cannot be read ({exc}): export the model again") from exc
+    if not isinstance(record, dict):
+        raise NotServable(f"{path} is not a parity record: export the model again")
+    return record
 
 
 def write_record(folder: Path, passed: Mapping[str, dict]) -> None:
@@ -156,13 +162,13 @@ def resolve(requested: str, folder: Path, precision: str, gpu: bool, cpu: Cpu | 
             log.warning(
                 "this CPU has bf16 units, but export's parity check did not pass OpenVINO bf16 (%s): serving onnxruntime; "
                 "export again on a CPU with them (AMX or AVX512-BF16) to serve bf16",
-                "no parity record: exported before engines were checked" if not record else f"checked: {', '.join(record)}",
+                "no parity record: exported before engines were checked" if not record else f"passed: {', '.join(record)}",
             )
         if not cpu.bf16 and cpu.avx512 and "openvino-fp32" in usable:
             # Measured on an Intel Xeon with AVX-512 and no bf16 units: served 1.10-1.37x, alone 1.11-1.35x (2 cores,
             # docs/benchmarks.md). AVX2-only CPUs keep onnxruntime: not measured there.
             return Choice(OPENVINO, "fp32"), "AVX-512 without bf16 units: OpenVINO f32 outran onnxruntime fp32 on such a CPU"
-        return native, "no bf16 units here" if not cpu.bf16 else "OpenVINO bf16 was not checked at export"
+        return native, "no bf16 units here" if not cpu.bf16 else "export's parity check did not pass OpenVINO bf16"
     if not cpu.openvino:
         raise NotServable(f"--engine {requested}: openvino does not load on this machine")
     wanted = usable if requested == OPENVINO else [requested]

@@ -185,6 +185,19 @@ async def test_close_ends_the_requests_still_queued():
             await asyncio.wait_for(task, 1.0)
 
 
+async def test_close_ends_a_request_whose_round_had_not_started():
+    # close() may land between the round's task being made and its first step, where no finally of it runs.
+    rounds = Coalescer(Recorder(delay=0.01), max_rows=100, max_cost=100)
+    rounds.start()
+    request = asyncio.create_task(rounds.submit("a", rows=1, cost=1))
+    while not rounds._rounds:
+        await asyncio.sleep(0)
+    assert rounds.stats.rounds == 0  # made, not started
+    await rounds.close()  # in this task: wait_for's task of its own would let the round start first
+    done, _ = await asyncio.wait([request], timeout=1.0)
+    assert done and request.cancelled()
+
+
 async def test_a_request_that_leaves_mid_round_waits_for_the_round_to_end():
     # Admission is released when the request's task ends; ending before the round does would admit new
     # work while this work still runs.

@@ -63,7 +63,15 @@ def test_auto_serves_only_what_parity_passed(tmp_path):
     # Exported before engines were checked (no record), or on a CPU without bf16 units (bf16 not in it): onnxruntime.
     assert resolve("auto", folder_with(tmp_path / "a", None), "fp32", gpu=False, cpu=BF16_CPU)[0].engine == "onnxruntime"
     fp32_only = folder_with(tmp_path, {"onnxruntime": {}, "openvino-fp32": {}})
-    assert resolve("auto", fp32_only, "fp32", gpu=False, cpu=BF16_CPU)[0].engine == "onnxruntime"
+    assert resolve("auto", fp32_only, "fp32", gpu=False, cpu=BF16_CPU) == (
+        Choice("onnxruntime", "fp32"),
+        "export's parity check did not pass OpenVINO bf16",  # export records only what passed
+    )
+    # A record cut short (or not one) stops the model from loading with what to do, not a traceback.
+    for broken in ('{"onnxruntime": {', "[]"):
+        (tmp_path / engines.RECORD).write_text(broken, encoding="utf-8")
+        with pytest.raises(NotServable, match="export the model again"):
+            resolve("auto", tmp_path, "fp32", gpu=False, cpu=BF16_CPU)
     # int8 and fp16 files run on onnxruntime as they are, whatever the CPU.
     for precision in ("int8", "fp16"):
         assert resolve("auto", tmp_path, precision, gpu=False, cpu=BF16_CPU)[0] == Choice("onnxruntime", precision)

@@ -21,6 +21,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
@@ -203,6 +204,8 @@ class Coalescer(Generic[P, R]):
             task = asyncio.create_task(self._round(jobs), name=f"round:{self.name}")
             self._rounds.add(task)
             task.add_done_callback(self._rounds.discard)
+            # Here, not in the round's finally: a round cancelled (close) before its first step never runs that.
+            task.add_done_callback(functools.partial(_cancel_unanswered, jobs))
 
     async def _round(self, jobs: list[_Job]) -> None:
         try:
@@ -227,7 +230,11 @@ class Coalescer(Generic[P, R]):
                 else:
                     job.future.set_result(result)
         finally:
-            for job in jobs:
-                if not job.future.done():
-                    job.future.cancel()
             self._slots.release()
+
+
+def _cancel_unanswered(jobs: Sequence[_Job], _round: asyncio.Task) -> None:
+    """A round's requests it ended without answering (it was cancelled) end too, rather than wait forever."""
+    for job in jobs:
+        if not job.future.done():
+            job.future.cancel()
