@@ -11,6 +11,7 @@ import queue
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -36,16 +37,19 @@ def threads_per_instance(instance_group: Sequence[Mapping]) -> int:
 # threads gave dify-embed c=16 1.40x and batch-embed c=2 1.24x one stream of 16 threads, rerank c=2 0.99x; 2 streams
 # 1.24x, 1.22x and 1.02x. A small run leaves most of 16 threads waiting at each layer; int8's light tokens make the run's
 # fixed cost weigh most. Each stream holds its own copy of the model. fp32 and OpenVINO were not measured to gain.
+# Two at least from 2 threads: on 2 Zen 4 cores (2026-11-28, ruri-large int8, two runs) 2 streams against one gave
+# batch-embed c=2 1.07-1.14x, rerank c=2 1.25-1.32x, dify-embed c=16 1.02-1.06x and c=1 and c=4 0.99-1.06x, once a
+# lone run took every thread (the encoder's session over all of them); before that, c=1's p50 was 1.5-1.7x one stream's.
 CORES_PER_STREAM = 4
 AUTO_STREAMS_MAX = 4
 
 
 def auto_streams(choice: engines.Choice, device: str, threads: int) -> int:
-    """The streams ``--engine-streams auto`` gives an encoder: a stream per ``CORES_PER_STREAM`` of its threads, at
-    most ``AUTO_STREAMS_MAX``, for onnxruntime's int8 on a CPU; one otherwise."""
-    if device != "cpu" or choice != engines.Choice(engines.ONNXRUNTIME, "int8"):
+    """The streams ``--engine-streams auto`` gives an encoder: for onnxruntime's int8 on a CPU, a stream per
+    ``CORES_PER_STREAM`` of its threads, at least 2 (from 2 threads) and at most ``AUTO_STREAMS_MAX``; one otherwise."""
+    if device != "cpu" or choice != engines.Choice(engines.ONNXRUNTIME, "int8") or threads < 2:
         return 1
-    return max(1, min(AUTO_STREAMS_MAX, threads // CORES_PER_STREAM))
+    return max(2, min(AUTO_STREAMS_MAX, threads // CORES_PER_STREAM))
 
 
 def _load_cuda_libraries(ort) -> None:
@@ -82,6 +86,7 @@ class Encoder:
         path = Path(path)
         asked_streams = streams
         self._openvino: engines.OpenVINOSession | None = None
+        self._wide: Any = None  # onnxruntime's session over every thread, where it has streams
         if isinstance(engine, engines.Choice):
             self.engine, self.reason = engine, "asked for"
         else:
@@ -115,22 +120,27 @@ class Encoder:
                 f"{streams} engine streams asked for: streams share a CPU's cores, and this encoder would run on the GPU "
                 "(leave streams at 1, or keep the encoder on the CPU: device cpu)"
             )
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # A thread a stream at least: more streams than threads would run more threads than asked for.
         self.streams = max(1, min(streams, total))
         if self.streams < streams:
             logging.getLogger("fos.encoder").warning("streams cut from %d to %d: a thread each at least", streams, total)
-        options.intra_op_num_threads = total // self.streams
-        self.run_threads = options.intra_op_num_threads  # each run's threads: what a CPU run's fixed cost scales with
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.run_threads = total // self.streams  # each run's threads: what a CPU run's fixed cost scales with
+        cpu_only = {} if len(providers) > 1 else {"disabled_optimizers": list(CPU_DISABLED_OPTIMIZERS)}
+
+        def session(intra_threads: int):
+            options = ort.SessionOptions()
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            options.intra_op_num_threads = intra_threads
+            options.inter_op_num_threads = 1
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            return ort.InferenceSession(str(path), sess_options=options, providers=providers, **cpu_only)
+
         # One session a stream: a run on each at once, each on its own threads (onnxruntime's runs on one session
         # share its one pool of threads). Each holds its own copy of the weights.
-        cpu_only = {} if len(providers) > 1 else {"disabled_optimizers": list(CPU_DISABLED_OPTIMIZERS)}
-        sessions = [
-            ort.InferenceSession(str(path), sess_options=options, providers=providers, **cpu_only) for _ in range(self.streams)
-        ]
+        sessions = [session(self.run_threads) for _ in range(self.streams)]
+        # And one over every thread, for a round of one run, which would leave the other streams' cores idle (a lone
+        # Dify query at low load): it runs there while no stream does (``run_many``).
+        self._wide = session(total) if self.streams > 1 else None
         self.session = sessions[0]
         self.device = "gpu" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         if device == "auto" and len(providers) > 1 and self.device == "cpu":
@@ -151,8 +161,8 @@ class Encoder:
             self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         if self.device == "cpu":  # each session's first run sets it up, as OpenVINO's requests' do
             warm = engines.first_run_feeds(self.input_names)
-            for session in sessions:
-                session.run([self.output_name], warm)
+            for each in [*sessions, *([self._wide] if self._wide is not None else [])]:
+                each.run([self.output_name], warm)
         self._pool(sessions)
 
     def _pool(self, runners: Sequence) -> None:
@@ -180,16 +190,39 @@ class Encoder:
             runner = self._idle.get()
             if self._openvino is not None:
                 return self._openvino.run(runner, feeds)
-            large = self._shrink is not None and engines.is_large(feeds[self.input_names[0]].shape)
-            inputs = {name: feeds[name] for name in self.input_names}
-            out = runner.run([self.output_name], inputs, self._shrink if large else None)[0]
+            return self._run_session(runner, feeds)
         finally:
             if runner is not None:
                 self._idle.put(runner)
+
+    def _run_session(self, session, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        large = self._shrink is not None and engines.is_large(feeds[self.input_names[0]].shape)
+        inputs = {name: feeds[name] for name in self.input_names}
+        out = session.run([self.output_name], inputs, self._shrink if large else None)[0]
         return np.asarray(out, dtype=np.float32)
 
+    def _run_wide(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        """``run`` on the session over every thread, holding every stream's runner so that no stream runs meanwhile;
+        on a stream's, as ``run``, where one is running now."""
+        taken: list = []
+        try:
+            while len(taken) < self.streams:
+                taken.append(self._idle.get_nowait())
+        except queue.Empty:
+            for runner in taken:
+                self._idle.put(runner)
+            return self.run(feeds)
+        try:
+            return self._run_session(self._wide, feeds)
+        finally:
+            for runner in taken:
+                self._idle.put(runner)
+
     def run_many(self, feeds: Sequence[Mapping[str, np.ndarray]]) -> list[np.ndarray]:
-        """``run`` of each batch, in order: up to ``streams`` of them at once where the encoder has streams."""
+        """``run`` of each batch, in order: up to ``streams`` of them at once where the encoder has streams; a lone
+        batch over every thread where no stream is running."""
+        if len(feeds) == 1 and self._wide is not None:
+            return [self._run_wide(feeds[0])]
         if self._streams is None or len(feeds) < 2:
             return [self.run(f) for f in feeds]
         work = [self._streams.submit(self.run, f) for f in feeds]
@@ -211,11 +244,12 @@ def _gpu_likely(device: str) -> bool:
 def gpu_visible() -> bool:
     """Whether this process may see an NVIDIA GPU, without initialising CUDA (which a later fork could not use):
     onnxruntime-gpu lists its CUDA provider on any machine, and a container started without GPUs has none of their
-    device files. Where that cannot be told (not Linux), True: the encoder still moves to the CPU if CUDA fails."""
+    device files (/dev/nvidia0..., WSL 2's /dev/dxg). Where that cannot be told (not Linux), True: the encoder still
+    moves to the CPU if CUDA fails."""
     hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
     if hidden is not None and (not hidden.strip() or hidden.strip().startswith("-1")):
         return False
-    return not sys.platform.startswith("linux") or bool(glob.glob("/dev/nvidia[0-9]*"))
+    return not sys.platform.startswith("linux") or any(glob.glob(p) for p in ("/dev/nvidia[0-9]*", "/dev/dxg"))
 
 
 def cuda_available() -> bool:

@@ -165,7 +165,7 @@ def test_openvino_is_right_past_its_first_runs_length(exported):
 def test_auto_streams_split_many_cores_for_onnxruntimes_int8_only(exported):
     # Measured to gain on 16 AMX cores: onnxruntime's int8 (dify-embed 1.40x, batch-embed 1.24x with 4 streams).
     int8, fp32 = Choice("onnxruntime", "int8"), Choice("onnxruntime", "fp32")
-    assert [encoder.auto_streams(int8, "cpu", n) for n in (1, 2, 7, 8, 12, 16, 64)] == [1, 1, 1, 2, 3, 4, 4]
+    assert [encoder.auto_streams(int8, "cpu", n) for n in (1, 2, 7, 8, 12, 16, 64)] == [1, 2, 2, 2, 3, 4, 4]
     for other, device in ((fp32, "cpu"), (Choice("openvino", "int8"), "cpu"), (Choice("openvino", "bf16"), "cpu"), (int8, "gpu")):
         assert encoder.auto_streams(other, device, 16) == 1
     # The encoder asks it where streams are not given (fos serve's default), from the threads it runs.
@@ -238,6 +238,25 @@ def test_streams_run_a_rounds_batches_at_once_each_on_its_own_runner(exported, e
         with pytest.raises(Exception, match="data type"):
             two.run_many([bad, batches[1]])
         assert two._idle.qsize() == 2 and np.max(np.abs(two.run_many(batches)[1] - want[1])) <= 1e-5
+
+
+def test_a_lone_batch_runs_over_every_thread_while_no_stream_runs(exported, monkeypatch):
+    # A round of one run (a lone Dify query at low load) on one stream's thread would leave the other cores idle.
+    _, model = model_of(exported, EMBED)
+    f = feeds(exported, EMBED)
+    two = Encoder(model, engine="onnxruntime", threads=2, streams=2)
+    assert two._wide is not None and Encoder(model, engine="onnxruntime", threads=2)._wide is None
+    used: list = []
+    real = two._run_session
+    monkeypatch.setattr(two, "_run_session", lambda session, batch: used.append(session) or real(session, batch))
+    want = Encoder(model, engine="onnxruntime").run(f)
+    assert np.max(np.abs(two.run_many([f])[0] - want)) <= 1e-5
+    busy = two._idle.get()  # a stream computing another round's run: the lone batch takes the other stream
+    assert np.max(np.abs(two.run_many([f])[0] - want)) <= 1e-5
+    two._idle.put(busy)
+    two.run_many([f, f])  # two batches: a stream each
+    assert used[0] is two._wide and all(s is not two._wide for s in used[1:]) and len(used) == 4
+    assert two._idle.qsize() == 2
 
 
 def test_bf16_is_refused_where_openvino_would_emulate_it(exported, monkeypatch):
@@ -351,6 +370,9 @@ def test_with_streams_a_second_round_runs_beside_the_first(exported, engine):
     with ServerThread(create_app(backend)) as server:
         model = backend.models[EMBED]
         assert (model.encoder.rounds_at_once, model.rounds.concurrency) == (2, 2)
+        # A lone run takes every thread where no stream runs (test_a_lone_batch_runs_over_every_thread...): here, the
+        # streams alone, whose runs must meet.
+        model.encoder._wide = None
         for _ in range(2):
             model.encoder._idle.put(Meeting(model.encoder._idle.get(), meeting, set(), sleep=0.5))
         began = time.perf_counter()
@@ -417,7 +439,7 @@ def test_auto_with_onnxruntime_gpu_and_no_gpu_runs_on_the_cpu_set_up_for_it(expo
         assert ("CUDA provider did not start" in caplog.text) == visible
         caplog.clear()
     with monkeypatch.context() as m:
-        m.setattr(encoder.glob, "glob", lambda pattern: ["/dev/nvidia0"])
+        m.setattr(encoder.glob, "glob", lambda pattern: ["/dev/nvidia0"] if "nvidia" in pattern else [])
         m.setattr(encoder.sys, "platform", "linux")
         m.delenv("CUDA_VISIBLE_DEVICES", raising=False)
         assert gpu_visible()
@@ -428,6 +450,8 @@ def test_auto_with_onnxruntime_gpu_and_no_gpu_runs_on_the_cpu_set_up_for_it(expo
         assert gpu_visible()
         m.setattr(encoder.glob, "glob", lambda pattern: [])
         assert not gpu_visible()
+        m.setattr(encoder.glob, "glob", lambda pattern: ["/dev/dxg"] if pattern == "/dev/dxg" else [])  # WSL 2
+        assert gpu_visible()
 
 
 def test_export_refuses_an_engine_that_could_not_serve_what_it_wrote(tiny_dirs, tmp_path, monkeypatch):
