@@ -160,10 +160,10 @@ class Service:
                 out = await self.backend.embed(s, texts=texts, detect_truncation=True)
         else:
             seqs = [raw] if isinstance(raw[0], int) else raw
-            self._check_ids(s, seqs)
             if req.input_type is not None or req.prompt_name is not None:
                 param = "input_type" if req.input_type is not None else "prompt_name"
                 raise InvalidRequest(f"{param} applies to text input, not token ids", param=param)
+            self._check_ids(s, seqs)
             encoded = truncate_ids(seqs, s.max_length, s.end_token_id)
             self._check_truncation(s, encoded.cut, truncate, "input", "input[{}]")  # known before any compute
             with self.admission.admit(len(seqs)):

@@ -53,6 +53,7 @@ def test_a_gpu_encoder_runs_on_the_gpu_it_is_given(exported, monkeypatch):
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     monkeypatch.setattr(ort, "InferenceSession", Session)
     monkeypatch.setattr(fos_runtime.encoder, "_load_cuda_libraries", lambda _: None)
+    monkeypatch.setattr(fos_runtime.encoder, "gpu_visible", lambda: True)
     choice = engines.Choice(engines.ONNXRUNTIME, "fp16")
     assert Encoder("model.onnx", device="gpu", engine=choice, gpu=1).device == "gpu"
     assert given == [[("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]]
