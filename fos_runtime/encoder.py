@@ -87,6 +87,7 @@ class Encoder:
         asked_streams = streams
         self._openvino: engines.OpenVINOSession | None = None
         self._wide: Any = None  # onnxruntime's session over every thread, where it has streams
+        self.lone_run_threads: int | None = None  # its threads
         if isinstance(engine, engines.Choice):
             self.engine, self.reason = engine, "asked for"
         else:
@@ -141,6 +142,7 @@ class Encoder:
         # And one over every thread, for a round of one run, which would leave the other streams' cores idle (a lone
         # Dify query at low load): it runs there while no stream does (``run_many``).
         self._wide = session(total) if self.streams > 1 else None
+        self.lone_run_threads = total if self._wide is not None else None
         self.session = sessions[0]
         self.device = "gpu" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         if device == "auto" and len(providers) > 1 and self.device == "cpu":

@@ -246,6 +246,7 @@ def test_a_lone_batch_runs_over_every_thread_while_no_stream_runs(exported, monk
     f = feeds(exported, EMBED)
     two = Encoder(model, engine="onnxruntime", threads=2, streams=2)
     assert two._wide is not None and Encoder(model, engine="onnxruntime", threads=2)._wide is None
+    assert two.lone_run_threads == 2
     used: list = []
     real = two._run_session
     monkeypatch.setattr(two, "_run_session", lambda session, batch: used.append(session) or real(session, batch))

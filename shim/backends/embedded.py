@@ -137,7 +137,10 @@ class _Model:
         self.encoder = Encoder(model, threads=threads, device=device, engine=engine, precision=s.precision, streams=streams)
         e = self.encoder
         shared = (
-            f", {e.streams} streams of {e.run_threads} threads{' (auto)' if streams is None else ''}" if e.streams > 1 else ""
+            f", {e.streams} streams of {e.run_threads} threads{' (auto)' if streams is None else ''}"
+            + (f", a round's lone run over all {e.lone_run_threads}" if e.lone_run_threads else "")
+            if e.streams > 1
+            else ""
         )
         log.info("%s: %s on the %s%s (%s)", s.served_name, e.engine, e.device, shared, e.reason)
         self.executor = executor
