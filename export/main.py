@@ -60,19 +60,14 @@ def _check_new_name(served: str) -> None:
         raise ValueError(f"cannot serve a model named {served!r}: at most {MAX_NAME} characters (--name)")
 
 
-def start_token(tokenizer) -> int | None:
-    """The special token the tokenizer opens an input with ([CLS], <s>), if it opens one."""
-    opened, bare = tokenizer("a")["input_ids"], tokenizer("a", add_special_tokens=False)["input_ids"]
-    added_at_start = bool(bare) and opened[: len(bare)] != bare
-    return int(opened[0]) if added_at_start and opened[0] in tokenizer.all_special_ids else None
-
-
-def end_token(tokenizer) -> int | None:
-    """The special token the tokenizer closes an input with, if it closes one (not the text's own last token, which
-    may be special too: [UNK])."""
-    closed, bare = tokenizer("a")["input_ids"], tokenizer("a", add_special_tokens=False)["input_ids"]
-    added_at_end = bool(bare) and closed[-len(bare) :] != bare
-    return int(closed[-1]) if added_at_end and closed[-1] in tokenizer.all_special_ids else None
+def framing_tokens(tokenizer) -> tuple[int | None, int | None]:
+    """The special tokens the tokenizer opens and closes an input with ([CLS] and [SEP], <s> and </s>), each None if it
+    adds none there (not the text's own first or last token, which may be special too: [UNK])."""
+    framed, bare = tokenizer("a")["input_ids"], tokenizer("a", add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids)
+    opened = bool(bare) and framed[: len(bare)] != bare and framed[0] in special
+    closed = bool(bare) and framed[-len(bare) :] != bare and framed[-1] in special
+    return (int(framed[0]) if opened else None), (int(framed[-1]) if closed else None)
 
 
 def _step(log: Callable[[str], None], n: int, total: int, text: str):
@@ -133,6 +128,7 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> spec.Mode
             "--tensorrt"
         )
 
+    start, end = framing_tokens(source.tokenizer)
     s = spec.ModelSpec(
         served_name=served,
         task=opts.task,
@@ -148,8 +144,8 @@ def export(opts: ExportOptions, log: Callable[[str], None] = print) -> spec.Mode
         dimension=source.dimension,
         normalize=opts.normalize,
         model_normalizes=source.model_normalizes,
-        start_token_id=start_token(source.tokenizer),
-        end_token_id=end_token(source.tokenizer),
+        start_token_id=start,
+        end_token_id=end,
         **prompts_of(source, opts),
     )
 
